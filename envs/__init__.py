@@ -1,0 +1,1 @@
+"""Benchmark environments, installed as rlplastic.envs."""

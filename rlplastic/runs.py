@@ -1,0 +1,115 @@
+"""What every run needs around its loop: device, seeding, run folder, atomic results, progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when present, else cpu. Asking for cuda without one is an error."""
+    if name not in DEVICE_CHOICES:
+        raise ValueError(f"unknown device {name!r}; allowed: {', '.join(DEVICE_CHOICES)}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto"
+        )
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def device_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator for sampling and augmentation on the device, independent of the global one."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str | None:
+    """The commit of the checkout holding `path` (+ '-dirty' with local changes), or None."""
+    cwd = Path(path or __file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def hparams_markdown(config: dict[str, Any]) -> str:
+    """The hyperparameter table CleanRL puts in tensorboard's text tab."""
+    rows = "\n".join(f"|{key}|{value}|" for key, value in config.items())
+    return f"|param|value|\n|-|-|\n{rows}"
+
+
+class Progress:
+    """One line every `every` steps: step, share done, steps/s, ETA and whatever the caller adds."""
+
+    def __init__(self, total: int, every: int, stream=sys.stdout):
+        self.total, self.every, self.stream = total, max(1, every), stream
+        self.start = self.last_time = time.perf_counter()
+        self.last_step = 0
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total
+
+    def steps_per_second(self, step: int) -> float:
+        """Rate since the previous report."""
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, step
+        return rate
+
+    def report(self, step: int, rate: float, **fields: Any) -> None:
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(step, 1) * (self.total - step)
+        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        print(
+            f"step {step}/{self.total} ({100 * step / self.total:.0f}%) {rate:.0f} steps/s "
+            f"elapsed {elapsed / 60:.1f}m eta {eta / 60:.1f}m {extra}",
+            file=self.stream,
+            flush=True,
+        )

@@ -1,0 +1,107 @@
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import ROOT
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rlplastic.schedules import linearly_decaying_epsilon
+
+
+def test_double_dqn_target_uses_online_argmax_and_target_values(drq):
+    returns = torch.tensor([1.0, 2.0])
+    discounts = torch.tensor([0.5, 0.0])  # second transition hit a terminal
+    next_q_online = torch.tensor([[1.0, 3.0, 2.0], [5.0, 0.0, 0.0]])
+    next_q_target = torch.tensor([[10.0, 20.0, 30.0], [7.0, 8.0, 9.0]])
+    # online picks action 1 -> target value 20: 1 + 0.5 * 20 = 11 (max over target would give 16)
+    targets = drq.double_dqn_target(returns, discounts, next_q_online, next_q_target)
+    assert targets.tolist() == [11.0, 2.0]
+
+
+def test_epsilon_schedule_matches_drq_eps():
+    eps = lambda step: linearly_decaying_epsilon(step, 1600, 5000, 0.01)  # noqa: E731
+    assert eps(0) == 1.0 and eps(1600) == 1.0
+    assert eps(4100) == pytest.approx(1.0 - 0.99 * 0.5)
+    assert eps(6600) == pytest.approx(0.01) and eps(90_000) == pytest.approx(0.01)
+
+
+def test_nature_cnn_with_same_padding_flattens_7744_features(drq):
+    net = drq.QNetwork(num_actions=6)
+    assert net.value[0].in_features == 7744
+    q = net(torch.randint(0, 255, (3, 4, 84, 84), dtype=torch.uint8).float())
+    assert q.shape == (3, 6)
+    assert all(layer.bias.abs().sum() == 0 for layer in net.modules() if isinstance(layer, torch.nn.Linear))
+
+
+def test_dueling_head_advantages_are_mean_centred(drq):
+    net = drq.QNetwork(num_actions=4)
+    x = torch.rand(2, 4, 84, 84) * 255
+    h = net.encoder(x / 255.0)
+    assert torch.allclose(net(x).mean(1), net.value(h).squeeze(1), atol=1e-5)
+
+
+def test_validate_names_each_bad_value(drq):
+    args = replace(drq.Args(), env_id="Tetris", total_steps=-5, batch_size=64, buffer_size=32, gamma=1.5)
+    problems = "\n".join(drq.validate(args))
+    assert "'Tetris'" in problems and "Alien" in problems
+    assert "--total-steps -5" in problems
+    assert "--batch-size 64: must be <= --buffer-size 32" in problems
+    assert "--gamma 1.5" in problems
+    assert drq.validate(drq.Args()) == []
+
+
+def run_agent(*argv, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "agents" / "drq.py"), *argv],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def test_bad_input_exits_nonzero_before_training(tmp_path):
+    proc = run_agent("--env-id", "Tetris", "--total-steps", "-1", "--output-dir", str(tmp_path / "r"))
+    assert proc.returncode != 0
+    assert "Tetris" in proc.stderr and "--total-steps -1" in proc.stderr
+    assert not (tmp_path / "r").exists()  # nothing started
+
+
+SMOKE = [
+    "--env-id", "Pong", "--total-steps", "300", "--learning-starts", "100", "--eval-episodes", "2",
+    "--max-episode-steps", "200", "--log-every", "100", "--device", "cpu", "--batch-size", "8",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_results_and_tensorboard_and_is_deterministic(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        proc = run_agent(*SMOKE, "--seed", "3", "--output-dir", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "step 300/300" in proc.stdout  # progress output
+        runs.append(json.loads((tmp_path / name / "results.json").read_text()))
+    first, second = runs
+    for key in ("game", "seed", "total_steps", "eval_returns", "eval_mean", "config", "wall_time_s"):
+        assert key in first
+    assert first["game"] == "Pong" and first["seed"] == 3 and first["total_steps"] == 300
+    assert len(first["eval_returns"]) == 2 and first["eval_lengths"] == [200, 200]
+    assert first["eval_mean"] == pytest.approx(sum(first["eval_returns"]) / 2)
+    assert first["config"]["n_step"] == 10 and first["config"]["env_id"] == "Pong"
+    assert [r["step"] for r in first["train_log"]] == [100, 200, 300]  # first update at learning_starts
+    # same seed on the CPU: bit-identical returns and losses
+    assert first["eval_returns"] == second["eval_returns"]
+    assert first["train_episodes"] == second["train_episodes"]
+    assert first["train_log"] == second["train_log"]
+
+    events = EventAccumulator(str(tmp_path / "a"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"losses/td_loss", "losses/q_values", "charts/SPS", "charts/episodic_return"} <= tags
+    assert [e.step for e in events.Scalars("losses/td_loss")] == [100, 200, 300]
+
+    # a finished run is never overwritten
+    proc = run_agent(*SMOKE, "--output-dir", str(tmp_path / "a"))
+    assert proc.returncode != 0 and "already holds a finished run" in proc.stderr
