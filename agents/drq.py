@@ -123,9 +123,7 @@ def validate(args: Args) -> list[str]:
     if args.max_episode_steps <= 0:
         problems.append(f"--max-episode-steps {args.max_episode_steps}: must be a positive integer")
     if args.learning_starts > args.total_steps:
-        problems.append(
-            f"--learning-starts {args.learning_starts}: must be <= --total-steps {args.total_steps}"
-        )
+        problems.append(f"--learning-starts {args.learning_starts}: must be <= --total-steps {args.total_steps}")
     if args.buffer_size > 0 and args.batch_size > args.buffer_size:
         problems.append(f"--batch-size {args.batch_size}: must be <= --buffer-size {args.buffer_size}")
     if args.n_step > 0 and args.buffer_size <= args.n_step + 4:
@@ -199,6 +197,47 @@ def double_dqn_target(
     return returns + discounts * next_q_target.gather(1, best).squeeze(1)
 
 
+def build_learner(args: Args, num_actions: int, device: torch.device):
+    """The online network, the target network (the online one itself without --ema), the optimizer."""
+    q_network = QNetwork(num_actions).to(device)
+    # fused: one kernel for all tensors, 6x faster than the default loop on a 2-core CPU too
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    target_network = q_network
+    if args.ema > 0:
+        target_network = QNetwork(num_actions).to(device)
+        target_network.load_state_dict(q_network.state_dict())
+        target_network.requires_grad_(False)
+    return q_network, target_network, optimizer
+
+
+def update(
+    args: Args,
+    q_network: QNetwork,
+    target_network: QNetwork,
+    optimizer: torch.optim.Optimizer,
+    replay: FrameReplay,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One gradient step; returns the TD loss and mean Q as device tensors (no host sync)."""
+    batch = replay.sample(args.batch_size)
+    states, next_states = batch.states, batch.next_states
+    if args.augment:  # each independently, as in the reference
+        states = drq_augment(states, generator)
+        next_states = drq_augment(next_states, generator)
+    with torch.no_grad():
+        next_q_online = q_network(next_states)
+        next_q_target = next_q_online if target_network is q_network else target_network(next_states)
+        targets = double_dqn_target(batch.returns, batch.discounts, next_q_online, next_q_target)
+    q = q_network(states).gather(1, batch.actions[:, None]).squeeze(1)
+    loss = F.smooth_l1_loss(q, targets)  # Huber, delta 1
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if target_network is not q_network:
+        torch._foreach_lerp_(list(target_network.parameters()), list(q_network.parameters()), 1.0 - args.ema)
+    return loss.detach(), q.detach().mean()
+
+
 def main(args: Args) -> dict:
     problems = validate(args)
     if problems:
@@ -221,41 +260,13 @@ def main(args: Args) -> dict:
     num_actions = int(env.action_space.n)
     rng = np.random.default_rng(args.seed)
 
-    q_network = QNetwork(num_actions).to(device)
-    # fused: one kernel for all tensors, 6x faster than the default loop on a 2-core CPU too
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
-    if args.ema > 0:
-        target_network = QNetwork(num_actions).to(device)
-        target_network.load_state_dict(q_network.state_dict())
-        target_network.requires_grad_(False)
-    else:
-        target_network = q_network
+    q_network, target_network, optimizer = build_learner(args, num_actions, device)
     replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=device, generator=generator)
 
     def greedy_actions(observations: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             q = q_network(torch.as_tensor(observations, device=device))
         return q.argmax(1).cpu().numpy()
-
-    def update() -> tuple[torch.Tensor, torch.Tensor]:
-        batch = replay.sample(args.batch_size)
-        states, next_states = batch.states, batch.next_states
-        if args.augment:  # each independently, as in the reference
-            states = drq_augment(states, generator)
-            next_states = drq_augment(next_states, generator)
-        with torch.no_grad():
-            next_q_online = q_network(next_states)
-            next_q_target = target_network(next_states) if args.ema > 0 else next_q_online
-            targets = double_dqn_target(batch.returns, batch.discounts, next_q_online, next_q_target)
-        q = q_network(states).gather(1, batch.actions[:, None]).squeeze(1)
-        loss = F.smooth_l1_loss(q, targets)  # Huber, delta 1
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if args.ema > 0:
-            online, target = list(q_network.parameters()), list(target_network.parameters())
-            torch._foreach_lerp_(target, online, 1.0 - args.ema)
-        return loss.detach(), q.detach().mean()
 
     # TRAINING LOOP
     start_time = time.time()
@@ -273,7 +284,18 @@ def main(args: Args) -> dict:
         if rng.random() < epsilon:
             action = int(rng.integers(num_actions))
         else:
-            action = int(greedy_actions(obs[None])[0])
+            action = int(greedy_actions(obs[None])[0])  # the loop's one host sync: the env needs it
+
+        # The update is queued before the env steps, so on a GPU its kernels run while the CPU
+        # steps the emulator. (dopamine trains just before choosing the action instead; acting
+        # on parameters one update older is the only difference.)
+        if step >= args.learning_starts and replay.num_sampleable > 0:
+            for _ in range(args.updates_per_step):
+                loss, q_mean = update(args, q_network, target_network, optimizer, replay, generator)
+                loss_sum += loss
+                q_sum += q_mean
+                updates_since_log += 1
+
         next_obs, reward, terminated, truncated, info = env.step(action)
         # Life loss is a terminal for learning, yet the game goes on (SPEC section 1).
         replay.add(obs[-1], action, clip_reward(reward), terminated or info["life_loss"], truncated)
@@ -284,13 +306,6 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/episodic_return", info["episode"]["r"], step)
                 writer.add_scalar("charts/episodic_length", info["episode"]["l"], step)
             obs, _ = env.reset()
-
-        if step >= args.learning_starts and replay.num_sampleable > 0:
-            for _ in range(args.updates_per_step):
-                loss, q_mean = update()
-                loss_sum += loss
-                q_sum += q_mean
-                updates_since_log += 1
 
         if progress.due(step):
             rate = progress.steps_per_second(step)
@@ -342,13 +357,11 @@ def main(args: Args) -> dict:
         "torch_version": torch.__version__,
     }
     if writer:
-        writer.add_scalar("eval/mean_return", evaluation.mean, args.total_steps)
+        if evaluation.returns:
+            writer.add_scalar("eval/mean_return", evaluation.mean, args.total_steps)
         writer.close()
     atomic_write_json(run_dir / "results.json", results)
-    print(
-        f"drq: eval mean {evaluation.mean:.2f} over {len(evaluation.returns)} episodes "
-        f"-> {run_dir / 'results.json'}"
-    )
+    print(f"drq: eval mean {evaluation.mean} over {len(evaluation.returns)} episodes -> {run_dir / 'results.json'}")
     env.close()
     return results
 

@@ -130,6 +130,10 @@ def make_atari100k_env(
         repeat_action_probability=0.0,  # v5 defaults to sticky actions 0.25
         full_action_space=False,
         max_num_frames_per_episode=max_episode_steps * FRAME_SKIP,
+        # AtariPreprocessing reads the screen itself; ALE's own per-frame observation is thrown
+        # away, and grayscale is the cheapest one (same pixels out, ~9% faster).
+        obs_type="grayscale",
+        disable_env_checker=True,
     )
     env = AtariPreprocessing(
         env,

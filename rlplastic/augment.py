@@ -8,9 +8,7 @@ PAD = 4
 INTENSITY_SCALE = 0.05
 
 
-def random_shift(
-    images: torch.Tensor, pad: int = PAD, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def random_shift(images: torch.Tensor, pad: int = PAD, generator: torch.Generator | None = None) -> torch.Tensor:
     """Edge-pad by `pad`, then crop each image back to its size at a random offset.
 
     One offset per image, shared by its stacked frames. Offsets are 0..2*pad-1: the reference's

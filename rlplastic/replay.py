@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+STAGING_SLOTS = 64
+
 
 @dataclass
 class Batch:
@@ -55,6 +57,11 @@ class FrameReplay:
         self._sampleable_host = np.zeros(capacity, dtype=bool)  # mirror, read without a device sync
         self.discount_powers = gamma ** torch.arange(n_step, dtype=torch.float32, device=self.device)
         self.gamma_n = gamma**n_step
+        if self.device.type == "cuda":
+            # Frames reach the GPU through a pinned ring, so the copy is truly asynchronous and
+            # never waits behind an update queued on the stream; an event guards each slot's reuse.
+            self._staging = torch.empty((STAGING_SLOTS, *frame_shape), dtype=torch.uint8, pin_memory=True)
+            self._staging_done = [torch.cuda.Event() for _ in range(STAGING_SLOTS)]
         self.head = 0  # next slot to write
         self.size = 0
         self.num_sampleable = 0
@@ -65,9 +72,7 @@ class FrameReplay:
     def __len__(self) -> int:
         return self.size
 
-    def add(
-        self, frame: np.ndarray | torch.Tensor, action: int, reward: float, terminal: bool, truncated: bool
-    ):
+    def add(self, frame: np.ndarray | torch.Tensor, action: int, reward: float, terminal: bool, truncated: bool):
         """Store one step: the newest frame of s_t, a_t, r_t, and how the step ended.
 
         terminal: s_{t+1} is terminal for learning (game over or life loss): no bootstrap.
@@ -75,15 +80,12 @@ class FrameReplay:
         from a state that was never stored, so slots whose n-step window reaches it are not sampled.
         """
         t = self.head
-        frame = torch.as_tensor(frame)
-        self.frames[t].copy_(frame, non_blocking=True)
+        self._write_frame(t, torch.as_tensor(frame))
         self.actions[t] = action
         self.rewards[t] = reward
         self.terminals[t] = float(terminal)
         self.segment_pos[t] = self._next_segment_pos
-        self._next_segment_pos = (
-            0 if (terminal or truncated) else min(self._next_segment_pos + 1, self.stack - 1)
-        )
+        self._next_segment_pos = 0 if (terminal or truncated) else min(self._next_segment_pos + 1, self.stack - 1)
 
         # Overwriting slot t breaks the stacks of the slots that read it as an older frame.
         for k in range(self.stack):
@@ -95,6 +97,16 @@ class FrameReplay:
         self._recent_flags.append((terminal, truncated))
         self.head = (t + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
+
+    def _write_frame(self, slot: int, frame: torch.Tensor) -> None:
+        if self.device.type != "cuda":
+            self.frames[slot].copy_(frame)
+            return
+        k = slot % STAGING_SLOTS
+        self._staging_done[k].synchronize()  # long finished in practice: STAGING_SLOTS steps ago
+        self._staging[k].copy_(frame)
+        self.frames[slot].copy_(self._staging[k], non_blocking=True)
+        self._staging_done[k].record()
 
     def _window_is_complete(self) -> bool:
         for terminal, truncated in self._recent_flags:

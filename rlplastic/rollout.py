@@ -15,8 +15,8 @@ class EvalResult:
     lengths: list[int] = field(default_factory=list)  # agent steps, noop starts included
 
     @property
-    def mean(self) -> float:
-        return float(np.mean(self.returns)) if self.returns else float("nan")
+    def mean(self) -> float | None:
+        return float(np.mean(self.returns)) if self.returns else None
 
 
 def evaluate_episodes(

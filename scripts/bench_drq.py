@@ -1,0 +1,148 @@
+"""Where DrQ's time goes, measured in one run on the current device.
+
+    python scripts/bench_drq.py                  # auto device, Breakout
+    python scripts/bench_drq.py --device cuda --full-steps 3000
+
+Prints env steps/s alone (gymnasium path, and ale-py's AtariVectorEnv for comparison), updates/s
+alone, the full training loop's steps/s, and ratio = ideal / full time, where the ideal spends
+exactly (env step + update) per step and nothing else. Goal: ratio >= 0.85 on the CPU.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agents"))
+import drq  # noqa: E402
+from rlplastic.envs.atari import canonical_game, make_atari100k_env  # noqa: E402
+
+from rlplastic.replay import FrameReplay  # noqa: E402
+from rlplastic.runs import device_generator, resolve_device  # noqa: E402
+
+
+@dataclass
+class BenchArgs:
+    env_id: str = "Breakout"
+    """game to step"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """device of the network and replay"""
+    env_steps: int = 3_000
+    """steps for the env-alone measurement"""
+    updates: int = 100
+    """updates for the update-alone measurement"""
+    full_steps: int = 400
+    """agent steps of the full loop (all but the first `learning_starts` do an update)"""
+    learning_starts: int = 50
+    """random steps before updates begin in the full loop"""
+
+
+def time_env_steps(game: str, steps: int) -> float:
+    env = make_atari100k_env(game, seed=0)
+    rng = np.random.default_rng(0)
+    env.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
+        if terminated or truncated:
+            env.reset()
+    return (time.perf_counter() - start) / steps
+
+
+def time_vector_env_steps(game: str, steps: int, num_envs: int) -> float:
+    """ale-py's C++ AtariVectorEnv, configured as close to the protocol as it goes."""
+    from ale_py.vector_env import AtariVectorEnv
+
+    env = AtariVectorEnv(
+        re.sub(r"(?<!^)(?=[A-Z])", "_", game).lower(),  # UpNDown -> up_n_down, the ROM id
+        num_envs,
+        noop_max=1,  # its noops are raw frames; the protocol wants 0..29 agent steps
+        use_fire_reset=False,
+        reward_clipping=False,
+        life_loss_info=True,
+        stack_num=1,
+    )
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(steps // num_envs):
+        env.step(rng.integers(env.single_action_space.n, size=num_envs))
+    elapsed = time.perf_counter() - start
+    env.close()
+    return elapsed / (steps // num_envs * num_envs)
+
+
+def time_updates(args: drq.Args, device: torch.device, num_actions: int, updates: int) -> float:
+    generator = device_generator(device, 0)
+    replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=device, generator=generator)
+    rng = np.random.default_rng(0)
+    for _ in range(2_000):
+        frame = rng.integers(0, 255, (84, 84), dtype=np.uint8)
+        action, reward, terminal = int(rng.integers(num_actions)), float(rng.random() < 0.1), rng.random() < 0.01
+        replay.add(frame, action, reward, bool(terminal), False)
+    learner = drq.build_learner(args, num_actions, device)
+    for _ in range(5):  # warm-up: allocator, kernels, optimizer state
+        drq.update(args, *learner, replay, generator)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(updates):
+        loss, _ = drq.update(args, *learner, replay, generator)
+    loss.item()  # wait for the queued kernels
+    return (time.perf_counter() - start) / updates
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(bench: BenchArgs) -> None:
+    game = canonical_game(bench.env_id)
+    device = resolve_device(bench.device)
+    name = f"cpu x{torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    print(f"bench_drq: {game} on {device} ({name}), torch {torch.__version__}")
+
+    env_time = time_env_steps(game, bench.env_steps)
+    print(f"env steps/s alone (gymnasium + protocol wrapper): {1 / env_time:8.1f}")
+    for num_envs in (1, 2):
+        vec_time = time_vector_env_steps(game, bench.env_steps, num_envs)
+        print(f"env steps/s alone (ale-py AtariVectorEnv, {num_envs} env): {1 / vec_time:8.1f}  (not used, see README)")
+
+    args = drq.Args(env_id=game, device=bench.device)
+    num_actions = int(make_atari100k_env(game, seed=0).action_space.n)
+    update_time = time_updates(args, device, num_actions, bench.updates)
+    print(f"updates/s alone (batch {args.batch_size}):              {1 / update_time:8.1f}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        full_args = replace(
+            args,
+            total_steps=bench.full_steps,
+            learning_starts=bench.learning_starts,
+            epsilon_decay_steps=0,  # act greedily (eps 0.01) right after warm-up, as in most of a run
+            eval_episodes=0,
+            output_dir=str(Path(tmp) / "run"),
+        )
+        results = drq.main(full_args)
+    full_time = results["train_time_s"]
+    num_updates = bench.full_steps - bench.learning_starts + 1
+    ideal_time = bench.full_steps * env_time + num_updates * update_time
+    print(f"full loop steps/s ({num_updates}/{bench.full_steps} steps update): {bench.full_steps / full_time:8.1f}")
+    print(f"ideal steps/s = 1 / (env + update time per step):  {bench.full_steps / ideal_time:8.1f}")
+    print(f"ratio full / ideal: {ideal_time / full_time:.3f}  (goal >= 0.85)")
+    projected = 100_000 * (env_time + update_time) * (full_time / ideal_time)
+    print(f"projected 100k-step run: {projected / 3600:.2f} h (plus evaluation)")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchArgs))
