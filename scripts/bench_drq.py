@@ -38,7 +38,7 @@ class BenchArgs:
     """device of the network and replay"""
     env_steps: int = 3_000
     """steps for the env-alone measurement"""
-    updates: int = 100
+    updates: int = 200
     """updates for the update-alone measurement"""
     full_steps: int = 400
     """agent steps of the full loop (all but the first `learning_starts` do an update)"""
