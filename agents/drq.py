@@ -34,6 +34,7 @@ from rlplastic.replay import FrameReplay
 from rlplastic.rollout import evaluate_episodes
 from rlplastic.runs import (
     Progress,
+    atomic_torch_save,
     atomic_write_json,
     device_generator,
     git_commit,
@@ -96,7 +97,10 @@ class Args:
     augment: bool = True
     """random shift (pad 4) and intensity augmentation of states and next states"""
 
-    # Logging
+    # Logging and checkpoints
+    checkpoint_every: int = 10_000
+    """agent steps between checkpoints (networks, optimizer, replay, env and RNG states) in the run
+    folder; run again with the same --output-dir to resume an interrupted run; 0 = never"""
     log_every: int = 1_000
     """agent steps between progress lines and tensorboard scalars"""
     track_tensorboard: bool = True
@@ -111,6 +115,8 @@ def validate(args: Args) -> list[str]:
     except ValueError as e:
         problems.append(str(e))
     positive = ("total_steps", "batch_size", "buffer_size", "n_step", "updates_per_step", "log_every")
+    if args.checkpoint_every < 0:
+        problems.append(f"--checkpoint-every {args.checkpoint_every}: must be >= 0 (0 = never)")
     for name in positive:
         if getattr(args, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
@@ -147,6 +153,10 @@ def validate(args: Args) -> list[str]:
             "choose another folder or remove it"
         )
     return problems
+
+
+# Arguments that may differ when an interrupted run resumes: they do not change its results.
+RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "track_tensorboard"}
 
 
 # NETWORK
@@ -249,8 +259,21 @@ def main(args: Args) -> dict:
     run_dir = Path(args.output_dir or Path("runs") / run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = asdict(args) | {"env_id": game, "device": str(device)}
-    writer = SummaryWriter(str(run_dir)) if args.track_tensorboard else None
-    if writer:
+    checkpoint_path = run_dir / "checkpoint.pt"
+    checkpoint = (
+        torch.load(checkpoint_path, map_location=device, weights_only=False) if checkpoint_path.exists() else None
+    )
+    if checkpoint is not None:
+        changed = {k for k in config if k not in RESUMABLE_CHANGES and checkpoint["config"].get(k) != config[k]}
+        if changed:
+            sys.exit(
+                f"drq: {checkpoint_path} was written with other arguments ({', '.join(sorted(changed))}); "
+                "resume with the same ones or choose another --output-dir"
+            )
+    start_step = checkpoint["step"] + 1 if checkpoint else 1
+    # purge_step drops events logged after the checkpoint by the interrupted run
+    writer = SummaryWriter(str(run_dir), purge_step=start_step) if args.track_tensorboard else None
+    if writer and not checkpoint:
         writer.add_text("hyperparameters", hparams_markdown(config))
     print(f"drq: {game} seed {args.seed} on {device}, {args.total_steps} steps -> {run_dir}", flush=True)
 
@@ -269,15 +292,32 @@ def main(args: Args) -> dict:
         return q.argmax(1).cpu().numpy()
 
     # TRAINING LOOP
-    start_time = time.time()
-    progress = Progress(args.total_steps, args.log_every)
-    obs, _ = env.reset()
+    progress = Progress(args.total_steps, args.log_every, start=start_step - 1)
     episodes: list[dict] = []
     train_log: list[dict] = []
     loss_sum = torch.zeros((), device=device)  # summed on the device; read once per log interval
     q_sum = torch.zeros((), device=device)
     updates_since_log = 0
-    for step in range(1, args.total_steps + 1):
+    elapsed_before = 0.0  # train time of earlier, interrupted sessions of this run
+    if checkpoint:
+        q_network.load_state_dict(checkpoint["q_network"])
+        target_network.load_state_dict(checkpoint["target_network"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        replay.load_state_dict(checkpoint["replay"])
+        env.set_state(checkpoint["env"])
+        obs = checkpoint["obs"]
+        rng.bit_generator.state = checkpoint["rng"]
+        generator.set_state(checkpoint["generator"].cpu())
+        episodes, train_log = checkpoint["episodes"], checkpoint["train_log"]
+        loss_sum += checkpoint["loss_sum"]
+        q_sum += checkpoint["q_sum"]
+        updates_since_log, elapsed_before = checkpoint["updates_since_log"], checkpoint["train_time_s"]
+        print(f"drq: resumed from {checkpoint_path} at step {checkpoint['step']}", flush=True)
+        del checkpoint
+    else:
+        obs, _ = env.reset()
+    start_time = time.time()
+    for step in range(start_step, args.total_steps + 1):
         epsilon = linearly_decaying_epsilon(
             step - 1, args.learning_starts, args.epsilon_decay_steps, args.epsilon_final
         )
@@ -325,7 +365,30 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/SPS", rate, step)
                 writer.add_scalar("charts/epsilon", epsilon, step)
             progress.report(step, rate, **fields)
-    train_time = time.time() - start_time
+
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.total_steps:
+            atomic_torch_save(
+                checkpoint_path,
+                {
+                    "step": step,
+                    "config": config,
+                    "q_network": q_network.state_dict(),
+                    "target_network": target_network.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "replay": replay.state_dict(),
+                    "env": env.get_state(),
+                    "obs": obs,
+                    "rng": rng.bit_generator.state,
+                    "generator": generator.get_state(),
+                    "episodes": episodes,
+                    "train_log": train_log,
+                    "loss_sum": loss_sum,
+                    "q_sum": q_sum,
+                    "updates_since_log": updates_since_log,
+                    "train_time_s": elapsed_before + time.time() - start_time,
+                },
+            )
+    train_time = elapsed_before + time.time() - start_time
 
     # FINAL EVALUATION
     print(f"drq: evaluating {args.eval_episodes} episodes (epsilon {args.eval_epsilon})", flush=True)
@@ -350,7 +413,7 @@ def main(args: Args) -> dict:
         "eval_mean": evaluation.mean,
         "train_episodes": episodes,
         "train_log": train_log,
-        "wall_time_s": time.time() - start_time,
+        "wall_time_s": elapsed_before + time.time() - start_time,
         "train_time_s": train_time,
         "config": config,
         "git_commit": git_commit(__file__),
@@ -361,6 +424,7 @@ def main(args: Args) -> dict:
             writer.add_scalar("eval/mean_return", evaluation.mean, args.total_steps)
         writer.close()
     atomic_write_json(run_dir / "results.json", results)
+    checkpoint_path.unlink(missing_ok=True)  # the results supersede it, and it holds the whole replay
     print(f"drq: eval mean {evaluation.mean} over {len(evaluation.returns)} episodes -> {run_dir / 'results.json'}")
     env.close()
     return results

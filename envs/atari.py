@@ -17,6 +17,7 @@ exactly.
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import ale_py
@@ -84,6 +85,33 @@ class Atari100kProtocol(gym.Wrapper):
         self._stack[:-1] = self._stack[1:]
         self._stack[-1] = frame
         return self._stack.copy()
+
+    def get_state(self) -> dict[str, Any]:
+        """Everything needed to continue this episode bit-identically (for resumable runs)."""
+        preprocessing = self.env
+        return {
+            "ale": pickle.dumps(self.env.unwrapped.ale.cloneState(include_rng=True)),
+            "np_random": self.env.unwrapped.np_random.bit_generator.state,
+            "action_space": self.action_space.np_random.bit_generator.state,
+            "obs_buffer": [b.copy() for b in preprocessing.obs_buffer],
+            "preprocessing_lives": preprocessing.lives,
+            "game_over": preprocessing.game_over,
+            "stack": self._stack.copy(),
+            "lives": self._lives,
+            "steps": self._steps,
+            "return": self._return,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        preprocessing = self.env
+        self.env.unwrapped.ale.restoreState(pickle.loads(state["ale"]))
+        self.env.unwrapped.np_random.bit_generator.state = state["np_random"]
+        self.action_space.np_random.bit_generator.state = state["action_space"]
+        for buffer, saved in zip(preprocessing.obs_buffer, state["obs_buffer"], strict=True):
+            buffer[...] = saved
+        preprocessing.lives, preprocessing.game_over = state["preprocessing_lives"], state["game_over"]
+        self._stack[...] = state["stack"]
+        self._lives, self._steps, self._return = state["lives"], state["steps"], state["return"]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         frame, info = self.env.reset(seed=seed, options=options)

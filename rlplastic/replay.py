@@ -98,6 +98,32 @@ class FrameReplay:
         self.head = (t + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
+    def state_dict(self) -> dict:
+        """Contents and write position, for resumable runs (frames only up to `size`)."""
+        return {
+            "frames": self.frames[: self.size].cpu(),
+            "actions": self.actions[: self.size].cpu(),
+            "rewards": self.rewards[: self.size].cpu(),
+            "terminals": self.terminals[: self.size].cpu(),
+            "segment_pos": self.segment_pos[: self.size].cpu(),
+            "sampleable": self._sampleable_host[: self.size].copy(),
+            "head": self.head,
+            "size": self.size,
+            "next_segment_pos": self._next_segment_pos,
+            "recent_flags": list(self._recent_flags),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        size = state["size"]
+        for name in ("frames", "actions", "rewards", "terminals", "segment_pos"):
+            getattr(self, name)[:size].copy_(state[name])
+        self._sampleable_host[:size] = state["sampleable"]
+        self.sampleable[:size] = torch.as_tensor(state["sampleable"], dtype=torch.float32)
+        self.num_sampleable = int(self._sampleable_host.sum())
+        self.head, self.size = state["head"], size
+        self._next_segment_pos = state["next_segment_pos"]
+        self._recent_flags = deque(state["recent_flags"], maxlen=self.n_step)
+
     def _write_frame(self, slot: int, frame: torch.Tensor) -> None:
         if self.device.type != "cuda":
             self.frames[slot].copy_(frame)

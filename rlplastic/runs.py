@@ -61,6 +61,15 @@ def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
         raise
 
 
+def atomic_torch_save(path: str | os.PathLike, payload: Any) -> None:
+    """torch.save through a temp file and a rename: an interrupted save leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
     """The commit of the checkout holding `path` (+ '-dirty' with local changes), or None."""
     cwd = Path(path or __file__).resolve().parent
@@ -86,10 +95,10 @@ def hparams_markdown(config: dict[str, Any]) -> str:
 class Progress:
     """One line every `every` steps: step, share done, steps/s, ETA and whatever the caller adds."""
 
-    def __init__(self, total: int, every: int, stream=sys.stdout):
+    def __init__(self, total: int, every: int, start: int = 0, stream=sys.stdout):
         self.total, self.every, self.stream = total, max(1, every), stream
-        self.start = self.last_time = time.perf_counter()
-        self.last_step = 0
+        self.start_time = self.last_time = time.perf_counter()
+        self.first_step = self.last_step = start
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total
@@ -102,8 +111,8 @@ class Progress:
         return rate
 
     def report(self, step: int, rate: float, **fields: Any) -> None:
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(step, 1) * (self.total - step)
+        elapsed = time.perf_counter() - self.start_time
+        eta = elapsed / max(step - self.first_step, 1) * (self.total - step)
         extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
         print(
             f"step {step}/{self.total} ({100 * step / self.total:.0f}%) {rate:.0f} steps/s "

@@ -105,3 +105,38 @@ def test_smoke_run_writes_results_and_tensorboard_and_is_deterministic(tmp_path)
     # a finished run is never overwritten
     proc = run_agent(*SMOKE, "--output-dir", str(tmp_path / "a"))
     assert proc.returncode != 0 and "already holds a finished run" in proc.stderr
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_identical_results(drq, tmp_path, monkeypatch):
+    args = drq.Args(
+        env_id="Breakout", seed=5, total_steps=240, learning_starts=60, eval_episodes=1, max_episode_steps=150,
+        batch_size=8, log_every=60, checkpoint_every=120, device="cpu", track_tensorboard=False,
+    )  # fmt: skip
+    straight = drq.main(replace(args, output_dir=str(tmp_path / "straight")))
+    assert not (tmp_path / "straight" / "checkpoint.pt").exists()  # removed once results exist
+
+    real_save = drq.atomic_torch_save
+
+    def save_then_die(path, payload):
+        real_save(path, payload)
+        raise Interrupted  # as if killed right after the checkpoint at step 120
+
+    monkeypatch.setattr(drq, "atomic_torch_save", save_then_die)
+    resumed_args = replace(args, output_dir=str(tmp_path / "resumed"))
+    with pytest.raises(Interrupted):
+        drq.main(resumed_args)
+    assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    monkeypatch.setattr(drq, "atomic_torch_save", real_save)
+
+    with pytest.raises(SystemExit, match="other arguments.*learning_rate"):
+        drq.main(replace(resumed_args, learning_rate=3e-4))
+    resumed = drq.main(resumed_args)
+    for key in ("eval_returns", "train_episodes", "train_log"):
+        assert resumed[key] == straight[key]
+    assert resumed["train_log"][-1]["step"] == 240
