@@ -98,7 +98,7 @@ class Progress:
     def __init__(self, total: int, every: int, start: int = 0, stream=sys.stdout):
         self.total, self.every, self.stream = total, max(1, every), stream
         self.start_time = self.last_time = time.perf_counter()
-        self.first_step = self.last_step = start
+        self.last_step = start
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total
@@ -112,7 +112,7 @@ class Progress:
 
     def report(self, step: int, rate: float, **fields: Any) -> None:
         elapsed = time.perf_counter() - self.start_time
-        eta = elapsed / max(step - self.first_step, 1) * (self.total - step)
+        eta = (self.total - step) / max(rate, 1e-9)  # recent rate: warm-up steps without updates are fast
         extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
         print(
             f"step {step}/{self.total} ({100 * step / self.total:.0f}%) {rate:.0f} steps/s "

@@ -1,0 +1,37 @@
+"""Plasticity interventions that plug into any PyTorch agent or training loop.
+
+Each is a small class built with the modules (and optimizer) it acts on and its own schedule; call
+its step() once per gradient step, after optimizer.step(). Parameters change in place, so the
+optimizer's references stay valid, and the optimizer state of every touched entry is reset.
+
+    interventions = [HareTortoise(hare=q, tortoise=q_target, momentum=0.995, reset_every=4000)]
+    ...
+    optimizer.step()
+    for intervention in interventions:
+        intervention.step()
+"""
+
+from rlplastic.interventions.base import clear_optimizer_state, fresh_copy, hidden_layers, zero_optimizer_state
+from rlplastic.interventions.continual_backprop import ContinualBackprop
+from rlplastic.interventions.gradient_noise import GradientNoise
+from rlplastic.interventions.hare_tortoise import HareTortoise
+from rlplastic.interventions.lifecycle import LifecycleConv2d, LifecycleLinear, swap_in_lifecycle
+from rlplastic.interventions.redo import ReDo, neuron_scores
+from rlplastic.interventions.shrink_perturb import HeadReset, ShrinkPerturb
+
+__all__ = [
+    "ContinualBackprop",
+    "GradientNoise",
+    "HareTortoise",
+    "HeadReset",
+    "LifecycleConv2d",
+    "LifecycleLinear",
+    "ReDo",
+    "ShrinkPerturb",
+    "clear_optimizer_state",
+    "fresh_copy",
+    "hidden_layers",
+    "neuron_scores",
+    "swap_in_lifecycle",
+    "zero_optimizer_state",
+]

@@ -1,0 +1,109 @@
+"""What every intervention shares: fresh draws, optimizer-state surgery, and finding hidden layers."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import fx, nn
+
+from rlplastic.init import LAYER_TYPES
+
+InitFn = Callable[[nn.Module], None]
+
+
+@torch.no_grad()
+def fresh_copy(module: nn.Module, init_fn: InitFn) -> nn.Module:
+    """A copy of `module` re-drawn by `init_fn`: what its constructor would have produced."""
+    fresh = copy.deepcopy(module)
+    fresh.apply(init_fn)
+    return fresh
+
+
+def clear_optimizer_state(optimizer: torch.optim.Optimizer | None, params: Iterable[torch.Tensor]) -> None:
+    """Forget the state of whole replaced tensors; the optimizer re-creates it on its next step."""
+    if optimizer is None:
+        return
+    for p in params:
+        optimizer.state.pop(p, None)
+
+
+@torch.no_grad()
+def zero_optimizer_state(
+    optimizer: torch.optim.Optimizer | None, param: torch.Tensor, index: torch.Tensor, dim: int = 0
+) -> None:
+    """Zero every per-entry state tensor (Adam's moments, SGD's momentum) of `param` at `index`
+    along `dim`; scalar state such as Adam's step count is kept, as ReDo prescribes."""
+    if optimizer is None or param not in optimizer.state:
+        return
+    for value in optimizer.state[param].values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value.index_fill_(dim, index, 0)
+
+
+class _LayerLeafTracer(fx.Tracer):
+    """Stops at every Linear / Conv2d, subclasses such as lifecycle layers included."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, LAYER_TYPES) or super().is_leaf_module(m, module_qualified_name)
+
+
+def hidden_layers(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
+    """(layer, the layers its output feeds) for every Linear / Conv2d whose output reaches another
+    layer: the hidden layers whose units ReDo and CBP may recycle. Output layers are left out.
+
+    Found by tracing the model with torch.fx and following each layer's output through
+    activations, padding, flattening and arithmetic to the next layers, so branching heads
+    (dueling streams) are handled. Pass the pairs explicitly for models fx cannot trace.
+    """
+    graph = _LayerLeafTracer().trace(model)
+    modules = dict(model.named_modules())
+
+    def is_layer(node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(modules[node.target], LAYER_TYPES)
+
+    pairs = []
+    for node in graph.nodes:
+        if not is_layer(node):
+            continue
+        following, frontier, seen = [], list(node.users), set()
+        while frontier:
+            user = frontier.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            if is_layer(user):
+                following.append(modules[user.target])
+            else:
+                frontier.extend(user.users)
+        if following:
+            pairs.append((modules[node.target], following))
+    return pairs
+
+
+def outgoing_columns(layer: nn.Module, next_layer: nn.Module, units: torch.Tensor) -> torch.Tensor:
+    """Input columns of `next_layer` fed by `units` of `layer`. A conv channel feeding a linear
+    layer through a (channel-major) flatten owns a block of spatial positions."""
+    if isinstance(layer, nn.Conv2d) and isinstance(next_layer, nn.Linear):
+        spatial = next_layer.in_features // layer.out_channels
+        offsets = torch.arange(spatial, device=units.device)
+        return (units[:, None] * spatial + offsets[None, :]).flatten()
+    return units
+
+
+def num_units(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+class Every:
+    """True once every `period` calls (never for period 0)."""
+
+    def __init__(self, period: int):
+        if period < 0:
+            raise ValueError(f"period {period}: must be >= 0 (0 = never)")
+        self.period, self.count = period, 0
+
+    def __call__(self) -> bool:
+        self.count += 1
+        return self.period > 0 and self.count % self.period == 0

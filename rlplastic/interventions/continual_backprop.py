@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlplastic.init import xavier_uniform_zero_bias
+from rlplastic.interventions.base import (
+    InitFn,
+    fresh_copy,
+    hidden_layers,
+    num_units,
+    outgoing_columns,
+    zero_optimizer_state,
+)
+from rlplastic.interventions.redo import LayerPairs
+
+
+def _unit_reduce(x: torch.Tensor) -> torch.Tensor:
+    """(N, units[, H, W]) -> (units,): mean over the batch and spatial positions."""
+    return x.mean(dim=[0, *range(2, x.dim())])
+
+
+def _outgoing_per_unit(layer: nn.Module, next_layer: nn.Module, values: torch.Tensor) -> torch.Tensor:
+    """Reduce a next-layer tensor shaped like its weight, (out, in[, kh, kw]), to (out, units of
+    `layer`): spatial blocks of a flatten and kernel positions are summed."""
+    units = num_units(layer)
+    if values.dim() == 4:
+        return values.sum(dim=(2, 3))
+    return values.view(values.shape[0], units, -1).sum(dim=2)
+
+
+class ContinualBackprop:
+    """Continual backpropagation (Dohare et al. 2024, "Loss of plasticity in deep continual learning").
+
+    Each hidden unit keeps a utility, an EMA (decay rho) of |h| * mean |w_out| with h its activation
+    on the training batch, and an EMA of h; both are bias-corrected by 1 - rho^age. Each step a
+    fraction `replacement_rate` of the mature units (age > maturity) is due for replacement (the
+    fraction accumulates across steps); the due units with the lowest corrected utility get fresh
+    incoming weights (init_fn), a zero bias and zero outgoing weights, their age and statistics
+    reset, and their mean contribution w_out * mean(h) is added to the next layer's bias so the
+    network's output does not jump. Optimizer moments at the touched entries are zeroed.
+
+    Activations are captured by forward hooks on forwards that build a graph in training mode (the
+    update's forward, not target or acting forwards); call step() after optimizer.step().
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        replacement_rate: float = 1e-4,
+        decay: float = 0.99,
+        maturity: int = 100,
+        init_fn: InitFn = xavier_uniform_zero_bias,
+        activation: Callable[[torch.Tensor], torch.Tensor] = F.relu,
+        layers: LayerPairs | None = None,
+    ):
+        if not 0 <= replacement_rate <= 1:
+            raise ValueError(f"replacement_rate {replacement_rate}: must lie in [0, 1]")
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay {decay}: must lie in [0, 1)")
+        self.model, self.optimizer = model, optimizer
+        self.replacement_rate, self.decay, self.maturity = replacement_rate, decay, maturity
+        self.init_fn, self.activation = init_fn, activation
+        self.layers = [(layer, list(following)) for layer, following in (layers or hidden_layers(model))]
+        self.state = []
+        for layer, _ in self.layers:
+            units, device = num_units(layer), layer.weight.device
+            self.state.append(
+                {
+                    "utility": torch.zeros(units, device=device),
+                    "mean_activation": torch.zeros(units, device=device),
+                    "age": torch.zeros(units, device=device),
+                    "host_age": np.zeros(units, dtype=np.int64),  # mirror: eligibility without a sync
+                    "due": 0.0,
+                    "batch_abs": None,
+                    "batch_mean": None,
+                }
+            )
+        self._hooks = [layer.register_forward_hook(self._capture) for layer, _ in self.layers]
+        self._index = {layer: i for i, (layer, _) in enumerate(self.layers)}
+        self.replaced = 0
+
+    def _capture(self, module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        h = self.activation(output.detach())
+        state = self.state[self._index[module]]
+        state["batch_abs"], state["batch_mean"] = _unit_reduce(h.abs()), _unit_reduce(h)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for (layer, following), state in zip(self.layers, self.state, strict=True):
+            if state["batch_abs"] is None:
+                continue
+            out_magnitude = torch.stack(
+                [_outgoing_per_unit(layer, nxt, nxt.weight.abs()).mean(0) for nxt in following]
+            ).mean(0)
+            state["utility"].lerp_(state["batch_abs"] * out_magnitude, 1 - self.decay)
+            state["mean_activation"].lerp_(state["batch_mean"], 1 - self.decay)
+            state["age"].add_(1)
+            state["host_age"] += 1
+            state["batch_abs"] = state["batch_mean"] = None
+            eligible = int((state["host_age"] > self.maturity).sum())
+            state["due"] += self.replacement_rate * eligible
+            count = int(state["due"])
+            if count >= 1:
+                state["due"] -= count
+                self._replace(layer, following, state, count)
+
+    def _replace(self, layer: nn.Module, following: list[nn.Module], state: dict, count: int) -> None:
+        correction = 1 - self.decay ** state["age"]
+        utility = state["utility"] / correction
+        utility = torch.where(state["age"] > self.maturity, utility, torch.inf)
+        units = torch.topk(utility, count, largest=False).indices
+        mean_activation = (state["mean_activation"] / correction)[units]
+
+        fresh = fresh_copy(layer, self.init_fn)
+        layer.weight.index_copy_(0, units, fresh.weight.index_select(0, units))
+        zero_optimizer_state(self.optimizer, layer.weight, units, 0)
+        if layer.bias is not None:
+            layer.bias.index_fill_(0, units, 0.0)
+            zero_optimizer_state(self.optimizer, layer.bias, units, 0)
+        for nxt in following:
+            if nxt.bias is not None:
+                contribution = _outgoing_per_unit(layer, nxt, nxt.weight)[:, units] * mean_activation
+                nxt.bias.add_(contribution.sum(1))
+            columns = outgoing_columns(layer, nxt, units)
+            nxt.weight.index_fill_(1, columns, 0.0)
+            zero_optimizer_state(self.optimizer, nxt.weight, columns, 1)
+        for key in ("utility", "mean_activation", "age"):
+            state[key].index_fill_(0, units, 0.0)
+        state["host_age"][units.cpu().numpy()] = 0  # the one host sync, only when units are replaced
+        self.replaced += count

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import torch
+
+
+class GradientNoise:
+    """Noisy SGD: every gradient entry gets g <- g + N(0, sigma_t^2 g^2), sigma_t = sigma0 * decay^t.
+
+    The noise is added inside optimizer.step() by a step pre-hook, so it works with any optimizer
+    and needs no call between backward() and step(); step() only exists so the object sits in the
+    same list as the other interventions. The noise scale follows each entry's own gradient
+    magnitude (our reading of |g|^2 in the rule).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        sigma0: float = 0.1,
+        decay: float = 0.9999,
+        generator: torch.Generator | None = None,
+    ):
+        if sigma0 < 0 or not 0 < decay <= 1:
+            raise ValueError(f"sigma0 {sigma0} must be >= 0 and decay {decay} in (0, 1]")
+        self.sigma0, self.decay, self.generator, self.t = sigma0, decay, generator, 0
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._hook = optimizer.register_step_pre_hook(lambda *_: self._perturb())
+
+    @property
+    def sigma(self) -> float:
+        return self.sigma0 * self.decay**self.t
+
+    @torch.no_grad()
+    def _perturb(self) -> None:
+        sigma = self.sigma
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if sigma > 0 and grads:
+            noise = [torch.randn(g.shape, device=g.device, dtype=g.dtype, generator=self.generator) for g in grads]
+            torch._foreach_mul_(noise, [g.abs() for g in grads])
+            torch._foreach_add_(grads, noise, alpha=sigma)
+        self.t += 1
+
+    def step(self) -> None:
+        """Nothing to do: the noise goes in through the optimizer's pre-hook."""
+
+    def remove(self) -> None:
+        self._hook.remove()

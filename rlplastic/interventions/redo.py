@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlplastic.init import xavier_uniform_zero_bias
+from rlplastic.interventions.base import (
+    Every,
+    InitFn,
+    fresh_copy,
+    hidden_layers,
+    outgoing_columns,
+    zero_optimizer_state,
+)
+
+LayerPairs = Sequence[tuple[nn.Module, Sequence[nn.Module]]]
+
+
+def neuron_scores(activations: torch.Tensor) -> torch.Tensor:
+    """ReDo's score per unit: mean |activation| over the batch (and spatial positions for conv
+    channels), divided by the layer's mean score (+1e-9). (N, units[, H, W]) -> (units,)."""
+    dims = [0, *range(2, activations.dim())]
+    score = activations.abs().mean(dim=dims)
+    return score / (score.mean() + 1e-9)
+
+
+class ReDo:
+    """Recycling dormant neurons (Sokar et al. 2023, "The Dormant Neuron Phenomenon in Deep RL").
+
+    Every `every` steps, on a batch from `batch_fn` (the paper uses 256 samples), a hidden unit is
+    dormant when its score (see neuron_scores) is <= tau. A dormant unit gets fresh incoming
+    weights (from `init_fn`, the network's scheme), a zero bias and zero outgoing weights; the
+    optimizer's moments at those entries are zeroed, its step count is kept. Output layers are never
+    recycled. Scores are taken after `activation` (ReLU in the paper's networks).
+
+    Hidden layers are found by tracing the model (base.hidden_layers); pass `layers` as
+    (layer, [layers it feeds]) pairs for models fx cannot trace.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        batch_fn: Callable[[], torch.Tensor],
+        tau: float = 0.1,
+        every: int = 1_000,
+        init_fn: InitFn = xavier_uniform_zero_bias,
+        activation: Callable[[torch.Tensor], torch.Tensor] = F.relu,
+        layers: LayerPairs | None = None,
+    ):
+        if tau < 0:
+            raise ValueError(f"tau {tau}: must be >= 0")
+        self.model, self.optimizer, self.batch_fn = model, optimizer, batch_fn
+        self.tau, self.init_fn, self.activation = tau, init_fn, activation
+        self.layers = [(layer, list(following)) for layer, following in (layers or hidden_layers(model))]
+        self.due = Every(every)
+        self.recycled: list[int] = []  # units recycled at each application, for logging
+
+    def step(self) -> None:
+        if self.due():
+            self.apply(self.batch_fn())
+
+    @torch.no_grad()
+    def dormant_masks(self, inputs: torch.Tensor) -> list[torch.Tensor]:
+        """One boolean mask of dormant units per hidden layer, scored on `inputs`."""
+        captured: dict[nn.Module, torch.Tensor] = {}
+        hooks = [
+            layer.register_forward_hook(lambda m, _, out: captured.__setitem__(m, neuron_scores(self.activation(out))))
+            for layer, _ in self.layers
+        ]
+        try:
+            was_training = self.model.training
+            self.model.eval()
+            self.model(inputs)
+            self.model.train(was_training)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [captured[layer] <= self.tau for layer, _ in self.layers]
+
+    @torch.no_grad()
+    def apply(self, inputs: torch.Tensor) -> int:
+        """Score on `inputs` and recycle the dormant units now; returns how many."""
+        total = 0
+        for (layer, following), dormant in zip(self.layers, self.dormant_masks(inputs), strict=True):
+            units = dormant.nonzero().flatten()
+            total += len(units)  # the one host sync, once per `every` steps
+            if len(units) == 0:
+                continue
+            fresh = fresh_copy(layer, self.init_fn)
+            layer.weight.index_copy_(0, units, fresh.weight.index_select(0, units))
+            zero_optimizer_state(self.optimizer, layer.weight, units, 0)
+            if layer.bias is not None:
+                layer.bias.index_fill_(0, units, 0.0)
+                zero_optimizer_state(self.optimizer, layer.bias, units, 0)
+            for next_layer in following:
+                columns = outgoing_columns(layer, next_layer, units)
+                next_layer.weight.index_fill_(1, columns, 0.0)
+                zero_optimizer_state(self.optimizer, next_layer.weight, columns, 1)
+        self.recycled.append(total)
+        return total

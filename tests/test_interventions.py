@@ -1,0 +1,346 @@
+"""Each intervention's rule on small modules with known numbers."""
+
+import pytest
+import torch
+from torch import nn
+
+from rlplastic.init import xavier_uniform_zero_bias
+from rlplastic.interventions import (
+    ContinualBackprop,
+    GradientNoise,
+    HareTortoise,
+    HeadReset,
+    ReDo,
+    ShrinkPerturb,
+    fresh_copy,
+    hidden_layers,
+    neuron_scores,
+)
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes=(3, 4, 4, 2)):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.ReLU(), nn.Linear(sizes[1], sizes[2]), nn.ReLU())
+        self.head = nn.Linear(sizes[2], sizes[3])
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def train_steps(model, optimizer, steps, seed=0, interventions=()):
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(32, 3, generator=generator)
+        y = torch.stack([x.sum(1), x[:, 0] - x[:, 1]], 1)
+        loss = ((model(x) - y) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        for intervention in interventions:
+            intervention.step()
+        losses.append(loss.item())
+    return losses
+
+
+def adam_state(optimizer, param):
+    return {k: v.clone() for k, v in optimizer.state[param].items()}
+
+
+# Hare & Tortoise
+def test_hare_tortoise_ema_of_params_and_buffers_then_copy_not_alias():
+    hare = nn.Sequential(nn.Linear(1, 1), nn.BatchNorm1d(1))
+    tortoise = nn.Sequential(nn.Linear(1, 1), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        hare[0].weight.fill_(1.0), tortoise[0].weight.fill_(0.0)
+        hare[1].running_mean.fill_(2.0), tortoise[1].running_mean.fill_(0.0)
+        hare[1].num_batches_tracked.fill_(7)
+    weight = hare[0].weight
+    ht = HareTortoise(hare, tortoise, momentum=0.9, reset_every=3)
+    ht.step()
+    assert tortoise[0].weight.item() == pytest.approx(0.1)
+    assert tortoise[1].running_mean.item() == pytest.approx(0.2)
+    assert tortoise[1].num_batches_tracked.item() == 7
+    ht.step()
+    assert tortoise[0].weight.item() == pytest.approx(0.19)
+    assert hare[0].weight.item() == 1.0  # no reset before step 3
+    ht.step()
+    assert tortoise[0].weight.item() == pytest.approx(0.271)
+    assert hare[0].weight.item() == pytest.approx(0.271) and hare[1].running_mean.item() == pytest.approx(0.542)
+    assert hare[0].weight is weight  # in place: the optimizer's reference stays valid
+    with torch.no_grad():
+        hare[0].weight.add_(1.0)
+    assert tortoise[0].weight.item() == pytest.approx(0.271)  # a copy, not an alias
+    assert ht.resets == 1
+
+
+def test_hare_tortoise_keeps_optimizer_state_unless_asked():
+    torch.manual_seed(0)
+    hare, tortoise = MLP(), MLP()
+    optimizer = torch.optim.Adam(hare.parameters(), lr=1e-2)
+    ht = HareTortoise(hare, tortoise, momentum=0.99, reset_every=5, optimizer=optimizer)
+    train_steps(hare, optimizer, 5, interventions=[ht])
+    assert ht.resets == 1 and all(p in optimizer.state for p in hare.parameters())
+    ht_clearing = HareTortoise(hare, tortoise, reset_every=1, optimizer=optimizer, reset_optimizer=True)
+    ht_clearing.step()
+    assert not any(p in optimizer.state for p in hare.parameters())
+
+
+def test_hare_tortoise_rejects_one_network_for_both():
+    net = MLP()
+    with pytest.raises(ValueError, match="two networks"):
+        HareTortoise(net, net)
+
+
+# Shrink & Perturb, head reset
+def test_head_reset_draws_what_the_init_scheme_draws_and_clears_only_its_optimizer_state():
+    torch.manual_seed(0)
+    model = MLP()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train_steps(model, optimizer, 10)
+    encoder_before = [p.clone() for p in model.encoder.parameters()]
+    encoder_state = [adam_state(optimizer, p) for p in model.encoder.parameters()]
+    head_weight = model.head.weight
+
+    reset = HeadReset(model, ["head"], every=1, optimizer=optimizer)
+    torch.manual_seed(123)
+    expected = fresh_copy(model.head, xavier_uniform_zero_bias)
+    torch.manual_seed(123)
+    reset.step()
+    assert torch.equal(model.head.weight, expected.weight) and not model.head.bias.any()
+    assert model.head.weight is head_weight
+    assert all(torch.equal(a, b) for a, b in zip(model.encoder.parameters(), encoder_before, strict=True))
+    assert not any(p in optimizer.state for p in model.head.parameters())
+    for p, before in zip(model.encoder.parameters(), encoder_state, strict=True):  # untouched: unchanged
+        assert all(torch.equal(optimizer.state[p][k], v) for k, v in before.items())
+
+
+def test_a_reset_head_still_trains_after_the_reset():
+    torch.manual_seed(0)
+    model = MLP((3, 32, 32, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    before = train_steps(model, optimizer, 200)
+    HeadReset(model, ["head"], every=1, optimizer=optimizer).step()
+    after_reset = model.head.weight.clone()
+    after = train_steps(model, optimizer, 200, seed=1)
+    assert not torch.equal(model.head.weight, after_reset)
+    reached_before, reached_after = sum(before[-20:]) / 20, sum(after[-20:]) / 20
+    assert after[0] > 100 * reached_before  # the reset really forgot the fit ...
+    assert reached_after < 3 * reached_before  # ... and training recovered it
+
+
+def test_shrink_perturb_mixes_with_a_fresh_draw():
+    torch.manual_seed(0)
+    model = MLP()
+    before = [p.clone() for p in model.parameters()]
+    sp = ShrinkPerturb(model, {"": (0.4, 0.1)}, every=2)
+    torch.manual_seed(7)
+    fresh = fresh_copy(model, xavier_uniform_zero_bias)
+    sp.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))  # not due yet
+    torch.manual_seed(7)
+    sp.step()
+    for p, b, f in zip(model.parameters(), before, fresh.parameters(), strict=True):
+        assert torch.allclose(p, 0.4 * b + 0.1 * f)
+
+
+def test_shrink_toward_the_original_init():
+    torch.manual_seed(0)
+    model = MLP()
+    initial = [p.clone() for p in model.parameters()]
+    sp = ShrinkPerturb(model, {"": (0.2, 0.8)}, toward="initial")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_steps(model, optimizer, 20)
+    trained = [p.clone() for p in model.parameters()]
+    sp.apply()
+    for p, t, i in zip(model.parameters(), trained, initial, strict=True):
+        assert torch.allclose(p, 0.2 * t + 0.8 * i)
+
+
+def test_per_submodule_groups_express_bbf_style_resets_on_online_and_target():
+    torch.manual_seed(0)
+    online, target = MLP(), MLP()
+    encoder_before = [p.clone() for p in online.encoder.parameters()]
+    sp = ShrinkPerturb([online, target], {"encoder": (0.5, 0.5), "head": (0.0, 1.0)})
+    torch.manual_seed(3)
+    fresh_encoder = fresh_copy(online.encoder, xavier_uniform_zero_bias)
+    fresh_head = fresh_copy(online.head, xavier_uniform_zero_bias)
+    torch.manual_seed(3)
+    sp.apply()
+    for p, b, f in zip(online.encoder.parameters(), encoder_before, fresh_encoder.parameters(), strict=True):
+        assert torch.allclose(p, 0.5 * b + 0.5 * f)
+    assert torch.equal(online.head.weight, fresh_head.weight)
+    assert not torch.equal(target.head.weight, online.head.weight)  # the target draws its own sample
+
+
+def test_shrink_perturb_names_unknown_submodules():
+    with pytest.raises(ValueError, match=r"\['tail'\].*'encoder', 'head'"):
+        ShrinkPerturb(MLP(), {"tail": (0.0, 1.0)})
+
+
+# ReDo
+def test_neuron_scores_are_normalized_mean_abs_activations():
+    h = torch.tensor([[1.0, 0.0, -2.0], [3.0, 0.0, 2.0]])
+    assert torch.allclose(neuron_scores(h), torch.tensor([2.0, 0.0, 2.0]) / (4.0 / 3.0))
+    conv = torch.zeros(2, 2, 2, 2)
+    conv[:, 0] = 1.0  # channel 0 active everywhere, channel 1 dead
+    assert torch.allclose(neuron_scores(conv), torch.tensor([2.0, 0.0]))
+
+
+def test_hidden_layers_follow_branches_and_skip_the_output_layer():
+    model = MLP()
+    pairs = [(layer, following) for layer, following in hidden_layers(model)]
+    assert [layer for layer, _ in pairs] == [model.encoder[0], model.encoder[2]]
+    assert pairs[1][1] == [model.head]
+
+
+def planted_dormant_mlp():
+    torch.manual_seed(0)
+    model = MLP()
+    with torch.no_grad():
+        model.encoder[0].weight[2] = 0.0
+        model.encoder[0].bias[2] = -1.0  # unit 2 of layer 1 never fires
+    return model
+
+
+def test_redo_recycles_dormant_units_and_their_adam_entries_only():
+    model = planted_dormant_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_steps(model, optimizer, 3)
+    first, second = model.encoder[0], model.encoder[2]
+    assert first.weight[2].abs().sum() == 0  # ReLU blocked its gradient: still dormant
+    state_before = {p: adam_state(optimizer, p) for p in model.parameters()}
+    second_before = second.weight.clone()
+    head_before = model.head.weight.clone()
+    head_bias_before = model.head.bias.clone()
+    batch = torch.randn(256, 3)
+    redo = ReDo(model, optimizer, batch_fn=lambda: batch, tau=0.0, every=1)
+    masks = redo.dormant_masks(batch)
+    assert masks[0].tolist() == [False, False, True, False]
+    torch.manual_seed(11)
+    expected_row = fresh_copy(first, xavier_uniform_zero_bias).weight[2].clone()
+    torch.manual_seed(11)
+    redo.step()
+    assert redo.recycled[-1] == masks[0].sum() + masks[1].sum()
+    assert torch.equal(first.weight[2], expected_row) and first.bias[2] == 0  # incoming fresh, bias 0
+    kept_rows = ~masks[1]  # rows of layer 2 that were not themselves recycled (fresh incoming)
+    assert kept_rows.any()
+    assert not second.weight[kept_rows, 2].any()  # outgoing zero
+    others = [0, 1, 3]
+    assert torch.equal(second.weight[kept_rows][:, others], second_before[kept_rows][:, others])
+    recycled_in_2 = masks[1].nonzero().flatten()
+    assert not model.head.weight[:, recycled_in_2].any()
+    assert torch.equal(model.head.weight[:, kept_rows], head_before[:, kept_rows])
+    assert torch.equal(model.head.bias, head_bias_before)  # the output layer is never recycled
+    # Adam: moments zeroed at the recycled entries, step kept, every other entry unchanged
+    s = optimizer.state[first.weight]
+    assert not s["exp_avg"][2].any() and not s["exp_avg_sq"][2].any()
+    assert s["step"] == state_before[first.weight]["step"]
+    assert torch.equal(s["exp_avg"][others], state_before[first.weight]["exp_avg"][others])
+    assert not optimizer.state[second.weight]["exp_avg"][:, 2].any()
+    for k, v in state_before[model.head.bias].items():
+        assert torch.equal(optimizer.state[model.head.bias][k], v)
+
+
+def test_recycled_units_train_again():
+    model = planted_dormant_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = torch.randn(256, 3)
+    ReDo(model, optimizer, batch_fn=lambda: batch, tau=0.0, every=1).step()
+    row = model.encoder[0].weight[2].clone()
+    train_steps(model, optimizer, 50)
+    assert not torch.equal(model.encoder[0].weight[2], row)
+    assert model.encoder[2].weight[:, 2].abs().sum() > 0  # outgoing weights grew back from zero
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.fc = nn.Linear(3 * 2 * 2, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_redo_conv_channel_feeding_a_linear_layer_zeroes_its_spatial_block():
+    torch.manual_seed(0)
+    model = ConvNet()
+    with torch.no_grad():
+        model.conv.weight[1] = 0.0
+        model.conv.bias[1] = -1.0
+    fc_before = model.fc.weight.clone()
+    batch = torch.randn(64, 1, 4, 4)
+    redo = ReDo(model, None, batch_fn=lambda: batch, tau=0.0, every=1)
+    redo.step()
+    assert redo.recycled == [1]
+    assert model.conv.weight[1].abs().sum() > 0 and model.conv.bias[1] == 0
+    assert not model.fc.weight[:, 4:8].any()  # channel 1 owns flattened columns 4..7
+    assert torch.equal(model.fc.weight[:, :4], fc_before[:, :4])
+    assert torch.equal(model.fc.weight[:, 8:], fc_before[:, 8:])
+
+
+# Continual backprop
+def tiny_cbp_net():
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        net[0].bias.zero_()
+        net[2].weight.copy_(torch.tensor([[2.0, 0.5]]))
+        net[2].bias.fill_(0.25)
+    return net
+
+
+def test_cbp_utility_is_an_ema_of_activation_times_outgoing_magnitude():
+    net = tiny_cbp_net()
+    cbp = ContinualBackprop(net, None, replacement_rate=0.0, decay=0.9, maturity=0)
+    x = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # h = x: mean |h| = [2, 2]
+    net(x).sum().backward()
+    cbp.step()
+    state = cbp.state[0]
+    assert torch.allclose(state["utility"], 0.1 * torch.tensor([2.0 * 2.0, 2.0 * 0.5]))
+    assert torch.allclose(state["mean_activation"], torch.tensor([0.2, 0.2]))
+    with torch.no_grad():
+        net(x)  # no graph: an acting or target forward, not captured
+    cbp.step()
+    assert state["age"].tolist() == [1.0, 1.0]
+
+
+def test_cbp_replaces_the_lowest_utility_mature_unit_and_moves_its_contribution_to_the_bias():
+    net = tiny_cbp_net()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    cbp = ContinualBackprop(net, optimizer, replacement_rate=0.5, decay=0.9, maturity=0)
+    x = torch.tensor([[1.0, 3.0], [3.0, 1.0]])
+    optimizer.zero_grad()
+    net(x).sum().backward()
+    optimizer.step()
+    w_out = net[2].weight.detach().clone()
+    bias_out = net[2].bias.item()
+    torch.manual_seed(5)
+    expected_row = fresh_copy(net[0], xavier_uniform_zero_bias).weight[1].clone()
+    torch.manual_seed(5)
+    cbp.step()  # 2 eligible units * 0.5 = 1 replacement: unit 1 has the lower utility (outgoing 0.5)
+    assert cbp.replaced == 1
+    assert torch.equal(net[0].weight[1], expected_row) and net[0].bias[1] == 0
+    assert net[2].weight[0, 1] == 0 and net[2].weight[0, 0] == w_out[0, 0]
+    # bias-corrected mean activation: 0.1 * 2 / (1 - 0.9) = 2; contribution w_out * 2
+    assert net[2].bias.item() == pytest.approx(bias_out + w_out[0, 1].item() * 2.0)
+    assert cbp.state[0]["age"].tolist() == [1.0, 0.0] and cbp.state[0]["host_age"].tolist() == [1, 0]
+    assert not optimizer.state[net[0].weight]["exp_avg"][1].any()
+    assert optimizer.state[net[0].weight]["exp_avg"][0].any()
+
+
+# Gradient noise
+def test_gradient_noise_scales_with_each_entry_and_decays():
+    p = nn.Parameter(torch.zeros(1000))
+    optimizer = torch.optim.SGD([p], lr=1.0)
+    noise = GradientNoise(optimizer, sigma0=0.5, decay=0.5, generator=torch.Generator().manual_seed(0))
+    p.grad = torch.full((1000,), 2.0)
+    p.grad[:500] = 0.0
+    optimizer.step()
+    update = -p.detach()
+    assert not update[:500].any()  # zero gradient, zero noise
+    deviation = (update[500:] - 2.0) / 2.0
+    assert abs(deviation.std().item() - 0.5) < 0.05 and abs(deviation.mean().item()) < 0.06
+    assert noise.t == 1 and noise.sigma == 0.25

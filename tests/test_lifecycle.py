@@ -1,0 +1,160 @@
+"""Lifecycle layers: Algorithm 1 replayed by hand on a 4-neuron layer, and the layer's contracts."""
+
+import pytest
+import torch
+from torch import nn
+
+from rlplastic.interventions import LifecycleConv2d, LifecycleLinear, swap_in_lifecycle
+
+T, F = True, False
+
+
+def planted_layer(warmup=2, revival="memory"):
+    """4 neurons with lifespans [1, 2, 3, 5] and recovery times [2, 1, 1, 1]."""
+    torch.manual_seed(0)
+    layer = LifecycleLinear(3, 4, lifespan=(1, 5), recovery=(1, 2), warmup=warmup, revival=revival)
+    with torch.no_grad():
+        layer.lifespan.copy_(torch.tensor([1, 2, 3, 5]))
+        layer.life.copy_(layer.lifespan)
+        layer.recovery_time.copy_(torch.tensor([2, 1, 1, 1]))
+        layer.weight.copy_(torch.arange(12.0).view(4, 3) + 1)
+        layer.bias.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+        layer.memory_weight.zero_(), layer.memory_bias.zero_()
+    return layer
+
+
+def state(layer):
+    return (layer.active.tolist(), layer.life.tolist(), layer.recovery.tolist(), layer.scaler.tolist())
+
+
+def test_algorithm_1_step_by_step():
+    layer = planted_layer()
+    x = torch.ones(1, 3)
+    original = layer.weight.detach().clone()
+
+    layer(x)  # step 1: unit 0 reaches life 0 and is lysed
+    assert state(layer) == ([F, T, T, T], [0, 1, 2, 4], [2, 0, 0, 0], [1, 1, 1, 1])
+    assert torch.equal(layer.memory_weight[0], original[0]) and layer.memory_bias[0].item() == pytest.approx(0.1)
+    assert not layer.memory_weight[1:].any()  # only the lysed unit is saved
+    with torch.no_grad():
+        layer.weight[0] += 100.0  # what an optimizer's leftover momentum could do to a dead unit
+
+    layer(x)  # step 2: unit 1 lysed; unit 0 recovering
+    assert state(layer) == ([F, F, T, T], [0, 0, 1, 3], [1, 1, 0, 0], [1, 1, 1, 1])
+    assert torch.equal(layer.memory_weight[1], original[1])
+
+    layer(x)  # step 3: unit 2 lysed; units 0 and 1 revived from memory with scaler 1/k
+    assert state(layer) == ([T, T, F, T], [1, 2, 0, 2], [0, 0, 1, 0], [0.5, 0.5, 1, 1])
+    assert torch.equal(layer.weight[:2], original[:2])  # restored FROM MEMORY, drift undone
+    assert layer.bias[0].item() == pytest.approx(0.1)
+
+    out = layer(x)  # step 4: warm-up reaches 1; unit 0 dies again; unit 2 revived
+    assert state(layer) == ([F, T, T, T], [0, 1, 3, 1], [2, 0, 0, 0], [1, 1, 0.5, 1])
+    expected = (original @ x.T).squeeze(1) + torch.tensor([0.1, 0.2, 0.3, 0.4])
+    gate = torch.tensor([0.0, 1.0, 0.5, 1.0])
+    assert torch.allclose(out[0], expected * gate)  # (W * d) x + b * d
+
+
+def test_eval_forward_applies_the_mask_without_stepping():
+    layer = planted_layer()
+    x = torch.ones(2, 3)
+    layer(x), layer(x)
+    before = state(layer)
+    layer.eval()
+    out = layer(x)
+    assert state(layer) == before
+    assert not out[:, :2].any() and out[:, 2:].all()
+
+
+def test_dead_units_get_no_gradient():
+    layer = planted_layer()
+    layer(torch.ones(1, 3))
+    layer(torch.ones(1, 3)).sum().backward()  # units 0 and 1 are dead during this forward
+    assert not layer.weight.grad[:2].any() and not layer.bias.grad[:2].any()
+    assert layer.weight.grad[2:].all()
+
+
+@pytest.mark.parametrize("revival", ["he", "xavier"])
+def test_revival_by_fresh_init_ablation(revival):
+    layer = planted_layer(revival=revival)
+    original = layer.weight.detach().clone()
+    for _ in range(3):
+        layer(torch.ones(1, 3))
+    assert layer.active[0] and not torch.equal(layer.weight[0], original[0])
+    assert layer.bias[0] == 0
+    assert layer.weight[0].abs().max() < 2.0  # a fresh draw on 3 inputs, not the planted 1..12
+
+
+def test_no_warmup_ablation_revives_at_full_scale():
+    layer = planted_layer(warmup=0)
+    for _ in range(3):
+        layer(torch.ones(1, 3))
+    assert layer.scaler.tolist() == [1, 1, 1, 1] and layer.active.tolist() == [T, T, F, T]
+
+
+def test_revival_zeroes_bound_optimizer_moments():
+    layer = planted_layer()
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    layer.bind_optimizer(optimizer)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+    moments = optimizer.state[layer.weight]["exp_avg"]
+    # Unit 1: alive in step 1 (grad 1 -> exp_avg 0.1), dead in step 2 (0.09), revived in the 3rd
+    # forward at scaler 1/2. Zeroed at revival, its moment is just (1 - beta1) * 0.5 = 0.05;
+    # without the reset it would be 0.9 * 0.09 + 0.05 = 0.131.
+    assert torch.allclose(moments[:2], torch.full((2, 3), 0.05))
+    assert torch.allclose(moments[3], torch.full((3,), 0.1 * (1 + 0.9 + 0.81)))
+
+
+def test_a_lifecycle_layer_trains():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        LifecycleLinear(2, 32, lifespan=(20, 40), recovery=(5, 10), warmup=5), nn.ReLU(), nn.Linear(32, 1)
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(256, 2)
+    y = (x[:, :1] * x[:, 1:]).sin()
+    losses = []
+    for _ in range(300):
+        loss = ((model(x) - y) ** 2).mean()
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+        losses.append(loss.item())
+    assert not model[0].active.all() or (model[0].scaler < 1).any() or model[0].life.min() < 40
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+
+
+def test_conv_lifecycle_masks_whole_channels():
+    torch.manual_seed(0)
+    conv = LifecycleConv2d(1, 3, 3, padding=1, lifespan=(1, 1), recovery=(5, 5))
+    with torch.no_grad():
+        conv.lifespan.copy_(torch.tensor([1, 9, 9]))
+        conv.life.copy_(conv.lifespan)
+    out = conv(torch.randn(2, 1, 5, 5))
+    assert conv.active.tolist() == [F, T, T]
+    assert not out[:, 0].any() and out[:, 1:].abs().sum() > 0
+
+
+def test_swap_in_lifecycle_keeps_weights_and_outputs_of_hidden_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 2)
+    )
+    x = torch.randn(3, 1, 6, 6)
+    expected = model(x)
+    swapped = swap_in_lifecycle(model, lifespan=(100, 200), recovery=(10, 20))
+    assert isinstance(model[0], LifecycleConv2d) and isinstance(model[3], LifecycleLinear)
+    assert type(model[5]) is nn.Linear  # the output layer keeps its plain neurons
+    assert len(swapped) == 2
+    assert torch.allclose(model(x), expected)
+    assert torch.equal(model[3].memory_weight, model[3].weight)
+    with pytest.raises(ValueError, match="ReLU"):
+        swap_in_lifecycle(model, names=["1"])
+
+
+def test_bad_ranges_are_refused():
+    with pytest.raises(ValueError, match=r"lifespan \(5, 2\)"):
+        LifecycleLinear(2, 2, lifespan=(5, 2))
+    with pytest.raises(ValueError, match="revival 'zero'"):
+        LifecycleLinear(2, 2, revival="zero")
