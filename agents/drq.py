@@ -9,11 +9,17 @@ Kostrikov et al. 2020 (DrQ); hyperparameters of dopamine's labs/atari_100k DrQ_e
 Differences from the reference, on purpose:
 - the dueling head gives each stream its own 512-unit hidden layer (Wang et al. 2016);
 - without --ema the target comes from the online network itself (the reference copies the online
-  network into the target every step, which is the same function), computed under no_grad.
+  network into the target every step, which is the same function), computed under no_grad;
+- with --ema the momentum target is updated by rlplastic's HareTortoise (the tortoise), which
+  copies itself into the online network only when --reset hare-tortoise is on.
+
+Interventions: --reset hare-tortoise --ema 0.995, --reset head, --reset shrink-perturb,
+--reset redo, --reset cbp, --reset noise (combinable), --lifecycle.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -30,6 +36,18 @@ from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, clip_reward,
 from torch.utils.tensorboard import SummaryWriter
 
 from rlplastic.augment import drq_augment
+from rlplastic.init import xavier_uniform_zero_bias
+from rlplastic.interventions import (
+    ContinualBackprop,
+    GradientNoise,
+    HareTortoise,
+    HeadReset,
+    LifecycleConv2d,
+    LifecycleLinear,
+    ReDo,
+    ShrinkPerturb,
+    swap_in_lifecycle,
+)
 from rlplastic.replay import FrameReplay
 from rlplastic.rollout import evaluate_episodes
 from rlplastic.runs import (
@@ -97,6 +115,50 @@ class Args:
     augment: bool = True
     """random shift (pad 4) and intensity augmentation of states and next states"""
 
+    # Plasticity interventions (rlplastic.interventions), stepped after every optimizer step
+    reset: tuple[Literal["hare-tortoise", "head", "shrink-perturb", "redo", "cbp", "noise"], ...] = ()
+    """interventions to switch on, combinable: hare-tortoise (needs --ema), head, shrink-perturb,
+    redo, cbp (continual backprop), noise (gradient noise)"""
+    reset_every: int | None = None
+    """gradient steps between resets for every chosen method without its own interval flag
+    (defaults: hare-tortoise 4,000, head 20,000, shrink-perturb 20,000, redo 1,000)"""
+    ht_reset_every: int | None = None
+    """Hare & Tortoise: gradient steps between hare <- tortoise copies (default --reset-every or 4,000)"""
+    head_reset_every: int | None = None
+    """head reset: gradient steps between re-inits of the dueling head (default --reset-every or 20,000)"""
+    sp_every: int | None = None
+    """Shrink & Perturb: gradient steps between applications (default --reset-every or 20,000)"""
+    sp_shrink: float = 0.4
+    """Shrink & Perturb: factor on the current parameters (Ash & Adams: 0.4)"""
+    sp_perturb: float = 0.1
+    """Shrink & Perturb: factor on a fresh init (Ash & Adams: 0.1)"""
+    redo_every: int | None = None
+    """ReDo: gradient steps between recycling passes (default --reset-every or 1,000)"""
+    redo_tau: float = 0.1
+    """ReDo: a unit is dormant when its normalized score is <= tau"""
+    redo_batch: int = 256
+    """ReDo: states from replay used to score units"""
+    cbp_rate: float = 1e-4
+    """continual backprop: fraction of mature units replaced per step"""
+    cbp_decay: float = 0.99
+    """continual backprop: decay of the utility averages"""
+    cbp_maturity: int = 100
+    """continual backprop: steps before a unit may be replaced"""
+    noise_sigma: float = 0.1
+    """gradient noise: initial noise scale relative to each gradient entry"""
+    noise_decay: float = 0.9999
+    """gradient noise: per-step decay of the noise scale"""
+    lifecycle: bool = False
+    """replace the hidden layers by lifecycle layers (Yang 2025)"""
+    lifecycle_lifespan: tuple[int, int] = (1_000, 5_000)
+    """lifecycle: range of each unit's lifespan in gradient steps"""
+    lifecycle_recovery: tuple[int, int] = (100, 500)
+    """lifecycle: range of each unit's recovery time in gradient steps"""
+    lifecycle_warmup: int = 10
+    """lifecycle: steps over which a revived unit's output ramps up (0 = no warm-up)"""
+    lifecycle_revival: Literal["memory", "he", "xavier"] = "memory"
+    """lifecycle: revive from saved weights, or by a fresh He / Xavier init (ablations)"""
+
     # Logging and checkpoints
     checkpoint_every: int = 10_000
     """agent steps between checkpoints (networks, optimizer, replay, env and RNG states) in the run
@@ -147,11 +209,49 @@ def validate(args: Args) -> list[str]:
         resolve_device(args.device)
     except ValueError as e:
         problems.append(str(e))
+    problems += validate_interventions(args)
     if args.output_dir is not None and (Path(args.output_dir) / "results.json").exists():
         problems.append(
             f"--output-dir {args.output_dir}: already holds a finished run (results.json); "
             "choose another folder or remove it"
         )
+    return problems
+
+
+# Methods that each decide which units to replace: two of them on the same units contradict each other.
+EXCLUSIVE_UNIT_METHODS = ("redo", "cbp", "lifecycle")
+
+
+def validate_interventions(args: Args) -> list[str]:
+    problems = []
+    chosen = list(args.reset) + (["lifecycle"] if args.lifecycle else [])
+    repeated = sorted({r for r in args.reset if args.reset.count(r) > 1})
+    if repeated:
+        problems.append(f"--reset {' '.join(args.reset)}: {', '.join(repeated)} given twice")
+    if "hare-tortoise" in args.reset and args.ema <= 0:
+        problems.append("--reset hare-tortoise needs --ema > 0 (e.g. 0.995): the tortoise is the EMA target")
+    unit_methods = [m for m in EXCLUSIVE_UNIT_METHODS if m in chosen]
+    if len(unit_methods) > 1:
+        problems.append(f"{' and '.join(unit_methods)} both replace units: choose one")
+    for name in ("reset_every", "ht_reset_every", "head_reset_every", "sp_every", "redo_every"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            problems.append(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+    if args.redo_tau < 0 or args.redo_batch <= 0:
+        problems.append(f"--redo-tau {args.redo_tau} / --redo-batch {args.redo_batch}: need tau >= 0 and batch > 0")
+    if not 0 <= args.cbp_rate <= 1 or not 0 <= args.cbp_decay < 1 or args.cbp_maturity < 0:
+        problems.append(
+            f"--cbp-rate {args.cbp_rate} / --cbp-decay {args.cbp_decay} / --cbp-maturity {args.cbp_maturity}: "
+            "need rate in [0, 1], decay in [0, 1), maturity >= 0"
+        )
+    if args.noise_sigma < 0 or not 0 < args.noise_decay <= 1:
+        problems.append(f"--noise-sigma {args.noise_sigma} / --noise-decay {args.noise_decay}: need >= 0 and (0, 1]")
+    for name in ("lifecycle_lifespan", "lifecycle_recovery"):
+        lo, hi = getattr(args, name)
+        if not 1 <= lo <= hi:
+            problems.append(f"--{name.replace('_', '-')} {lo} {hi}: need 1 <= low <= high")
+    if args.lifecycle_warmup < 0:
+        problems.append(f"--lifecycle-warmup {args.lifecycle_warmup}: must be >= 0")
     return problems
 
 
@@ -183,19 +283,12 @@ class QNetwork(nn.Module):
         features = 64 * c3.out_size**2
         self.value = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         self.advantage = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, num_actions))
-        self.apply(xavier_init)
+        self.apply(xavier_uniform_zero_bias)  # the reference's init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder(x / 255.0)
         advantage = self.advantage(h)
         return self.value(h) + advantage - advantage.mean(1, keepdim=True)
-
-
-def xavier_init(module: nn.Module) -> None:
-    """The reference's init: xavier_uniform weights, zero biases."""
-    if isinstance(module, nn.Conv2d | nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 # ALGO LOGIC
@@ -210,14 +303,52 @@ def double_dqn_target(
 def build_learner(args: Args, num_actions: int, device: torch.device):
     """The online network, the target network (the online one itself without --ema), the optimizer."""
     q_network = QNetwork(num_actions).to(device)
+    if args.lifecycle:
+        swap_in_lifecycle(
+            q_network, lifespan=args.lifecycle_lifespan, recovery=args.lifecycle_recovery,
+            warmup=args.lifecycle_warmup, revival=args.lifecycle_revival,
+        )  # fmt: skip
     # fused: one kernel for all tensors, 6x faster than the default loop on a 2-core CPU too
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    for layer in q_network.modules():
+        if isinstance(layer, LifecycleLinear | LifecycleConv2d):
+            layer.bind_optimizer(optimizer)
     target_network = q_network
     if args.ema > 0:
-        target_network = QNetwork(num_actions).to(device)
-        target_network.load_state_dict(q_network.state_dict())
+        target_network = copy.deepcopy(q_network)
         target_network.requires_grad_(False)
     return q_network, target_network, optimizer
+
+
+def interval(args: Args, own: int | None, default: int) -> int:
+    return own or args.reset_every or default
+
+
+def build_interventions(
+    args: Args, q_network: QNetwork, target_network: QNetwork, optimizer: torch.optim.Optimizer, replay: FrameReplay
+) -> list:
+    """The interventions stepped after every optimizer step, in this order. With --ema the EMA
+    target is the first: Hare & Tortoise's tortoise, which without hare-tortoise never resets."""
+    interventions = []
+    networks = [q_network] if target_network is q_network else [q_network, target_network]
+    if args.ema > 0:
+        every = interval(args, args.ht_reset_every, 4_000) if "hare-tortoise" in args.reset else 0
+        interventions.append(HareTortoise(q_network, target_network, momentum=args.ema, reset_every=every))
+    if "head" in args.reset:
+        every = interval(args, args.head_reset_every, 20_000)
+        interventions.append(HeadReset(networks, ["value", "advantage"], every, optimizer))
+    if "shrink-perturb" in args.reset:
+        every = interval(args, args.sp_every, 20_000)
+        interventions.append(ShrinkPerturb(networks, {"": (args.sp_shrink, args.sp_perturb)}, every, optimizer))
+    if "redo" in args.reset:
+        every = interval(args, args.redo_every, 1_000)
+        batch_fn = lambda: replay.sample(args.redo_batch).states  # noqa: E731
+        interventions.append(ReDo(q_network, optimizer, batch_fn, tau=args.redo_tau, every=every))
+    if "cbp" in args.reset:
+        interventions.append(ContinualBackprop(q_network, optimizer, args.cbp_rate, args.cbp_decay, args.cbp_maturity))
+    if "noise" in args.reset:
+        interventions.append(GradientNoise(optimizer, args.noise_sigma, args.noise_decay))
+    return interventions
 
 
 def update(
@@ -243,8 +374,6 @@ def update(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    if target_network is not q_network:
-        torch._foreach_lerp_(list(target_network.parameters()), list(q_network.parameters()), 1.0 - args.ema)
     return loss.detach(), q.detach().mean()
 
 
@@ -285,6 +414,7 @@ def main(args: Args) -> dict:
 
     q_network, target_network, optimizer = build_learner(args, num_actions, device)
     replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=device, generator=generator)
+    interventions = build_interventions(args, q_network, target_network, optimizer, replay)
 
     def greedy_actions(observations: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -303,11 +433,16 @@ def main(args: Args) -> dict:
         q_network.load_state_dict(checkpoint["q_network"])
         target_network.load_state_dict(checkpoint["target_network"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        for intervention, saved in zip(interventions, checkpoint["interventions"], strict=True):
+            intervention.load_state_dict(saved)
         replay.load_state_dict(checkpoint["replay"])
         env.set_state(checkpoint["env"])
         obs = checkpoint["obs"]
         rng.bit_generator.state = checkpoint["rng"]
         generator.set_state(checkpoint["generator"].cpu())
+        torch.set_rng_state(checkpoint["torch_rng"].cpu())
+        if checkpoint["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all([state.cpu() for state in checkpoint["cuda_rng"]])
         episodes, train_log = checkpoint["episodes"], checkpoint["train_log"]
         loss_sum += checkpoint["loss_sum"]
         q_sum += checkpoint["q_sum"]
@@ -332,6 +467,8 @@ def main(args: Args) -> dict:
         if step >= args.learning_starts and replay.num_sampleable > 0:
             for _ in range(args.updates_per_step):
                 loss, q_mean = update(args, q_network, target_network, optimizer, replay, generator)
+                for intervention in interventions:  # the one place interventions enter
+                    intervention.step()
                 loss_sum += loss
                 q_sum += q_mean
                 updates_since_log += 1
@@ -375,11 +512,14 @@ def main(args: Args) -> dict:
                     "q_network": q_network.state_dict(),
                     "target_network": target_network.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "interventions": [intervention.state_dict() for intervention in interventions],
                     "replay": replay.state_dict(),
                     "env": env.get_state(),
                     "obs": obs,
                     "rng": rng.bit_generator.state,
                     "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),  # fresh re-inits of interventions draw from it
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                     "episodes": episodes,
                     "train_log": train_log,
                     "loss_sum": loss_sum,

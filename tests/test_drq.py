@@ -4,11 +4,13 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from rlplastic.replay import FrameReplay
 from rlplastic.schedules import linearly_decaying_epsilon
 
 
@@ -116,6 +118,7 @@ def test_interrupted_run_resumes_to_identical_results(drq, tmp_path, monkeypatch
     args = drq.Args(
         env_id="Breakout", seed=5, total_steps=240, learning_starts=60, eval_episodes=1, max_episode_steps=150,
         batch_size=8, log_every=60, checkpoint_every=120, device="cpu", track_tensorboard=False,
+        ema=0.99, reset=("hare-tortoise", "head", "redo"), ht_reset_every=50, head_reset_every=70, redo_every=40,
     )  # fmt: skip
     straight = drq.main(replace(args, output_dir=str(tmp_path / "straight")))
     assert not (tmp_path / "straight" / "checkpoint.pt").exists()  # removed once results exist
@@ -140,3 +143,74 @@ def test_interrupted_run_resumes_to_identical_results(drq, tmp_path, monkeypatch
     for key in ("eval_returns", "train_episodes", "train_log"):
         assert resumed[key] == straight[key]
     assert resumed["train_log"][-1]["step"] == 240
+
+
+def test_conflicting_interventions_fail_fast(drq):
+    def problems(**kw):
+        return "\n".join(drq.validate(replace(drq.Args(), **kw)))
+
+    assert "needs --ema > 0" in problems(reset=("hare-tortoise",))
+    assert "redo and cbp both replace units" in problems(reset=("redo", "cbp"))
+    assert "redo and lifecycle both replace units" in problems(reset=("redo",), lifecycle=True)
+    assert "head given twice" in problems(reset=("head", "head"))
+    assert "--head-reset-every 0" in problems(reset=("head",), head_reset_every=0)
+    assert problems(reset=("hare-tortoise", "head"), ema=0.995) == ""
+
+
+def test_unknown_intervention_is_refused_by_the_cli(tmp_path):
+    proc = run_agent("--reset", "dropout", "--output-dir", str(tmp_path / "r"))
+    assert proc.returncode != 0 and "dropout" in proc.stderr and "hare-tortoise" in proc.stderr
+    proc = run_agent("--reset", "hare-tortoise", "--output-dir", str(tmp_path / "r"))
+    assert proc.returncode != 0 and "needs --ema" in proc.stderr
+
+
+def filled_replay(num_actions=4, steps=300):
+    rng = np.random.default_rng(0)
+    replay = FrameReplay(1_000, 10, 0.99, generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        frame = rng.integers(0, 255, (84, 84), dtype=np.uint8)
+        replay.add(frame, int(rng.integers(num_actions)), float(rng.random() < 0.2), bool(rng.random() < 0.02), False)
+    return replay
+
+
+def run_updates(drq, args, steps):
+    torch.manual_seed(0)
+    replay = filled_replay()
+    q, target, optimizer = drq.build_learner(args, 4, torch.device("cpu"))
+    interventions = drq.build_interventions(args, q, target, optimizer, replay)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        drq.update(args, q, target, optimizer, replay, generator)
+        for intervention in interventions:
+            intervention.step()
+    return q, target, interventions
+
+
+def test_flags_build_the_interventions_with_their_schedules(drq):
+    args = replace(
+        drq.Args(), batch_size=4, ema=0.9, reset=("hare-tortoise", "head", "shrink-perturb"),
+        reset_every=6, head_reset_every=4,
+    )  # fmt: skip
+    q, target, interventions = run_updates(drq, args, 12)
+    ht, head, sp = interventions
+    assert type(ht).__name__ == "HareTortoise" and ht.due.period == 6 and ht.resets == 2
+    assert type(head).__name__ == "HeadReset" and head.due.period == 4 and head.resets == 3
+    assert head.models == [q, target] and set(head.groups) == {"value", "advantage"}
+    assert type(sp).__name__ == "ShrinkPerturb" and sp.due.period == 6 and sp.groups == {"": (0.4, 0.1)}
+    plain = drq.build_interventions(replace(drq.Args(), ema=0.995), q, target, None, filled_replay())
+    assert len(plain) == 1 and plain[0].due.period == 0  # the EMA target alone never resets the hare
+
+
+def test_unit_replacing_interventions_act_on_the_drq_network(drq):
+    args = replace(drq.Args(), batch_size=4, reset=("redo",), redo_every=5, redo_tau=0.5, redo_batch=16)
+    _, _, (redo,) = run_updates(drq, args, 10)
+    assert len(redo.recycled) == 2 and sum(redo.recycled) > 0
+    args = replace(drq.Args(), batch_size=4, reset=("cbp", "noise"), cbp_rate=0.05, cbp_maturity=3)
+    _, _, (cbp, noise) = run_updates(drq, args, 8)
+    assert cbp.replaced > 0 and noise.t == 8
+    args = replace(drq.Args(), batch_size=4, lifecycle=True, lifecycle_lifespan=(2, 4), lifecycle_recovery=(1, 2))
+    q, _, interventions = run_updates(drq, args, 6)
+    lifecycle_layers = [m for m in q.modules() if hasattr(m, "lifecycle_step")]
+    assert interventions == [] and len(lifecycle_layers) == 5  # 3 convs + 2 hidden dense; outputs plain
+    assert all(layer.life.max() <= 4 for layer in lifecycle_layers)
+    assert any((layer.scaler < 1).any() or not layer.active.all() for layer in lifecycle_layers)

@@ -55,11 +55,14 @@ def test_algorithm_1_step_by_step():
     assert torch.allclose(out[0], expected * gate)  # (W * d) x + b * d
 
 
-def test_eval_forward_applies_the_mask_without_stepping():
+def test_eval_and_no_grad_forwards_apply_the_mask_without_stepping():
     layer = planted_layer()
     x = torch.ones(2, 3)
     layer(x), layer(x)
     before = state(layer)
+    with torch.no_grad():  # an acting or target forward in training mode
+        layer(x)
+    assert state(layer) == before
     layer.eval()
     out = layer(x)
     assert state(layer) == before

@@ -96,6 +96,20 @@ def num_units(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
+class Intervention:
+    """The common contract: step() once per gradient step; state_dict() / load_state_dict() carry
+    the schedule and statistics across a resumed run (parameters live in the model's own)."""
+
+    state_keys: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict:
+        return {key: copy.deepcopy(getattr(self, key)) for key in self.state_keys}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self.state_keys:
+            setattr(self, key, copy.deepcopy(state[key]))
+
+
 class Every:
     """True once every `period` calls (never for period 0)."""
 

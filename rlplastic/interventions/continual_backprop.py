@@ -10,6 +10,7 @@ from torch import nn
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions.base import (
     InitFn,
+    Intervention,
     fresh_copy,
     hidden_layers,
     num_units,
@@ -24,16 +25,16 @@ def _unit_reduce(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=[0, *range(2, x.dim())])
 
 
-def _outgoing_per_unit(layer: nn.Module, next_layer: nn.Module, values: torch.Tensor) -> torch.Tensor:
-    """Reduce a next-layer tensor shaped like its weight, (out, in[, kh, kw]), to (out, units of
-    `layer`): spatial blocks of a flatten and kernel positions are summed."""
-    units = num_units(layer)
-    if values.dim() == 4:
-        return values.sum(dim=(2, 3))
-    return values.view(values.shape[0], units, -1).sum(dim=2)
+def _fold_inputs(layer: nn.Module, next_layer: nn.Module, values: torch.Tensor) -> torch.Tensor:
+    """Per-input values of `next_layer`, shaped (..., in) or (..., in, kh, kw) like its weight's
+    trailing dims, summed per unit of `layer`: over kernel taps, or over the block of flattened
+    positions a conv channel owns."""
+    if isinstance(next_layer, nn.Conv2d):
+        return values.sum(dim=(-2, -1))
+    return values.reshape(*values.shape[:-1], num_units(layer), -1).sum(-1)
 
 
-class ContinualBackprop:
+class ContinualBackprop(Intervention):
     """Continual backpropagation (Dohare et al. 2024, "Loss of plasticity in deep continual learning").
 
     Each hidden unit keeps a utility, an EMA (decay rho) of |h| * mean |w_out| with h its activation
@@ -47,6 +48,8 @@ class ContinualBackprop:
     Activations are captured by forward hooks on forwards that build a graph in training mode (the
     update's forward, not target or acting forwards); call step() after optimizer.step().
     """
+
+    state_keys = ("state", "replaced")
 
     def __init__(
         self,
@@ -101,9 +104,9 @@ class ContinualBackprop:
         for (layer, following), state in zip(self.layers, self.state, strict=True):
             if state["batch_abs"] is None:
                 continue
-            out_magnitude = torch.stack(
-                [_outgoing_per_unit(layer, nxt, nxt.weight.abs()).mean(0) for nxt in following]
-            ).mean(0)
+            # mean |w_out| over the next layers' rows first, then fold flatten blocks / kernel taps
+            magnitudes = [_fold_inputs(layer, nxt, nxt.weight.abs().mean(0)) for nxt in following]
+            out_magnitude = torch.stack(magnitudes).mean(0)
             state["utility"].lerp_(state["batch_abs"] * out_magnitude, 1 - self.decay)
             state["mean_activation"].lerp_(state["batch_mean"], 1 - self.decay)
             state["age"].add_(1)
@@ -131,7 +134,7 @@ class ContinualBackprop:
             zero_optimizer_state(self.optimizer, layer.bias, units, 0)
         for nxt in following:
             if nxt.bias is not None:
-                contribution = _outgoing_per_unit(layer, nxt, nxt.weight)[:, units] * mean_activation
+                contribution = _fold_inputs(layer, nxt, nxt.weight)[:, units] * mean_activation
                 nxt.bias.add_(contribution.sum(1))
             columns = outgoing_columns(layer, nxt, units)
             nxt.weight.index_fill_(1, columns, 0.0)

@@ -3,10 +3,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlplastic.interventions.base import Every, clear_optimizer_state
+from rlplastic.interventions.base import Every, Intervention, clear_optimizer_state
 
 
-class HareTortoise:
+class HareTortoise(Intervention):
     """Hare & Tortoise (Lee et al. 2024, "Slow and Steady Wins the Race").
 
     Every step the tortoise follows the hare by an exponential moving average of parameters and
@@ -22,6 +22,8 @@ class HareTortoise:
         ht = HareTortoise(hare=q, tortoise=q_target, momentum=0.995, reset_every=4000)
         ...; optimizer.step(); ht.step()
     """
+
+    state_keys = ("due", "resets")
 
     def __init__(
         self,

@@ -3,11 +3,12 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlplastic.interventions.base import hidden_layers
+from rlplastic.interventions.base import hidden_layers, zero_optimizer_state
 
 REVIVALS = ("memory", "he", "xavier")
 
@@ -21,16 +22,19 @@ class _Lifecycle:
     memory (or a fresh He / Xavier draw, the ablations) and its output is scaled up over `warmup`
     steps: 1/k, 2/k, ..., 1. Output = (W * d) x + b * d with d = active * scaler.
 
-    One lifecycle step (Algorithm 1) runs at every forward call in training mode, in the order
+    One lifecycle step (Algorithm 1) runs at every training forward, in the order
     (A) warm-up ramp of units with scaler < 1; (B) life -= active, recovery -= inactive;
     (C) lyse active units with life <= 0: save memory, active = 0, recovery = their recovery time,
     scaler = 1; (D) revive inactive units with recovery <= 0: restore, active = 1, life = their
-    lifespan, scaler = 1/k. Evaluation-mode forwards apply the mask and scaler without changing them.
+    lifespan, scaler = 1/k. A training forward is one in training mode that builds a graph: an
+    agent's acting and target forwards under torch.no_grad are not training steps. Other forwards
+    apply the mask and scaler without changing them.
 
     Each unit draws its own lifespan and recovery time once; "life = L_max" and
     "recovery = R_max" in Algorithm 1 are read as these per-unit values. warmup <= 1 turns the
     warm-up off. bind_optimizer(opt) makes revival zero the optimizer's moments of revived units.
-    All updates are masked tensor ops: no host sync in the training loop.
+    The counters are mirrored on the host, so deaths and revivals are decided without a device sync
+    and only the affected rows are touched.
     """
 
     weight: torch.Tensor
@@ -48,6 +52,7 @@ class _Lifecycle:
         device = self.weight.device
         self.warmup, self.revival = max(int(warmup), 1), revival
         self._optimizer_ref = None
+        self._host = None
         draw = lambda lo, hi: torch.randint(lo, hi + 1, (units,), device=device)  # noqa: E731
         self.register_buffer("active", torch.ones(units, dtype=torch.bool, device=device))
         self.register_buffer("scaler", torch.ones(units, device=device))
@@ -69,54 +74,74 @@ class _Lifecycle:
         """d = active * scaler, one factor per unit."""
         return self.active.to(self.scaler.dtype) * self.scaler
 
+    def refresh_counters(self) -> None:
+        """Re-read the counters from the buffers; call after changing them by hand."""
+        self._host = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host = None
+
+    def _host_counters(self) -> dict[str, np.ndarray]:
+        # The lifecycle is a clock: which units die or revive never depends on data, so a host
+        # copy of the counters decides it without waiting for the device (read once, then kept).
+        if getattr(self, "_host", None) is None:
+            names = ("active", "life", "recovery", "lifespan", "recovery_time")
+            self._host = {name: getattr(self, name).cpu().numpy().copy() for name in names}
+        return self._host
+
     @torch.no_grad()
     def lifecycle_step(self) -> None:
+        host = self._host_counters()
         # (A) warm-up ramp
-        ramp = self.scaler < 1
-        self.scaler.copy_(torch.where(ramp, (self.scaler + 1.0 / self.warmup).clamp(max=1.0), self.scaler))
+        self.scaler.copy_(torch.where(self.scaler < 1, (self.scaler + 1.0 / self.warmup).clamp(max=1.0), self.scaler))
         # (B) counters
         self.life.sub_(self.active.long())
         self.recovery.sub_((~self.active).long())
+        host["life"] -= host["active"]
+        host["recovery"] -= ~host["active"]
         # (C) lysis
-        lyse = self.active & (self.life <= 0)
-        rows = lyse.view(-1, *[1] * (self.weight.dim() - 1))
-        self.memory_weight.copy_(torch.where(rows, self.weight, self.memory_weight))
-        if self.bias is not None:
-            self.memory_bias.copy_(torch.where(lyse, self.bias, self.memory_bias))
-        self.active.logical_and_(~lyse)
-        self.recovery.copy_(torch.where(lyse, self.recovery_time, self.recovery))
-        self.scaler.masked_fill_(lyse, 1.0)
+        lyse = np.flatnonzero(host["active"] & (host["life"] <= 0))
+        if len(lyse):
+            host["active"][lyse] = False
+            host["recovery"][lyse] = host["recovery_time"][lyse]
+            self._lyse(torch.as_tensor(lyse, device=self.weight.device))
         # (D) revival
-        revive = ~self.active & (self.recovery <= 0)
-        rows = revive.view(-1, *[1] * (self.weight.dim() - 1))
-        if self.revival == "memory":
-            new_weight, new_bias = self.memory_weight, self.memory_bias
-        else:
-            new_weight = torch.empty_like(self.weight)
-            if self.revival == "he":
-                nn.init.kaiming_uniform_(new_weight, nonlinearity="relu")
-            else:
-                nn.init.xavier_uniform_(new_weight)
-            new_bias = torch.zeros_like(self.memory_bias)
-        self.weight.copy_(torch.where(rows, new_weight, self.weight))
-        if self.bias is not None:
-            self.bias.copy_(torch.where(revive, new_bias, self.bias))
-        self.active.logical_or_(revive)
-        self.life.copy_(torch.where(revive, self.lifespan, self.life))
-        self.scaler.masked_fill_(revive, 1.0 / self.warmup)
-        self._zero_optimizer_rows(revive)
+        revive = np.flatnonzero(~host["active"] & (host["recovery"] <= 0))
+        if len(revive):
+            host["active"][revive] = True
+            host["life"][revive] = host["lifespan"][revive]
+            self._revive(torch.as_tensor(revive, device=self.weight.device))
 
-    def _zero_optimizer_rows(self, units: torch.Tensor) -> None:
+    def _lyse(self, units: torch.Tensor) -> None:
+        self.memory_weight.index_copy_(0, units, self.weight.index_select(0, units))
+        if self.bias is not None:
+            self.memory_bias.index_copy_(0, units, self.bias.index_select(0, units))
+        self.active.index_fill_(0, units, False)
+        self.recovery.index_copy_(0, units, self.recovery_time.index_select(0, units))
+        self.scaler.index_fill_(0, units, 1.0)
+
+    def _revive(self, units: torch.Tensor) -> None:
+        if self.revival == "memory":
+            self.weight.index_copy_(0, units, self.memory_weight.index_select(0, units))
+            if self.bias is not None:
+                self.bias.index_copy_(0, units, self.memory_bias.index_select(0, units))
+        else:
+            fresh = torch.empty_like(self.weight)
+            if self.revival == "he":
+                nn.init.kaiming_uniform_(fresh, nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(fresh)
+            self.weight.index_copy_(0, units, fresh.index_select(0, units))
+            if self.bias is not None:
+                self.bias.index_fill_(0, units, 0.0)
+        self.active.index_fill_(0, units, True)
+        self.life.index_copy_(0, units, self.lifespan.index_select(0, units))
+        self.scaler.index_fill_(0, units, 1.0 / self.warmup)
         optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
-        if optimizer is None:
-            return
         for param in (self.weight, self.bias):
-            if param is None or param not in optimizer.state:
-                continue
-            rows = units.view(-1, *[1] * (param.dim() - 1))
-            for value in optimizer.state[param].values():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    value.masked_fill_(rows, 0.0)
+            if param is not None:
+                zero_optimizer_state(optimizer, param, units, 0)
 
 
 class LifecycleLinear(_Lifecycle, nn.Linear):
@@ -138,10 +163,11 @@ class LifecycleLinear(_Lifecycle, nn.Linear):
         self._init_lifecycle(lifespan, recovery, warmup, revival)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if self.training and torch.is_grad_enabled():
             self.lifecycle_step()
-        d = self.gate()
-        return F.linear(x, self.weight * d[:, None], None if self.bias is None else self.bias * d)
+        # (W * d) x + b * d = d * (W x + b): gating the output costs O(batch * units), not O(weights),
+        # and still gives dead units no gradient.
+        return F.linear(x, self.weight, self.bias) * self.gate()
 
 
 class LifecycleConv2d(_Lifecycle, nn.Conv2d):
@@ -172,10 +198,9 @@ class LifecycleConv2d(_Lifecycle, nn.Conv2d):
         self._init_lifecycle(lifespan, recovery, warmup, revival)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if self.training and torch.is_grad_enabled():
             self.lifecycle_step()
-        d = self.gate()
-        return self._conv_forward(x, self.weight * d[:, None, None, None], None if self.bias is None else self.bias * d)
+        return self._conv_forward(x, self.weight, self.bias) * self.gate()[:, None, None]
 
 
 @torch.no_grad()

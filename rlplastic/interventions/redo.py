@@ -10,6 +10,7 @@ from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions.base import (
     Every,
     InitFn,
+    Intervention,
     fresh_copy,
     hidden_layers,
     outgoing_columns,
@@ -27,7 +28,7 @@ def neuron_scores(activations: torch.Tensor) -> torch.Tensor:
     return score / (score.mean() + 1e-9)
 
 
-class ReDo:
+class ReDo(Intervention):
     """Recycling dormant neurons (Sokar et al. 2023, "The Dormant Neuron Phenomenon in Deep RL").
 
     Every `every` steps, on a batch from `batch_fn` (the paper uses 256 samples), a hidden unit is
@@ -39,6 +40,8 @@ class ReDo:
     Hidden layers are found by tracing the model (base.hidden_layers); pass `layers` as
     (layer, [layers it feeds]) pairs for models fx cannot trace.
     """
+
+    state_keys = ("due", "recycled")
 
     def __init__(
         self,

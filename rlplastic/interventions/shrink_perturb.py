@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from rlplastic.init import xavier_uniform_zero_bias
-from rlplastic.interventions.base import Every, InitFn, clear_optimizer_state, fresh_copy
+from rlplastic.interventions.base import Every, InitFn, Intervention, clear_optimizer_state, fresh_copy
 
 
-class ShrinkPerturb:
+class ShrinkPerturb(Intervention):
     """Shrink & Perturb (Ash & Adams 2020), per submodule.
 
     Every `every` steps each listed submodule gets theta <- shrink * theta + perturb * phi, where phi
@@ -27,6 +27,8 @@ class ShrinkPerturb:
     Pass several models (e.g. an online network and its target) to give each the same treatment
     with its own fresh draw, as BBF does.
     """
+
+    state_keys = ("due", "resets", "initial")
 
     def __init__(
         self,

@@ -1,0 +1,129 @@
+"""DrQ update time with and without each intervention at its default schedule, in one run.
+
+    python scripts/bench_interventions.py [--device cpu|cuda] [--updates 30]
+
+For each intervention: the mean time of (update + every intervention's step()) over `updates`
+updates, against plain DrQ. Rare events (a head reset every 20k steps, a ReDo pass every 1k) would
+not occur in a short measurement, so each one is also timed when forced and amortized over its
+period: overhead = (per-step cost + event cost / period) / plain update time. Goal: <= 3%.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agents"))
+import drq  # noqa: E402
+
+from rlplastic.replay import FrameReplay  # noqa: E402
+from rlplastic.runs import device_generator, resolve_device  # noqa: E402
+
+
+@dataclass
+class BenchArgs:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """device of the network and replay"""
+    updates: int = 30
+    """timed updates per configuration"""
+    repeats: int = 5
+    """interleaved repetitions; the fastest is reported, since interference only ever adds time"""
+
+
+# label: (overrides, the configuration it adds to)
+CONFIGS = {
+    "plain DrQ": ({}, "plain DrQ"),
+    "EMA target (tau 0.005)": ({"ema": 0.995}, "plain DrQ"),
+    "hare-tortoise (reset/4k)": ({"ema": 0.995, "reset": ("hare-tortoise",)}, "EMA target (tau 0.005)"),
+    "head reset /20k": ({"reset": ("head",)}, "plain DrQ"),
+    "shrink-perturb /20k": ({"reset": ("shrink-perturb",)}, "plain DrQ"),
+    "redo /1k": ({"reset": ("redo",)}, "plain DrQ"),
+    "continual backprop": ({"reset": ("cbp",)}, "plain DrQ"),
+    "gradient noise": ({"reset": ("noise",)}, "plain DrQ"),
+    "lifecycle layers": ({"lifecycle": True}, "plain DrQ"),
+}
+
+
+def make_replay(device: torch.device, generator: torch.Generator) -> FrameReplay:
+    replay = FrameReplay(5_000, 10, 0.99, device=device, generator=generator)
+    rng = np.random.default_rng(0)
+    for _ in range(2_000):
+        frame = rng.integers(0, 255, (84, 84), dtype=np.uint8)
+        replay.add(frame, int(rng.integers(4)), float(rng.random() < 0.1), bool(rng.random() < 0.01), False)
+    return replay
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(args: drq.Args, device: torch.device, replay: FrameReplay):
+    q, target, optimizer = drq.build_learner(args, 4, device)
+    return q, target, optimizer, drq.build_interventions(args, q, target, optimizer, replay)
+
+
+def time_steps(args, device, replay, generator, updates) -> float:
+    q, target, optimizer, interventions = build(args, device, replay)
+    for _ in range(3):
+        drq.update(args, q, target, optimizer, replay, generator)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(updates):
+        drq.update(args, q, target, optimizer, replay, generator)
+        for intervention in interventions:
+            intervention.step()
+    sync(device)
+    return (time.perf_counter() - start) / updates
+
+
+def event_cost(args, device, replay, generator) -> tuple[float, int]:
+    """Seconds of one scheduled event (reset, recycling pass) and its period; (0, 0) if none."""
+    q, target, optimizer, interventions = build(args, device, replay)
+    drq.update(args, q, target, optimizer, replay, generator)
+    for intervention in interventions:
+        period = getattr(getattr(intervention, "due", None), "period", 0)
+        if period:
+            action = intervention.reset_hare if hasattr(intervention, "reset_hare") else intervention.apply
+            if hasattr(intervention, "batch_fn"):
+                action = lambda iv=intervention: iv.apply(iv.batch_fn())  # noqa: E731
+            action()  # warm-up (fx trace, allocations)
+            sync(device)
+            start = time.perf_counter()
+            action()
+            sync(device)
+            return time.perf_counter() - start, period
+    return 0.0, 0
+
+
+def main(bench: BenchArgs) -> None:
+    device = resolve_device(bench.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    print(f"bench_interventions: DrQ update (batch 32) on {device} ({name}), torch {torch.__version__}")
+    generator = device_generator(device, 0)
+    replay = make_replay(device, generator)
+    base = drq.Args(device=bench.device)
+    times: dict[str, list[float]] = {label: [] for label in CONFIGS}
+    for _ in range(bench.repeats):  # interleaved, so drifts in machine load hit every config alike
+        for label, (overrides, _) in CONFIGS.items():
+            times[label].append(time_steps(replace(base, **overrides), device, replay, generator, bench.updates))
+    fastest = {label: min(values) for label, values in times.items()}
+    print(f"{'configuration':26s} {'ms/update':>10s} {'event ms':>9s} {'period':>7s} {'overhead':>9s}  vs")
+    for label, (overrides, baseline) in CONFIGS.items():
+        event, period = event_cost(replace(base, **overrides), device, replay, generator)
+        amortized = fastest[label] + (event / period if period else 0.0)
+        overhead = 100 * (amortized / fastest[baseline] - 1)
+        event_text = f"{1000 * event:9.1f}" if period else f"{'-':>9s}"
+        period_text = f"{period:7d}" if period else f"{'-':>7s}"
+        print(f"{label:26s} {1000 * fastest[label]:10.2f} {event_text} {period_text} {overhead:+8.1f}%  {baseline}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchArgs))
