@@ -344,3 +344,24 @@ def test_gradient_noise_scales_with_each_entry_and_decays():
     deviation = (update[500:] - 2.0) / 2.0
     assert abs(deviation.std().item() - 0.5) < 0.05 and abs(deviation.mean().item()) < 0.06
     assert noise.t == 1 and noise.sigma == 0.25
+
+
+def test_cbp_on_conv_channels_feeding_a_linear_layer():
+    torch.manual_seed(0)
+    model = ConvNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # frozen weights: only CBP changes them
+    cbp = ContinualBackprop(model, optimizer, replacement_rate=0.34, decay=0.9, maturity=0)
+    x = torch.randn(16, 1, 4, 4)
+    model(x).sum().backward()
+    fc_before, fc_bias_before = model.fc.weight.clone(), model.fc.bias.clone()
+    h = torch.relu(model.conv(x)).detach()
+    cbp.step()  # 3 eligible channels * 0.34 = 1 replacement
+    assert cbp.replaced == 1
+    magnitude = fc_before.abs().mean(0).view(3, 4).sum(1)  # each channel owns 4 flattened inputs
+    utility = h.abs().mean(dim=(0, 2, 3)) * magnitude
+    replaced = int(utility.argmin())
+    block = slice(4 * replaced, 4 * replaced + 4)
+    assert not model.fc.weight[:, block].any() and model.conv.bias[replaced] == 0
+    mean_h = h.mean(dim=(0, 2, 3))[replaced]  # bias-corrected: 0.1 * m / (1 - 0.9)
+    expected_bias = fc_bias_before + fc_before[:, block].sum(1) * mean_h
+    assert torch.allclose(model.fc.bias, expected_bias, atol=1e-6)
