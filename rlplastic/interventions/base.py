@@ -92,6 +92,28 @@ def outgoing_columns(layer: nn.Module, next_layer: nn.Module, units: torch.Tenso
     return units
 
 
+@torch.no_grad()
+def recycle_units(
+    layer: nn.Module,
+    following: Iterable[nn.Module],
+    units: torch.Tensor,
+    init_fn: InitFn,
+    optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """Give `units` of `layer` fresh incoming weights (init_fn) and a zero bias, zero their outgoing
+    weights in every following layer, and zero the optimizer moments at all those entries."""
+    fresh = fresh_copy(layer, init_fn)
+    layer.weight.index_copy_(0, units, fresh.weight.index_select(0, units))
+    zero_optimizer_state(optimizer, layer.weight, units, 0)
+    if layer.bias is not None:
+        layer.bias.index_fill_(0, units, 0.0)
+        zero_optimizer_state(optimizer, layer.bias, units, 0)
+    for next_layer in following:
+        columns = outgoing_columns(layer, next_layer, units)
+        next_layer.weight.index_fill_(1, columns, 0.0)
+        zero_optimizer_state(optimizer, next_layer.weight, columns, 1)
+
+
 def num_units(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 

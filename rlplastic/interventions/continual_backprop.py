@@ -11,11 +11,9 @@ from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions.base import (
     InitFn,
     Intervention,
-    fresh_copy,
     hidden_layers,
     num_units,
-    outgoing_columns,
-    zero_optimizer_state,
+    recycle_units,
 )
 from rlplastic.interventions.redo import LayerPairs
 
@@ -125,20 +123,11 @@ class ContinualBackprop(Intervention):
         utility = torch.where(state["age"] > self.maturity, utility, torch.inf)
         units = torch.topk(utility, count, largest=False).indices
         mean_activation = (state["mean_activation"] / correction)[units]
-
-        fresh = fresh_copy(layer, self.init_fn)
-        layer.weight.index_copy_(0, units, fresh.weight.index_select(0, units))
-        zero_optimizer_state(self.optimizer, layer.weight, units, 0)
-        if layer.bias is not None:
-            layer.bias.index_fill_(0, units, 0.0)
-            zero_optimizer_state(self.optimizer, layer.bias, units, 0)
-        for nxt in following:
+        for nxt in following:  # before the outgoing weights are zeroed: keep the output where it was
             if nxt.bias is not None:
                 contribution = _fold_inputs(layer, nxt, nxt.weight)[:, units] * mean_activation
                 nxt.bias.add_(contribution.sum(1))
-            columns = outgoing_columns(layer, nxt, units)
-            nxt.weight.index_fill_(1, columns, 0.0)
-            zero_optimizer_state(self.optimizer, nxt.weight, columns, 1)
+        recycle_units(layer, following, units, self.init_fn, self.optimizer)
         for key in ("utility", "mean_activation", "age"):
             state[key].index_fill_(0, units, 0.0)
         state["host_age"][units.cpu().numpy()] = 0  # the one host sync, only when units are replaced

@@ -11,10 +11,8 @@ from rlplastic.interventions.base import (
     Every,
     InitFn,
     Intervention,
-    fresh_copy,
     hidden_layers,
-    outgoing_columns,
-    zero_optimizer_state,
+    recycle_units,
 )
 
 LayerPairs = Sequence[tuple[nn.Module, Sequence[nn.Module]]]
@@ -93,15 +91,6 @@ class ReDo(Intervention):
             total += len(units)  # the one host sync, once per `every` steps
             if len(units) == 0:
                 continue
-            fresh = fresh_copy(layer, self.init_fn)
-            layer.weight.index_copy_(0, units, fresh.weight.index_select(0, units))
-            zero_optimizer_state(self.optimizer, layer.weight, units, 0)
-            if layer.bias is not None:
-                layer.bias.index_fill_(0, units, 0.0)
-                zero_optimizer_state(self.optimizer, layer.bias, units, 0)
-            for next_layer in following:
-                columns = outgoing_columns(layer, next_layer, units)
-                next_layer.weight.index_fill_(1, columns, 0.0)
-                zero_optimizer_state(self.optimizer, next_layer.weight, columns, 1)
+            recycle_units(layer, following, units, self.init_fn, self.optimizer)
         self.recycled.append(total)
         return total
