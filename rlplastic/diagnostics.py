@@ -1,0 +1,266 @@
+"""Measurements of plasticity loss (SPEC section 6), as plain functions on tensors and modules.
+
+Feature functions take a (samples x units) activation matrix h; conv activations (N, C, H, W) are
+accepted where a per-unit statistic makes sense (dormant ratio) and flattened to
+(N*H*W, C) elsewhere by `as_unit_matrix`. PlasticityProbe hooks a model's hidden layers and
+computes them all on a fixed probe batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlplastic.interventions.base import hidden_layers
+from rlplastic.interventions.redo import neuron_scores
+
+DORMANT_TAUS = (0.0, 0.025, 0.1)
+
+
+def as_unit_matrix(h: torch.Tensor) -> torch.Tensor:
+    """(N, units) stays; (N, C, H, W) -> (N*H*W, C): each spatial position is a sample of each channel."""
+    if h.dim() == 4:
+        return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+    return h.reshape(h.shape[0], -1)
+
+
+# Unit statistics
+def dormant_ratio(h: torch.Tensor, tau: float) -> torch.Tensor:
+    """Fraction of units whose ReDo score (mean |h| over the layer's mean) is <= tau."""
+    return (neuron_scores(h) <= tau).float().mean()
+
+
+def dead_fraction(h: torch.Tensor, eps: float = 1e-7, share: float = 0.95) -> torch.Tensor:
+    """Fraction of units with |h| < eps on more than `share` of the samples."""
+    h = as_unit_matrix(h)
+    return ((h.abs() < eps).float().mean(0) > share).float().mean()
+
+
+def duplicate_fraction(h: torch.Tensor, threshold: float = 0.95) -> torch.Tensor:
+    """Fraction of units whose activation column has cosine similarity > threshold with an earlier
+    unit's: the redundant copies (a pair of identical units counts once). Silent units (zero
+    columns) are never duplicates: they are what dead_fraction counts."""
+    h = as_unit_matrix(h).float()
+    norms = h.norm(dim=0)
+    cosine = (h.T @ h) / (norms[:, None] * norms[None, :]).clamp_min(1e-12)
+    earlier = torch.ones_like(cosine, dtype=torch.bool).tril(-1)
+    alive = norms > 1e-12
+    duplicated = ((cosine > threshold) & earlier & alive[None, :]).any(1) & alive
+    return duplicated.float().mean()
+
+
+def zero_activation_ratio(h: torch.Tensor) -> torch.Tensor:
+    """Fraction of exactly-zero entries of the features."""
+    return (h == 0).float().mean()
+
+
+# Rank of the feature matrix
+def _singular_values(h: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(as_unit_matrix(h).float())
+
+
+def effective_rank(h: torch.Tensor) -> torch.Tensor:
+    """exp of the entropy of the normalized singular values (Roy & Vetterli)."""
+    s = _singular_values(h)
+    p = s / s.sum().clamp_min(1e-12)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+    return entropy.exp()
+
+
+def srank(h: torch.Tensor, delta: float = 0.01) -> torch.Tensor:
+    """Smallest k whose top-k singular values hold a 1 - delta share of their sum (Kumar et al.)."""
+    s = _singular_values(h)
+    share = s.cumsum(0) / s.sum().clamp_min(1e-12)
+    return (share < 1 - delta).sum() + 1
+
+
+def stable_rank(h: torch.Tensor) -> torch.Tensor:
+    """||H||_F^2 / ||H||_2^2."""
+    s = _singular_values(h)
+    return (s**2).sum() / (s[0] ** 2).clamp_min(1e-12)
+
+
+# Weights and gradients
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p for name, p in model.named_parameters() if name.endswith("weight") and p.dim() > 1]
+
+
+def weight_magnitude(model: nn.Module) -> torch.Tensor:
+    """Sum over layers of the mean squared weight."""
+    return sum((w.detach() ** 2).mean() for w in _weights(model))
+
+
+def initial_weights(model: nn.Module) -> list[torch.Tensor]:
+    """A snapshot for distance_from_init."""
+    return [w.detach().clone() for w in _weights(model)]
+
+
+def distance_from_init(model: nn.Module, initial: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over layers of the mean squared difference from the initial weights."""
+    return sum(((w.detach() - w0) ** 2).mean() for w, w0 in zip(_weights(model), initial, strict=True))
+
+
+def zero_gradient_ratio(model: nn.Module) -> torch.Tensor:
+    """Fraction of parameter entries whose current gradient is exactly zero."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    zeros = sum((g == 0).sum() for g in grads)
+    return zeros / max(sum(g.numel() for g in grads), 1)
+
+
+def gradient_norm(model: nn.Module) -> torch.Tensor:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+# Curvature, smoothness, calibration
+def hessian_top_eigenvalue(
+    loss_fn: Callable[[], torch.Tensor], params: Iterable[torch.Tensor], iterations: int = 20, seed: int = 0
+) -> torch.Tensor:
+    """Largest-magnitude eigenvalue of the loss Hessian by power iteration on Hessian-vector
+    products (double backprop). Deterministic given `seed`."""
+    params = [p for p in params if p.requires_grad]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    vector = [torch.randn(p.shape, generator=generator).to(p.device, p.dtype) for p in params]
+    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    eigenvalue = torch.zeros(())
+    for _ in range(iterations):
+        norm = torch.sqrt(sum((v**2).sum() for v in vector))
+        vector = [v / norm for v in vector]
+        hvp = torch.autograd.grad(grads, params, grad_outputs=vector, retain_graph=True)
+        eigenvalue = sum((h * v).sum() for h, v in zip(hvp, vector, strict=True))
+        vector = [h.detach() for h in hvp]
+    return eigenvalue.detach()
+
+
+def _conv_spectral_norm(conv: nn.Conv2d, input_shape: tuple[int, int, int], iterations: int, seed: int) -> torch.Tensor:
+    """Operator norm of the (linear part of the) convolution on inputs of `input_shape`, by power
+    iteration with the convolution and its transpose."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn((1, *input_shape), generator=generator).to(conv.weight.device)
+    kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+    for _ in range(iterations):
+        x = x / x.norm()
+        y = F.conv2d(x, conv.weight, **kwargs)
+        x = torch.nn.grad.conv2d_input(x.shape, conv.weight, y, **kwargs)  # the transpose, A^T y
+    return F.conv2d(x / x.norm(), conv.weight, **kwargs).norm()
+
+
+@torch.no_grad()
+def lipschitz_bound(model: nn.Module, example: torch.Tensor, iterations: int = 30, seed: int = 0) -> torch.Tensor:
+    """Product of the layers' spectral norms, an upper bound on the Lipschitz constant of a network
+    of 1-Lipschitz activations. Conv operator norms are estimated by power iteration on inputs of
+    the shape each conv sees for `example` (one sample)."""
+    shapes: dict[nn.Module, tuple] = {}
+    hooks = [
+        m.register_forward_hook(lambda m, inputs, _: shapes.__setitem__(m, tuple(inputs[0].shape[1:])))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    try:
+        model(example[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    bound = torch.ones((), device=example.device)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            bound = bound * torch.linalg.matrix_norm(m.weight, ord=2)
+        elif isinstance(m, nn.Conv2d):
+            bound = bound * _conv_spectral_norm(m, shapes[m], iterations, seed)
+    return bound
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> torch.Tensor:
+    """sum over confidence bins of |accuracy - confidence| weighted by the bin's share of samples."""
+    confidence, prediction = F.softmax(logits.float(), dim=1).max(1)
+    correct = (prediction == labels).float()
+    edges = torch.linspace(0, 1, bins + 1, device=logits.device)
+    bin_index = torch.bucketize(confidence, edges[1:-1], right=True)
+    ece = torch.zeros((), device=logits.device)
+    for b in range(bins):
+        in_bin = bin_index == b
+        share = in_bin.float().mean()
+        gap = (correct[in_bin].mean() - confidence[in_bin].mean()).abs() if in_bin.any() else 0.0
+        ece = ece + share * gap
+    return ece
+
+
+class PlasticityProbe:
+    """Hooks a model's hidden layers and measures them on a fixed probe batch.
+
+        probe = PlasticityProbe(q_network, probe_states)
+        metrics = probe.measure()   # {"dormant_0.1/encoder.4.1": ..., "effective_rank/all": ...}
+
+    Per hidden layer (after `activation`): dormant ratios (tau 0, 0.025, 0.1), dead and duplicate
+    fractions, effective rank, srank, stable rank, zero-activation ratio; for the whole network
+    ("/all": units of all hidden layers pooled for the unit ratios, the penultimate features for the
+    ranks): the same, plus weight magnitude, distance from the weights at construction, and the
+    gradient norm and zero-gradient ratio of the gradients present. One host sync per call.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe_batch: torch.Tensor,
+        activation: Callable[[torch.Tensor], torch.Tensor] = F.relu,
+        layers: Sequence[nn.Module] | None = None,
+    ):
+        self.model, self.probe_batch, self.activation = model, probe_batch, activation
+        self.layers = list(layers) if layers is not None else [layer for layer, _ in hidden_layers(model)]
+        names = {module: name for name, module in model.named_modules()}
+        self.names = [names[layer] for layer in self.layers]
+        self.initial = initial_weights(model)
+
+    @torch.no_grad()
+    def features(self) -> list[torch.Tensor]:
+        captured: dict[nn.Module, torch.Tensor] = {}
+        hooks = [
+            layer.register_forward_hook(lambda m, _, out: captured.__setitem__(m, self.activation(out)))
+            for layer in self.layers
+        ]
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            self.model(self.probe_batch)
+        finally:
+            self.model.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        return [captured[layer] for layer in self.layers]
+
+    def measure(self) -> dict[str, float]:
+        values: dict[str, torch.Tensor] = {}
+        features = self.features()
+        for name, h in zip(self.names, features, strict=True):
+            for key, value in self._feature_stats(h).items():
+                values[f"{key}/{name}"] = value
+        # whole network: every hidden unit pooled (each scored within its own layer)
+        scores = torch.cat([neuron_scores(h) for h in features])
+        for tau in DORMANT_TAUS:
+            values[f"dormant_{tau}/all"] = (scores <= tau).float().mean()
+        units = torch.tensor([h.shape[1] for h in features], dtype=torch.float32, device=scores.device)
+        values["dead/all"] = (torch.stack([dead_fraction(h) for h in features]) * units).sum() / units.sum()
+        last = features[-1]
+        values["effective_rank/all"] = effective_rank(last)
+        values["srank/all"] = srank(last).float()
+        values["weight_magnitude/all"] = weight_magnitude(self.model)
+        values["distance_from_init/all"] = distance_from_init(self.model, self.initial)
+        if any(p.grad is not None for p in self.model.parameters()):
+            values["gradient_norm/all"] = gradient_norm(self.model)
+            values["zero_gradient/all"] = zero_gradient_ratio(self.model)
+        stacked = torch.stack([v.float().reshape(()) for v in values.values()]).cpu()  # the one sync
+        return dict(zip(values, stacked.tolist(), strict=True))
+
+    @staticmethod
+    def _feature_stats(h: torch.Tensor) -> dict[str, torch.Tensor]:
+        stats = {f"dormant_{tau}": dormant_ratio(h, tau) for tau in DORMANT_TAUS}
+        stats["dead"] = dead_fraction(h)
+        stats["duplicate"] = duplicate_fraction(h)
+        stats["zero_activation"] = zero_activation_ratio(h)
+        stats["effective_rank"] = effective_rank(h)
+        stats["srank"] = srank(h).float()
+        stats["stable_rank"] = stable_rank(h)
+        return stats
