@@ -36,6 +36,7 @@ from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, clip_reward,
 from torch.utils.tensorboard import SummaryWriter
 
 from rlplastic.augment import drq_augment
+from rlplastic.diagnostics import PlasticityProbe
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import (
     ContinualBackprop,
@@ -160,6 +161,10 @@ class Args:
     """lifecycle: revive from saved weights, or by a fresh He / Xavier init (ablations)"""
 
     # Logging and checkpoints
+    diag_every: int = 5_000
+    """agent steps between plasticity diagnostics (tensorboard plasticity/..., results.json); 0 = never"""
+    diag_batch: int = 256
+    """replay states in the fixed probe batch of the diagnostics"""
     checkpoint_every: int = 10_000
     """agent steps between checkpoints (networks, optimizer, replay, env and RNG states) in the run
     folder; run again with the same --output-dir to resume an interrupted run; 0 = never"""
@@ -177,6 +182,8 @@ def validate(args: Args) -> list[str]:
     except ValueError as e:
         problems.append(str(e))
     positive = ("total_steps", "batch_size", "buffer_size", "n_step", "updates_per_step", "log_every")
+    if args.diag_every < 0 or args.diag_batch <= 0:
+        problems.append(f"--diag-every {args.diag_every} / --diag-batch {args.diag_batch}: need >= 0 and > 0")
     if args.checkpoint_every < 0:
         problems.append(f"--checkpoint-every {args.checkpoint_every}: must be >= 0 (0 = never)")
     for name in positive:
@@ -415,6 +422,7 @@ def main(args: Args) -> dict:
     q_network, target_network, optimizer = build_learner(args, num_actions, device)
     replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=device, generator=generator)
     interventions = build_interventions(args, q_network, target_network, optimizer, replay)
+    probe = PlasticityProbe(q_network, probe_batch=None)  # remembers the initial weights; batch comes from replay
 
     def greedy_actions(observations: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -425,6 +433,7 @@ def main(args: Args) -> dict:
     progress = Progress(args.total_steps, args.log_every, start=start_step - 1)
     episodes: list[dict] = []
     train_log: list[dict] = []
+    diagnostics: list[dict] = []
     loss_sum = torch.zeros((), device=device)  # summed on the device; read once per log interval
     q_sum = torch.zeros((), device=device)
     updates_since_log = 0
@@ -443,7 +452,8 @@ def main(args: Args) -> dict:
         torch.set_rng_state(checkpoint["torch_rng"].cpu())
         if checkpoint["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all([state.cpu() for state in checkpoint["cuda_rng"]])
-        episodes, train_log = checkpoint["episodes"], checkpoint["train_log"]
+        episodes, train_log, diagnostics = checkpoint["episodes"], checkpoint["train_log"], checkpoint["diagnostics"]
+        probe.initial, probe.probe_batch = checkpoint["probe_initial"], checkpoint["probe_batch"]
         loss_sum += checkpoint["loss_sum"]
         q_sum += checkpoint["q_sum"]
         updates_since_log, elapsed_before = checkpoint["updates_since_log"], checkpoint["train_time_s"]
@@ -503,6 +513,15 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/epsilon", epsilon, step)
             progress.report(step, rate, **fields)
 
+        if args.diag_every and step % args.diag_every == 0 and replay.num_sampleable > 0:
+            if probe.probe_batch is None:  # fixed at the first measurement, so values are comparable
+                probe.probe_batch = replay.sample(args.diag_batch).states
+            metrics = probe.measure()
+            diagnostics.append({"step": step, **metrics})
+            if writer:
+                for key, value in metrics.items():
+                    writer.add_scalar(f"plasticity/{key}", value, step)
+
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.total_steps:
             atomic_torch_save(
                 checkpoint_path,
@@ -522,6 +541,9 @@ def main(args: Args) -> dict:
                     "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                     "episodes": episodes,
                     "train_log": train_log,
+                    "diagnostics": diagnostics,
+                    "probe_initial": probe.initial,
+                    "probe_batch": probe.probe_batch,
                     "loss_sum": loss_sum,
                     "q_sum": q_sum,
                     "updates_since_log": updates_since_log,
@@ -553,6 +575,7 @@ def main(args: Args) -> dict:
         "eval_mean": evaluation.mean,
         "train_episodes": episodes,
         "train_log": train_log,
+        "diagnostics": diagnostics,
         "wall_time_s": elapsed_before + time.time() - start_time,
         "train_time_s": train_time,
         "config": config,

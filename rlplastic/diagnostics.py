@@ -199,12 +199,13 @@ class PlasticityProbe:
     ("/all": units of all hidden layers pooled for the unit ratios, the penultimate features for the
     ranks): the same, plus weight magnitude, distance from the weights at construction, and the
     gradient norm and zero-gradient ratio of the gradients present. One host sync per call.
+    probe_batch may be set later (an agent takes it from replay once there is one).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        probe_batch: torch.Tensor,
+        probe_batch: torch.Tensor | None,
         activation: Callable[[torch.Tensor], torch.Tensor] = F.relu,
         layers: Sequence[nn.Module] | None = None,
     ):

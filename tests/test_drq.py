@@ -74,6 +74,7 @@ def test_bad_input_exits_nonzero_before_training(tmp_path):
 SMOKE = [
     "--env-id", "Pong", "--total-steps", "300", "--learning-starts", "100", "--eval-episodes", "2",
     "--max-episode-steps", "200", "--log-every", "100", "--device", "cpu", "--batch-size", "8",
+    "--diag-every", "150",
 ]  # fmt: skip
 
 
@@ -97,11 +98,18 @@ def test_smoke_run_writes_results_and_tensorboard_and_is_deterministic(tmp_path)
     assert first["eval_returns"] == second["eval_returns"]
     assert first["train_episodes"] == second["train_episodes"]
     assert first["train_log"] == second["train_log"]
+    assert [d["step"] for d in first["diagnostics"]] == [150, 300]
+    assert {"effective_rank/all", "srank/all", "dormant_0.1/encoder.4.1", "duplicate/value.0"} <= set(
+        first["diagnostics"][0]
+    )
+    assert first["diagnostics"][1]["distance_from_init/all"] > first["diagnostics"][0]["distance_from_init/all"] > 0
+    assert first["diagnostics"] == second["diagnostics"]
 
     events = EventAccumulator(str(tmp_path / "a"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"losses/td_loss", "losses/q_values", "charts/SPS", "charts/episodic_return"} <= tags
+    assert {"plasticity/effective_rank/all", "plasticity/dead/encoder.0.1"} <= tags
     assert [e.step for e in events.Scalars("losses/td_loss")] == [100, 200, 300]
 
     # a finished run is never overwritten
@@ -119,6 +127,7 @@ def test_interrupted_run_resumes_to_identical_results(drq, tmp_path, monkeypatch
         env_id="Breakout", seed=5, total_steps=240, learning_starts=60, eval_episodes=1, max_episode_steps=150,
         batch_size=8, log_every=60, checkpoint_every=120, device="cpu", track_tensorboard=False,
         ema=0.99, reset=("hare-tortoise", "head", "redo"), ht_reset_every=50, head_reset_every=70, redo_every=40,
+        diag_every=80,
     )  # fmt: skip
     straight = drq.main(replace(args, output_dir=str(tmp_path / "straight")))
     assert not (tmp_path / "straight" / "checkpoint.pt").exists()  # removed once results exist
@@ -140,8 +149,9 @@ def test_interrupted_run_resumes_to_identical_results(drq, tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="other arguments.*learning_rate"):
         drq.main(replace(resumed_args, learning_rate=3e-4))
     resumed = drq.main(resumed_args)
-    for key in ("eval_returns", "train_episodes", "train_log"):
+    for key in ("eval_returns", "train_episodes", "train_log", "diagnostics"):
         assert resumed[key] == straight[key]
+    assert [d["step"] for d in resumed["diagnostics"]] == [80, 160, 240]
     assert resumed["train_log"][-1]["step"] == 240
 
 
