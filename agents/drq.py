@@ -83,9 +83,10 @@ class Args:
     max_episode_steps: int = MAX_EPISODE_STEPS
     """cap on an episode's agent steps, training and evaluation (27k = 108k frames)"""
     output_dir: str | None = None
-    """run folder for results.json and tensorboard files; default runs/{game}__{exp_name}__{seed}__{time}"""
-    exp_name: str = "drq"
-    """method label: names the run folder and groups runs in reports"""
+    """run folder for results.json and tensorboard files; default runs/{game}__{method}__{seed}__{time}"""
+    exp_name: str | None = None
+    """method label: names the run folder and groups runs in reports; default drq plus the chosen
+    interventions, e.g. drq+hare-tortoise+head"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the network, replay and augmentation live: auto takes cuda when present"""
     deterministic: bool = True
@@ -391,7 +392,8 @@ def main(args: Args) -> dict:
 
     game = canonical_game(args.env_id)
     device = resolve_device(args.device)
-    run_name = f"{game}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    method = args.exp_name or "+".join(["drq", *args.reset, *(["lifecycle"] if args.lifecycle else [])])
+    run_name = f"{game}__{method}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.output_dir or Path("runs") / run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = asdict(args) | {"env_id": game, "device": str(device)}
@@ -565,7 +567,7 @@ def main(args: Args) -> dict:
     )
     results = {
         "agent": "drq",
-        "method": args.exp_name,
+        "method": method,
         "game": game,
         "seed": args.seed,
         "total_steps": args.total_steps,

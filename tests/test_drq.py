@@ -90,6 +90,7 @@ def test_smoke_run_writes_results_and_tensorboard_and_is_deterministic(tmp_path)
     for key in ("game", "seed", "total_steps", "eval_returns", "eval_mean", "config", "wall_time_s"):
         assert key in first
     assert first["game"] == "Pong" and first["seed"] == 3 and first["total_steps"] == 300
+    assert first["method"] == "drq"
     assert len(first["eval_returns"]) == 2 and first["eval_lengths"] == [200, 200]
     assert first["eval_mean"] == pytest.approx(sum(first["eval_returns"]) / 2)
     assert first["config"]["n_step"] == 10 and first["config"]["env_id"] == "Pong"
@@ -153,6 +154,7 @@ def test_interrupted_run_resumes_to_identical_results(drq, tmp_path, monkeypatch
         assert resumed[key] == straight[key]
     assert [d["step"] for d in resumed["diagnostics"]] == [80, 160, 240]
     assert resumed["train_log"][-1]["step"] == 240
+    assert resumed["method"] == "drq+hare-tortoise+head+redo"
 
 
 def test_conflicting_interventions_fail_fast(drq):
