@@ -58,28 +58,29 @@ def zero_activation_ratio(h: torch.Tensor) -> torch.Tensor:
 
 
 # Rank of the feature matrix
-def _singular_values(h: torch.Tensor) -> torch.Tensor:
+def singular_values(h: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(as_unit_matrix(h).float())
 
 
-def effective_rank(h: torch.Tensor) -> torch.Tensor:
-    """exp of the entropy of the normalized singular values (Roy & Vetterli)."""
-    s = _singular_values(h)
+def effective_rank(h: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+    """exp of the entropy of the normalized singular values (Roy & Vetterli). Pass `s`, the
+    singular values, to skip the SVD."""
+    s = singular_values(h) if s is None else s
     p = s / s.sum().clamp_min(1e-12)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
     return entropy.exp()
 
 
-def srank(h: torch.Tensor, delta: float = 0.01) -> torch.Tensor:
+def srank(h: torch.Tensor, delta: float = 0.01, s: torch.Tensor | None = None) -> torch.Tensor:
     """Smallest k whose top-k singular values hold a 1 - delta share of their sum (Kumar et al.)."""
-    s = _singular_values(h)
+    s = singular_values(h) if s is None else s
     share = s.cumsum(0) / s.sum().clamp_min(1e-12)
     return (share < 1 - delta).sum() + 1
 
 
-def stable_rank(h: torch.Tensor) -> torch.Tensor:
+def stable_rank(h: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
     """||H||_F^2 / ||H||_2^2."""
-    s = _singular_values(h)
+    s = singular_values(h) if s is None else s
     return (s**2).sum() / (s[0] ** 2).clamp_min(1e-12)
 
 
@@ -244,9 +245,9 @@ class PlasticityProbe:
             values[f"dormant_{tau}/all"] = (scores <= tau).float().mean()
         units = torch.tensor([h.shape[1] for h in features], dtype=torch.float32, device=scores.device)
         values["dead/all"] = (torch.stack([dead_fraction(h) for h in features]) * units).sum() / units.sum()
-        last = features[-1]
-        values["effective_rank/all"] = effective_rank(last)
-        values["srank/all"] = srank(last).float()
+        # the penultimate features' ranks are the last hidden layer's, already measured
+        values["effective_rank/all"] = values[f"effective_rank/{self.names[-1]}"]
+        values["srank/all"] = values[f"srank/{self.names[-1]}"]
         values["weight_magnitude/all"] = weight_magnitude(self.model)
         values["distance_from_init/all"] = distance_from_init(self.model, self.initial)
         if any(p.grad is not None for p in self.model.parameters()):
@@ -261,7 +262,8 @@ class PlasticityProbe:
         stats["dead"] = dead_fraction(h)
         stats["duplicate"] = duplicate_fraction(h)
         stats["zero_activation"] = zero_activation_ratio(h)
-        stats["effective_rank"] = effective_rank(h)
-        stats["srank"] = srank(h).float()
-        stats["stable_rank"] = stable_rank(h)
+        s = singular_values(h)  # once for the three ranks
+        stats["effective_rank"] = effective_rank(h, s=s)
+        stats["srank"] = srank(h, s=s).float()
+        stats["stable_rank"] = stable_rank(h, s=s)
         return stats
