@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlplastic.interventions.base import hidden_layers
+from rlplastic.interventions.base import hidden_activations, hidden_layers
 from rlplastic.interventions.redo import neuron_scores
 
 DORMANT_TAUS = (0.0, 0.025, 0.1)
@@ -216,22 +216,8 @@ class PlasticityProbe:
         self.names = [names[layer] for layer in self.layers]
         self.initial = initial_weights(model)
 
-    @torch.no_grad()
     def features(self) -> list[torch.Tensor]:
-        captured: dict[nn.Module, torch.Tensor] = {}
-        hooks = [
-            layer.register_forward_hook(lambda m, _, out: captured.__setitem__(m, self.activation(out)))
-            for layer in self.layers
-        ]
-        was_training = self.model.training
-        try:
-            self.model.eval()
-            self.model(self.probe_batch)
-        finally:
-            self.model.train(was_training)
-            for hook in hooks:
-                hook.remove()
-        return [captured[layer] for layer in self.layers]
+        return hidden_activations(self.model, self.layers, self.probe_batch, self.activation)
 
     def measure(self) -> dict[str, float]:
         values: dict[str, torch.Tensor] = {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import fx, nn
@@ -80,6 +80,29 @@ def hidden_layers(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
         if following:
             pairs.append((modules[node.target], following))
     return pairs
+
+
+@torch.no_grad()
+def hidden_activations(
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    inputs: torch.Tensor,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """activation(output) of each of `layers` on one eval-mode forward of `inputs`; the model's
+    mode and hooks are restored afterwards."""
+    captured: dict[nn.Module, torch.Tensor] = {}
+    record = lambda module, _, output: captured.__setitem__(module, activation(output))  # noqa: E731
+    hooks = [layer.register_forward_hook(record) for layer in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        model(inputs)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return [captured[layer] for layer in layers]
 
 
 def outgoing_columns(layer: nn.Module, next_layer: nn.Module, units: torch.Tensor) -> torch.Tensor:

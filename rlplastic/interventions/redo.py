@@ -11,6 +11,7 @@ from rlplastic.interventions.base import (
     Every,
     InitFn,
     Intervention,
+    hidden_activations,
     hidden_layers,
     recycle_units,
 )
@@ -64,23 +65,10 @@ class ReDo(Intervention):
         if self.due():
             self.apply(self.batch_fn())
 
-    @torch.no_grad()
     def dormant_masks(self, inputs: torch.Tensor) -> list[torch.Tensor]:
         """One boolean mask of dormant units per hidden layer, scored on `inputs`."""
-        captured: dict[nn.Module, torch.Tensor] = {}
-        hooks = [
-            layer.register_forward_hook(lambda m, _, out: captured.__setitem__(m, neuron_scores(self.activation(out))))
-            for layer, _ in self.layers
-        ]
-        try:
-            was_training = self.model.training
-            self.model.eval()
-            self.model(inputs)
-            self.model.train(was_training)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return [captured[layer] <= self.tau for layer, _ in self.layers]
+        layers = [layer for layer, _ in self.layers]
+        return [neuron_scores(h) <= self.tau for h in hidden_activations(self.model, layers, inputs, self.activation)]
 
     @torch.no_grad()
     def apply(self, inputs: torch.Tensor) -> int:
