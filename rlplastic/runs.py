@@ -9,8 +9,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -45,14 +46,15 @@ def device_generator(device: torch.device, seed: int) -> torch.Generator:
     return generator
 
 
-def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(file) on a temp file in the same folder, fsync, then rename over `path`: readers
+    never see half a file, and an interrupted write leaves the old one intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,13 +63,12 @@ def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
         raise
 
 
+def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))
+
+
 def atomic_torch_save(path: str | os.PathLike, payload: Any) -> None:
-    """torch.save through a temp file and a rename: an interrupted save leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:

@@ -15,7 +15,7 @@ import matplotlib
 import tyro
 
 from rlplastic.bitflip import BitFlipConfig, run_bitflip
-from rlplastic.runs import atomic_write_json
+from rlplastic.runs import atomic_write, atomic_write_json
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -85,10 +85,8 @@ def _plot(runs: dict, switch: int, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("Bit-flipping benchmark: plasticity lost under SGD, restored by continual backprop")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":
