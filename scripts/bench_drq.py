@@ -81,14 +81,20 @@ def time_vector_env_steps(game: str, steps: int, num_envs: int) -> float:
     return elapsed / (steps // num_envs * num_envs)
 
 
-def time_updates(args: drq.Args, device: torch.device, num_actions: int, updates: int) -> float:
-    generator = device_generator(device, 0)
-    replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=device, generator=generator)
+def random_replay(replay: FrameReplay, num_actions: int, steps: int = 2_000) -> FrameReplay:
+    """Fill `replay` with random frames and flags: timing needs its shapes, not its contents."""
     rng = np.random.default_rng(0)
-    for _ in range(2_000):
+    for _ in range(steps):
         frame = rng.integers(0, 255, (84, 84), dtype=np.uint8)
         action, reward, terminal = int(rng.integers(num_actions)), float(rng.random() < 0.1), rng.random() < 0.01
         replay.add(frame, action, reward, bool(terminal), False)
+    return replay
+
+
+def time_updates(args: drq.Args, device: torch.device, num_actions: int, updates: int) -> float:
+    generator = device_generator(device, 0)
+    replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=device, generator=generator)
+    random_replay(replay, num_actions)
     learner = drq.build_learner(args, num_actions, device)
     for _ in range(5):  # warm-up: allocator, kernels, optimizer state
         drq.update(args, *learner, replay, generator)

@@ -16,12 +16,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agents"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drq  # noqa: E402
+from bench_drq import random_replay  # noqa: E402
 
 from rlplastic.replay import FrameReplay  # noqa: E402
 from rlplastic.runs import device_generator, resolve_device  # noqa: E402
@@ -49,15 +50,6 @@ CONFIGS = {
     "gradient noise": ({"reset": ("noise",)}, "plain DrQ"),
     "lifecycle layers": ({"lifecycle": True}, "plain DrQ"),
 }
-
-
-def make_replay(device: torch.device, generator: torch.Generator) -> FrameReplay:
-    replay = FrameReplay(5_000, 10, 0.99, device=device, generator=generator)
-    rng = np.random.default_rng(0)
-    for _ in range(2_000):
-        frame = rng.integers(0, 255, (84, 84), dtype=np.uint8)
-        replay.add(frame, int(rng.integers(4)), float(rng.random() < 0.1), bool(rng.random() < 0.01), False)
-    return replay
 
 
 def sync(device: torch.device) -> None:
@@ -108,7 +100,7 @@ def main(bench: BenchArgs) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     print(f"bench_interventions: DrQ update (batch 32) on {device} ({name}), torch {torch.__version__}")
     generator = device_generator(device, 0)
-    replay = make_replay(device, generator)
+    replay = random_replay(FrameReplay(5_000, 10, 0.99, device=device, generator=generator), num_actions=4)
     base = drq.Args(device=bench.device)
     times: dict[str, list[float]] = {label: [] for label in CONFIGS}
     for _ in range(bench.repeats):  # interleaved, so drifts in machine load hit every config alike
