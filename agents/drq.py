@@ -263,6 +263,15 @@ def validate_interventions(args: Args) -> list[str]:
     return problems
 
 
+# The arguments the default method label shows; a sweep adds key=value for any other it varies.
+LABELLED_ARGS = {"reset", "lifecycle", "exp_name"}
+
+
+def method_label(args: Args) -> str:
+    """The name reports group runs by: --exp-name, or drq plus the chosen interventions."""
+    return args.exp_name or "+".join(["drq", *args.reset, *(["lifecycle"] if args.lifecycle else [])])
+
+
 # Arguments that may differ when an interrupted run resumes: they do not change its results.
 RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "track_tensorboard"}
 
@@ -392,7 +401,7 @@ def main(args: Args) -> dict:
 
     game = canonical_game(args.env_id)
     device = resolve_device(args.device)
-    method = args.exp_name or "+".join(["drq", *args.reset, *(["lifecycle"] if args.lifecycle else [])])
+    method = method_label(args)
     run_name = f"{game}__{method}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.output_dir or Path("runs") / run_name)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,325 @@
+"""Sweeps of single-file agent runs: one run folder per (method, game, seed), launched by local
+worker processes or as a slurm job array through submitit.
+
+A run is finished when its folder holds results.json; a re-run of the same sweep skips those and
+starts the others again in the same folder, where the agent resumes from its checkpoint. Every
+grid point is parsed and validated by the agent itself before anything is launched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from queue import Queue
+from typing import TextIO
+
+from rlplastic.envs.atari import ATARI100K_GAMES, canonical_game
+
+AGENTS_DIR = Path(__file__).resolve().parents[1] / "agents"
+# Flags a sweep sets itself for every run: the grid may not touch them.
+SWEEP_OWNED = {"env_id", "seed", "output_dir"}
+
+
+class SweepError(ValueError):
+    """A bad sweep definition, found before any run starts."""
+
+
+def agent_path(agent: str) -> Path:
+    path = AGENTS_DIR / f"{agent}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in AGENTS_DIR.glob("*.py"))
+        raise SweepError(f"unknown agent {agent!r}; allowed: {', '.join(known)} (files in {AGENTS_DIR})")
+    return path
+
+
+def load_agent(agent: str):
+    """Import agents/<agent>.py as a module (agents are scripts, not a package)."""
+    name = f"rlplastic_agent_{agent}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, agent_path(agent))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'1-5' -> [1..5]; '1,3,7'; '1-3,8'."""
+    seeds = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                seeds += range(lo, hi + 1)
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise SweepError(
+                f"--seeds {text!r}: {part!r} is not a seed or a range LOW-HIGH (e.g. 1-5 or 1,3,7)"
+            ) from None
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(f"--seeds {text!r}: a seed is listed twice")
+    return seeds
+
+
+def parse_games(text: str) -> list[str]:
+    """'all' -> the 26 Atari-100k games; else a comma-separated list of names."""
+    if text.strip().lower() == "all":
+        return list(ATARI100K_GAMES)
+    try:
+        games = [canonical_game(g) for g in text.split(",") if g.strip()]
+    except ValueError as e:
+        raise SweepError(f"--games {text!r}: {e}") from None
+    if not games or len(set(games)) != len(games):
+        raise SweepError(f"--games {text!r}: give 'all' or distinct game names separated by commas")
+    return games
+
+
+def flag_args(key: str, value: str) -> list[str]:
+    """One KEY=VALUE setting as agent arguments: 'reset', 'hare-tortoise redo' -> ['--reset',
+    'hare-tortoise', 'redo']; booleans true/false -> --key / --no-key; an empty value -> nothing."""
+    flag = key.strip().replace("_", "-")
+    if value.lower() in ("true", "false"):
+        return [f"--{flag}" if value.lower() == "true" else f"--no-{flag}"]
+    if value.strip() == "":
+        return []
+    return [f"--{flag}", *value.split()]
+
+
+def parse_setting(text: str, option: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SweepError(f"{option} {text!r}: expected KEY=VALUE, e.g. {option} reset=hare-tortoise")
+    key = key.strip().replace("-", "_")
+    if key in SWEEP_OWNED:
+        raise SweepError(f"{option} {text!r}: {key} is set by the sweep itself (--games, --seeds, --out)")
+    return key, value
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One agent run of a sweep."""
+
+    agent: str
+    method: str
+    game: str
+    seed: int
+    args: tuple[str, ...]  # the agent arguments of the grid point, without game, seed and folder
+    run_dir: Path
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "log.txt"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, str(agent_path(self.agent)), *self.args,
+            "--env-id", self.game, "--seed", str(self.seed), "--output-dir", str(self.run_dir),
+        ]  # fmt: skip
+
+    def status(self) -> str:
+        """finished (results.json), unfinished (started before: resumes), or new."""
+        if (self.run_dir / "results.json").exists():
+            return "finished"
+        return "unfinished" if self.run_dir.exists() else "new"
+
+
+def expand_grid(
+    agent: str,
+    games: Sequence[str],
+    seeds: Sequence[int],
+    out: str | Path,
+    settings: Sequence[str] = (),
+    grid: Sequence[str] = (),
+) -> list[RunSpec]:
+    """The runs of a sweep: every combination of the --grid values, with the --set values on all of
+    them, times games and seeds. Each grid point is parsed and validated by the agent, and named by
+    the agent's method label (plus key=value for grid keys the label does not show)."""
+    module = load_agent(agent)
+    fixed = [parse_setting(s, "--set") for s in settings]
+    axes = []
+    for text in grid:
+        key, values = parse_setting(text, "--grid")
+        axes.append([(key, v) for v in values.split(",")])
+    keys = [fixed_key for fixed_key, _ in fixed] + [axis[0][0] for axis in axes]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise SweepError(f"{', '.join(repeated)} given more than once across --set and --grid")
+
+    points, labels = [], {}
+    for combo in itertools.product(*axes):
+        args = [a for key, value in (*fixed, *combo) for a in flag_args(key, value)]
+        parsed = parse_agent_args(module, agent, args)
+        method = module.method_label(parsed)
+        label_free = [f"{k}={v}" for k, v in combo if k not in module.LABELLED_ARGS]
+        if label_free and parsed.exp_name is None:
+            method += "@" + ",".join(label_free)
+        if method in labels:
+            raise SweepError(
+                f"grid points {labels[method]} and {combo} both get the method label {method!r}: "
+                "drop --set exp_name or give them distinct labels"
+            )
+        if "/" in method or method.startswith("."):
+            raise SweepError(f"method label {method!r} cannot name a folder (no '/' and no leading '.')")
+        labels[method] = combo
+        points.append((method, tuple(args)))
+
+    out = Path(out)
+    return [
+        RunSpec(agent, method, game, seed, args, out / method / game / f"seed{seed}")
+        for method, args in points
+        for game in games
+        for seed in seeds
+    ]
+
+
+def parse_agent_args(module, agent: str, args: Sequence[str]):
+    """The agent's Args for these arguments, validated by the agent; errors name the arguments."""
+    import tyro
+
+    try:
+        parsed = tyro.cli(module.Args, args=list(args), prog=f"{agent}.py")
+    except SystemExit:
+        raise SweepError(f"{agent}: arguments {' '.join(args) or '(none)'} rejected (tyro's message above)") from None
+    problems = module.validate(parsed)
+    if problems:
+        raise SweepError(f"{agent} {' '.join(args)}: invalid arguments:\n  " + "\n  ".join(problems))
+    return parsed
+
+
+@dataclass
+class Outcome:
+    spec: RunSpec
+    returncode: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and (self.spec.run_dir / "results.json").exists()
+
+
+def run_logged(command: Sequence[str], log_path: str, env: dict | None = None) -> int:
+    """Run one agent command with stdout and stderr appended to log_path; the return code."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+        log.flush()
+        return subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def run_local(
+    specs: Sequence[RunSpec], workers: int = 1, gpus: Sequence[str] = (), stream: TextIO = sys.stdout
+) -> list[Outcome]:
+    """Run the specs in `workers` parallel processes. With gpus, each worker slot gets one of them
+    through CUDA_VISIBLE_DEVICES (slots share GPUs round robin when there are more workers)."""
+    if workers < 1:
+        raise SweepError(f"--workers {workers}: must be >= 1")
+    slots: Queue[int] = Queue()
+    for slot in range(workers):
+        slots.put(slot)
+    lock = threading.Lock()
+    done = []
+
+    def launch(spec: RunSpec) -> Outcome:
+        slot = slots.get()
+        try:
+            env = dict(os.environ)
+            # N runs each spawning a thread per core oversubscribe the CPU (2 runs on 2 cores ran
+            # 2x slower each than with one thread apiece); share the cores out unless told otherwise
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+            start = time.time()
+            returncode = run_logged(spec.command(), str(spec.log_path), env)
+            return Outcome(spec, returncode, time.time() - start)
+        finally:
+            slots.put(slot)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(launch, spec) for spec in specs]
+        try:
+            for future in as_completed(futures):
+                outcome = future.result()
+                with lock:
+                    done.append(outcome)
+                    report_outcome(outcome, len(done), len(specs), stream)
+        except KeyboardInterrupt:
+            for future in futures:
+                future.cancel()
+            raise
+    return done
+
+
+def report_outcome(outcome: Outcome, index: int, total: int, stream: TextIO) -> None:
+    spec = outcome.spec
+    what = f"{spec.method} {spec.game} seed {spec.seed}"
+    if outcome.ok:
+        print(f"[{index}/{total}] done   {what} in {outcome.seconds:.0f}s -> {spec.run_dir}", file=stream, flush=True)
+    else:
+        print(
+            f"[{index}/{total}] FAILED {what} (exit {outcome.returncode}); log: {spec.log_path}",
+            file=stream,
+            flush=True,
+        )
+
+
+def slurm_executor(
+    folder: str | Path,
+    partition: str | None = None,
+    time_min: int = 24 * 60,
+    gpus_per_task: int = 1,
+    cpus_per_task: int = 4,
+    mem_gb: int = 32,
+    array_parallelism: int = 256,
+    cluster: str = "slurm",
+):
+    """A submitit executor with one task per run; cluster local/debug tries a sweep without slurm."""
+    import submitit
+
+    try:
+        executor = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster=cluster)
+    except RuntimeError as e:  # no srun on this machine
+        raise SweepError(f"--launcher slurm: {e} (--submitit-cluster local runs the jobs on this machine)") from None
+    params = {"timeout_min": time_min, "cpus_per_task": cpus_per_task, "mem_gb": mem_gb, "name": "rlplastic"}
+    if executor.cluster == "slurm":
+        params |= {"slurm_array_parallelism": array_parallelism, "gpus_per_node": gpus_per_task}
+        if partition:
+            params["slurm_partition"] = partition
+    executor.update_parameters(**params)
+    return executor
+
+
+def run_slurm(specs: Sequence[RunSpec], executor, wait: bool = False, stream: TextIO = sys.stdout) -> list[Outcome]:
+    """Submit the specs as one job array. With wait, block until the jobs end and return their
+    outcomes; otherwise return none (re-run the sweep once they end to see what finished)."""
+    start = time.time()
+    jobs = executor.map_array(run_logged, [spec.command() for spec in specs], [str(spec.log_path) for spec in specs])
+    for spec, job in zip(specs, jobs, strict=True):
+        print(f"submitted {spec.method} {spec.game} seed {spec.seed}: job {job.job_id}, log {spec.log_path}",
+              file=stream, flush=True)  # fmt: skip
+    if not wait:
+        return []
+    outcomes = []
+    for index, (spec, job) in enumerate(zip(specs, jobs, strict=True), start=1):
+        try:
+            returncode = job.result()
+        except Exception as e:  # a job killed by slurm (time limit, preemption) raises here
+            print(f"job {job.job_id}: {type(e).__name__}: {e}", file=stream, flush=True)
+            returncode = -1
+        outcomes.append(Outcome(spec, returncode, time.time() - start))
+        report_outcome(outcomes[-1], index, len(specs), stream)
+    return outcomes

@@ -1,0 +1,172 @@
+"""Atari-100k evaluation and sweeps.
+
+  report: aggregates (IQM, median, mean, optimality gap) with stratified-bootstrap CIs, the per-game
+          table, probability of improvement and plots, from run folders and/or published score CSVs.
+  sweep:  one single-file agent run per (method, game, seed), on local worker processes or slurm.
+
+  python scripts/atari100k.py report runs/ --scores published.csv --compare drq+hare-tortoise drq
+  python scripts/atari100k.py sweep --agent drq --games all --seeds 1-5 --set ema=0.995 \\
+      --grid reset=hare-tortoise,head --out runs/sweep --workers 4 --gpus 0,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rlplastic import evaluation, sweep
+from rlplastic.runs import atomic_write_json
+
+
+def report(args: argparse.Namespace) -> int:
+    if not args.run_dirs and not args.scores:
+        raise evaluation.ScoreError("give run folders, --scores FILE.csv, or both")
+    for name in ("reps", "profile_reps", "improvement_reps"):
+        if getattr(args, name) < 1:
+            raise evaluation.ScoreError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    scores = evaluation.collect_run_scores(args.run_dirs)
+    for path in args.scores:
+        scores += evaluation.read_scores_csv(path)
+    result = evaluation.build_report(
+        scores,
+        args.out,
+        reps=args.reps,
+        seed=args.seed,
+        compare=[tuple(pair) for pair in args.compare],
+        profile_reps=args.profile_reps,
+        improvement_reps=args.improvement_reps,
+    )
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        print(result.markdown)
+        print(f"\nwritten: {args.out}/report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, "
+              "performance_profile.png", file=sys.stderr)  # fmt: skip
+    for method in result.matrices.values():
+        if method.missing_games:
+            print(f"note: {method.method} has no score on {', '.join(method.missing_games)}", file=sys.stderr)
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise sweep.SweepError(f"--workers {args.workers}: must be >= 1")
+    games = sweep.parse_games(args.games)
+    seeds = sweep.parse_seeds(args.seeds)
+    specs = sweep.expand_grid(args.agent, games, seeds, args.out, settings=args.set, grid=args.grid)
+    executor = None
+    if args.launcher == "slurm" and not args.dry_run:
+        executor = sweep.slurm_executor(
+            Path(args.out) / "slurm", partition=args.partition, time_min=args.time_min,
+            gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
+            array_parallelism=args.array_parallelism, cluster=args.submitit_cluster,
+        )  # fmt: skip
+    status = {spec: spec.status() for spec in specs}
+    counts = {s: sum(v == s for v in status.values()) for s in ("finished", "unfinished", "new")}
+    methods = sorted({s.method for s in specs})
+    print(f"sweep: {len(specs)} runs ({len(methods)} method(s) x {len(games)} game(s) x {len(seeds)} seed(s)) "
+          f"in {args.out}: {counts['finished']} finished (skipped), {counts['unfinished']} to restart, "
+          f"{counts['new']} new", flush=True)  # fmt: skip
+    atomic_write_json(
+        Path(args.out) / "sweep.json",
+        {"argv": sys.argv[1:], "runs": [{"method": s.method, "game": s.game, "seed": s.seed,
+                                        "command": s.command(), "run_dir": str(s.run_dir)} for s in specs]},
+    )  # fmt: skip
+    todo = [s for s in specs if status[s] != "finished"]
+    if args.dry_run:
+        for spec in specs:
+            print(f"  {status[spec]:10s} {' '.join(spec.command())}")
+        return 0
+    if not todo:
+        print("sweep: every run is finished; report with: python scripts/atari100k.py report", args.out)
+        return 0
+    if args.launcher == "local":
+        outcomes = sweep.run_local(todo, workers=args.workers, gpus=args.gpus.split(",") if args.gpus else ())
+    else:
+        outcomes = sweep.run_slurm(todo, executor, wait=args.wait)
+        if not args.wait:
+            print("sweep: submitted; once the jobs end, run the same command again: finished runs are "
+                  "skipped and the rest restart", flush=True)  # fmt: skip
+            return 0
+    failed = [o for o in outcomes if not o.ok]
+    print(f"sweep: {len(outcomes) - len(failed)} run(s) finished, {len(failed)} failed", flush=True)
+    for outcome in failed:
+        s = outcome.spec
+        print(f"  FAILED {s.method} {s.game} seed {s.seed} (exit {outcome.returncode}): {s.log_path}", flush=True)
+    return 1 if failed else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("report", help="aggregates, per-game table and plots from runs and/or score CSVs")
+    r.add_argument("run_dirs", nargs="*", help="folders searched for results.json (recursively)")
+    r.add_argument(
+        "--scores",
+        action="append",
+        default=[],
+        metavar="FILE.csv",
+        help="CSV with columns method,game,seed,score (seed empty for a per-game mean); repeatable",
+    )
+    r.add_argument("--out", default="atari100k_report", help="folder for report.md, CSVs and plots")
+    r.add_argument("--json", action="store_true", help="print the aggregates as JSON instead of Markdown")
+    r.add_argument("--reps", type=int, default=50_000, help="bootstrap reps of the aggregate CIs (rliable: 50,000)")
+    r.add_argument("--profile-reps", type=int, default=2_000, help="bootstrap reps of the performance profiles")
+    r.add_argument(
+        "--improvement-reps", type=int, default=2_000, help="bootstrap reps of the probability of improvement"
+    )
+    r.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    r.add_argument("--compare", nargs=2, action="append", default=[], metavar=("X", "Y"),
+                   help="probability that method X improves on method Y; repeatable")  # fmt: skip
+    r.set_defaults(func=report)
+
+    s = sub.add_parser("sweep", help="run an agent over games x seeds x grid points")
+    s.add_argument("--agent", default="drq", help="agents/<AGENT>.py")
+    s.add_argument("--games", default="all", help="'all' (the 26 games) or names separated by commas")
+    s.add_argument("--seeds", default="1-5", help="seeds: 1-5, 1,3,7 or 1-3,8")
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="agent argument for every run: reset='hare-tortoise redo', ema=0.995, augment=false",
+    )
+    s.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="agent argument to sweep over (each value a method); an empty value = the default",
+    )
+    s.add_argument("--out", default="runs/sweep", help="sweep folder: OUT/METHOD/GAME/seedN per run")
+    s.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    s.add_argument("--dry-run", action="store_true", help="print each run's status and command, launch nothing")
+    s.add_argument("--workers", type=int, default=1, help="local: runs at a time")
+    s.add_argument("--gpus", default="", help="local: GPU ids the worker slots take in turn, e.g. 0,1,2,3")
+    s.add_argument("--partition", default=None, help="slurm: partition")
+    s.add_argument("--time-min", type=int, default=24 * 60, help="slurm: time limit per run in minutes")
+    s.add_argument("--gpus-per-task", type=int, default=1, help="slurm: GPUs per run")
+    s.add_argument("--cpus-per-task", type=int, default=4, help="slurm: CPUs per run")
+    s.add_argument("--mem-gb", type=int, default=32, help="slurm: memory per run")
+    s.add_argument("--array-parallelism", type=int, default=256, help="slurm: array tasks running at once")
+    s.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and report failures")
+    s.add_argument("--submitit-cluster", choices=("slurm", "local", "debug"), default="slurm",
+                   help="submitit executor: slurm, or local/debug to try a slurm sweep on this machine")  # fmt: skip
+    s.set_defaults(func=run_sweep)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (evaluation.ScoreError, sweep.SweepError) as e:
+        print(f"atari100k {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

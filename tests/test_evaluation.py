@@ -1,0 +1,222 @@
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from rlplastic.envs.atari import ATARI100K_GAMES
+
+from rlplastic import evaluation
+from rlplastic.evaluation import Score, ScoreError
+
+# normalized scores, 2 runs x 4 games; by hand:
+#   pooled sorted -0.2 0 0.1 0.3 | 0.5 1.0 2.0 3.0 ... IQM drops 2 from each end: (0.1+0.3+0.5+1.0)/4 = 0.475
+#   per-game means 0.05 0.4 1.5 1.4 -> median (0.4+1.4)/2 = 0.9, mean 3.35/4 = 0.8375
+#   min(x, 1) sums to 3.7 over 8 -> OG 1 - 0.4625 = 0.5375
+HAND = np.array([[0.0, 0.5, 2.0, -0.2], [0.1, 0.3, 1.0, 3.0]])
+HAND_ANSWERS = {"iqm": 0.475, "median": 0.9, "mean": 0.8375, "og": 0.5375}
+
+
+def test_own_formulas_on_a_hand_made_matrix():
+    assert evaluation.point_estimates(HAND) == pytest.approx(HAND_ANSWERS)
+
+
+def test_rliable_point_estimates_match_the_hand_answers():
+    estimates = evaluation.interval_estimates({"m": HAND}, reps=200, seed=0)["m"]
+    assert {k: estimates[k] for k in evaluation.AGGREGATES} == pytest.approx(HAND_ANSWERS)
+    for name in evaluation.AGGREGATES:
+        lo, hi = estimates["ci"][name]
+        assert lo <= estimates[name] + 1e-12 and estimates[name] <= hi + 1e-12
+
+
+def test_rliable_matches_own_formulas_on_random_matrices():
+    rng = np.random.default_rng(3)
+    for runs, games in ((1, 26), (5, 26), (3, 7), (10, 4)):
+        scores = rng.normal(0.5, 0.8, size=(runs, games))
+        ours = evaluation.point_estimates(scores)
+        theirs = evaluation.interval_estimates({"m": scores}, reps=50, seed=0)["m"]
+        assert {k: theirs[k] for k in evaluation.AGGREGATES} == pytest.approx(ours, abs=1e-12)
+
+
+def test_bootstrap_ci_of_two_runs_on_one_game_is_exact():
+    # resampling 2 runs {0, 1}: mean in {0, 0.5, 1} with probabilities 1/4, 1/2, 1/4 -> the 2.5% and
+    # 97.5% percentiles are 0 and 1
+    ci = evaluation.interval_estimates({"m": np.array([[0.0], [1.0]])}, reps=4000, seed=1)["m"]["ci"]["mean"]
+    assert ci == pytest.approx([0.0, 1.0])
+    # identical runs: nothing to resample, the CI collapses onto the point
+    flat = evaluation.interval_estimates({"m": np.full((3, 5), 0.7)}, reps=100, seed=1)["m"]
+    assert flat["ci"]["iqm"] == pytest.approx([0.7, 0.7])
+
+
+def own_stratified_bootstrap(scores, statistic, reps, rng):
+    runs, games = scores.shape
+    draws = [statistic(scores[rng.integers(0, runs, size=(runs, games)), np.arange(games)]) for _ in range(reps)]
+    return np.percentile(draws, [2.5, 97.5])
+
+
+def test_rliable_cis_agree_with_an_own_stratified_bootstrap():
+    scores = np.random.default_rng(0).gamma(2.0, 0.4, size=(5, 26))
+    theirs = evaluation.interval_estimates({"m": scores}, reps=4000, seed=0)["m"]["ci"]
+    rng = np.random.default_rng(1)
+    for name, statistic in (("iqm", evaluation.iqm), ("mean", evaluation.mean), ("og", evaluation.optimality_gap)):
+        lo, hi = own_stratified_bootstrap(scores, statistic, 4000, rng)
+        width = hi - lo
+        # two independent 4,000-rep bootstraps: endpoints agree to a few percent of the width
+        assert theirs[name][0] == pytest.approx(lo, abs=0.08 * width)
+        assert theirs[name][1] == pytest.approx(hi, abs=0.08 * width)
+
+
+def test_reports_are_reproducible_with_a_seed():
+    scores = np.random.default_rng(0).normal(size=(3, 6))
+    a = evaluation.interval_estimates({"m": scores}, reps=300, seed=5)
+    b = evaluation.interval_estimates({"m": scores}, reps=300, seed=5)
+    c = evaluation.interval_estimates({"m": scores}, reps=300, seed=6)
+    assert a == b and a != c
+
+
+def test_reference_scores_are_the_published_ones():
+    reference = evaluation.reference_scores()
+    assert list(reference) == list(ATARI100K_GAMES)
+    assert reference["Pong"] == (-20.7, 14.6)
+    assert reference["Breakout"] == (1.7, 30.5)
+    assert reference["MsPacman"] == (307.3, 6951.6)
+    assert evaluation.human_normalized("Pong", -20.7, reference) == 0.0
+    assert evaluation.human_normalized("Pong", 14.6, reference) == pytest.approx(1.0)
+    assert evaluation.human_normalized("Breakout", 16.1, reference) == pytest.approx(0.5)
+
+
+def write_csv(path, rows, header=("method", "game", "seed", "score")):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_csv_rows_with_and_without_seed(tmp_path):
+    path = write_csv(tmp_path / "s.csv", [["DER", "pong", "", "-19.3"], ["mine", "ALE/Pong-v5", "3", "-20"]])
+    scores = evaluation.read_scores_csv(path)
+    assert scores[0] == Score("DER", "Pong", None, -19.3, f"{path}:2")
+    assert (scores[1].game, scores[1].seed, scores[1].score) == ("Pong", 3, -20.0)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (["m", "Pongg", "1", "3"], "unknown Atari-100k game 'Pongg'"),
+        (["m", "Pong", "1", "three"], "score 'three' is not a number"),
+        (["m", "Pong", "1", "nan"], "not finite"),
+        (["m", "Pong", "x", "3"], "seed 'x' is not an integer"),
+        (["", "Pong", "1", "3"], "empty method"),
+    ],
+)
+def test_csv_errors_name_the_file_and_line(tmp_path, row, message):
+    path = write_csv(tmp_path / "bad.csv", [["m", "Breakout", "1", "3"], row])
+    with pytest.raises(ScoreError, match=message) as error:
+        evaluation.read_scores_csv(path)
+    assert f"{path}:3" in str(error.value)
+
+
+def test_csv_without_the_columns_is_an_error(tmp_path):
+    path = write_csv(tmp_path / "bad.csv", [["m", "Pong", "3"]], header=("method", "game", "return"))
+    with pytest.raises(ScoreError, match=r"bad.csv:1: .*lacks column"):
+        evaluation.read_scores_csv(path)
+
+
+def test_duplicate_rows_are_errors_naming_both(tmp_path):
+    path = write_csv(tmp_path / "dup.csv", [["m", "Pong", "", "3"], ["m", "Breakout", "", "3"], ["m", "pong", "", "4"]])
+    with pytest.raises(ScoreError, match=r"dup.csv:4: duplicate score for m / Pong / no seed.*dup.csv:2"):
+        evaluation.score_matrices(evaluation.read_scores_csv(path), evaluation.reference_scores())
+
+
+def test_matrices_report_missing_games_and_left_out_runs():
+    reference = evaluation.reference_scores()
+    scores = [Score("m", "Pong", s, -20.7 + s, "x") for s in (1, 2, 3)] + [Score("m", "Breakout", 2, 30.5, "y")]
+    m = evaluation.score_matrices(scores, reference)["m"]
+    assert m.games == ["Breakout", "Pong"]  # reference order
+    assert m.raw.shape == (1, 2) and m.raw[0].tolist() == [30.5, -19.7]  # the lowest seed of Pong kept
+    assert m.normalized[0, 0] == pytest.approx(1.0)
+    assert [(d.game, d.seed) for d in m.dropped] == [("Pong", 2), ("Pong", 3)]
+    assert len(m.missing_games) == 24 and "Alien" in m.missing_games
+
+
+def test_probability_of_improvement_by_hand():
+    reference = evaluation.reference_scores()
+
+    def method(name, per_game):
+        scores = [Score(name, g, s, v, "x") for g, values in per_game.items() for s, v in enumerate(values)]
+        return evaluation.score_matrices(scores, reference)[name]
+
+    # Pong: x = {0, 10} vs y = {5, 5}: U = 2 wins of 4 -> 0.5; Breakout: x always above -> 1.0; mean 0.75
+    x = method("x", {"Pong": [0.0, 10.0], "Breakout": [20.0, 21.0], "Alien": [300.0, 400.0]})
+    y = method("y", {"Pong": [5.0, 5.0], "Breakout": [2.0, 3.0]})
+    result = evaluation.probability_of_improvement(x, y, reps=200, seed=0)
+    assert result["p"] == pytest.approx(0.75)
+    assert result["games"] == 2
+    assert result["ci"][0] <= 0.75 <= result["ci"][1]
+
+
+def write_results(path, method, game, seed, eval_mean):
+    path.mkdir(parents=True)
+    payload = {"agent": "drq", "method": method, "game": game, "seed": seed, "eval_mean": eval_mean, "config": {}}
+    (path / "results.json").write_text(json.dumps(payload))
+
+
+def test_report_from_run_folders_writes_every_output(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        write_results(runs / "a" / f"pong{seed}", "drq", "Pong", seed, -20.0 + seed)
+        write_results(runs / "a" / f"breakout{seed}", "drq", "Breakout", seed, 5.0 * seed)
+        write_results(runs / "b" / f"pong{seed}", "drq+head", "Pong", seed, -10.0)
+    scores = evaluation.collect_run_scores([runs])
+    report = evaluation.build_report(scores, tmp_path / "out", reps=100, profile_reps=50, compare=[("drq+head", "drq")])
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"report.md", "scores.csv", "per_game.csv", "aggregates.json", "aggregates.png"} <= files
+    assert "performance_profile.png" in files
+    rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
+    assert len(rows) == 6
+    pong = next(r for r in rows if r["method"] == "drq" and r["game"] == "Pong" and r["seed"] == "1")
+    assert float(pong["normalized"]) == pytest.approx((-19.0 + 20.7) / (14.6 + 20.7))
+    per_game = {r["game"]: r for r in csv.DictReader(open(tmp_path / "out" / "per_game.csv"))}
+    assert float(per_game["Breakout"]["drq"]) == 7.5 and per_game["Breakout"]["drq+head"] == ""
+    aggregates = json.loads((tmp_path / "out" / "aggregates.json").read_text())
+    assert aggregates["drq"]["games"] == 2 and aggregates["drq+head"]["games"] == 1
+    assert aggregates["drq"]["mean"] == pytest.approx(evaluation.mean(report.matrices["drq"].normalized))
+    assert "drq+head: no score on 25 game(s)" in report.markdown
+    assert "| drq+head | drq | 1.000" in report.markdown
+
+
+def test_broken_results_json_is_named(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.json").write_text("{not json")
+    with pytest.raises(ScoreError, match=r"r/results.json: not a results.json"):
+        evaluation.collect_run_scores([tmp_path])
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "atari100k.py"), *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_json_and_errors(tmp_path):
+    rows = [["A", g, s, 100.0 * s + i] for i, g in enumerate(ATARI100K_GAMES[:5]) for s in (1, 2, 3)]
+    good = write_csv(tmp_path / "good.csv", rows)
+    done = cli(
+        "report", "--scores", str(good), "--json", "--reps", "200", "--profile-reps", "20", "--out", str(tmp_path)
+    )
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert set(payload["A"]) >= {"iqm", "median", "mean", "og", "ci", "games"}
+    assert payload["A"]["games"] == 5 and len(payload["A"]["ci"]["iqm"]) == 2
+
+    bad = write_csv(tmp_path / "bad.csv", [["A", "Pong", "1", "1"], ["A", "Tetris", "1", "2"]])
+    done = cli("report", "--scores", str(bad), "--out", str(tmp_path / "x"))
+    assert done.returncode == 2
+    assert f"{bad}:3" in done.stderr and "Tetris" in done.stderr
+    assert not (tmp_path / "x").exists()  # nothing written before the input is known to be good
+
+    done = cli("report", "--scores", str(good), "--compare", "A", "Z", "--out", str(tmp_path / "y"))
+    assert done.returncode == 2 and "no method 'Z'" in done.stderr

@@ -1,0 +1,143 @@
+import csv
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from rlplastic import sweep
+from rlplastic.sweep import SweepError
+
+TINY = [
+    "total_steps=160", "learning_starts=128", "eval_episodes=1", "eval_envs=1", "max_episode_steps=200",
+    "buffer_size=500", "diag_every=0", "log_every=80", "device=cpu",
+]  # fmt: skip
+
+
+def test_seed_and_game_lists():
+    assert sweep.parse_seeds("1-5") == [1, 2, 3, 4, 5]
+    assert sweep.parse_seeds("1-3,8") == [1, 2, 3, 8]
+    assert sweep.parse_seeds("7") == [7]
+    for bad in ("5-1", "a", "1,1", "1-"):
+        with pytest.raises(SweepError, match="--seeds"):
+            sweep.parse_seeds(bad)
+    assert len(sweep.parse_games("all")) == 26
+    assert sweep.parse_games("pong,ALE/Breakout-v5") == ["Pong", "Breakout"]
+    with pytest.raises(SweepError, match="unknown Atari-100k game 'Tetris'"):
+        sweep.parse_games("Pong,Tetris")
+
+
+def test_settings_become_agent_flags():
+    assert sweep.flag_args("reset", "hare-tortoise redo") == ["--reset", "hare-tortoise", "redo"]
+    assert sweep.flag_args("learning_rate", "3e-4") == ["--learning-rate", "3e-4"]
+    assert sweep.flag_args("augment", "false") == ["--no-augment"]
+    assert sweep.flag_args("lifecycle", "true") == ["--lifecycle"]
+    assert sweep.flag_args("reset", "") == []
+
+
+def test_grid_names_runs_by_method_label(tmp_path):
+    specs = sweep.expand_grid("drq", ["Pong"], [1, 2], tmp_path, settings=["ema=0.995"], grid=["reset=,hare-tortoise"])
+    assert [(s.method, s.seed) for s in specs] == [("drq", 1), ("drq", 2), ("drq+hare-tortoise", 1),
+                                                    ("drq+hare-tortoise", 2)]  # fmt: skip
+    assert specs[3].run_dir == tmp_path / "drq+hare-tortoise" / "Pong" / "seed2"
+    command = specs[3].command()
+    assert command[command.index("--reset") + 1] == "hare-tortoise"
+    assert command[-6:] == ["--env-id", "Pong", "--seed", "2", "--output-dir", str(specs[3].run_dir)]
+    # a grid over an argument the label does not show names it
+    lr = sweep.expand_grid("drq", ["Pong"], [1], tmp_path, grid=["learning_rate=1e-4,3e-4"])
+    assert [s.method for s in lr] == ["drq@learning_rate=1e-4", "drq@learning_rate=3e-4"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "grid", "message"),
+    [
+        (["reset=hare-tortoise"], [], "needs --ema"),  # the agent's own validation, before any launch
+        (["learning_rate=-1"], [], "--learning-rate -1"),
+        (["seed=3"], [], "set by the sweep itself"),
+        (["ema"], [], "expected KEY=VALUE"),
+        (["ema=0.995"], ["ema=0.99,0.995"], "ema given more than once"),
+        (["exp_name=mine"], ["reset=,head"], "both get the method label 'mine'"),
+        (["no_such_flag=3"], [], "rejected"),
+    ],
+)
+def test_bad_sweeps_fail_before_any_run(tmp_path, settings, grid, message):
+    with pytest.raises(SweepError, match=message):
+        sweep.expand_grid("drq", ["Pong"], [1], tmp_path / "out", settings=settings, grid=grid)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_agent():
+    with pytest.raises(SweepError, match="unknown agent 'dqn'; allowed: .*drq"):
+        sweep.agent_path("dqn")
+
+
+def fake_slurm(tmp_path):
+    """srun and sbatch stand-ins: sbatch keeps the submission file it is given and answers as slurm does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n')
+    for name in ("srun", "sbatch"):
+        (bin_dir / name).chmod(0o755 | stat.S_IEXEC)
+    return bin_dir
+
+
+def test_slurm_launcher_submits_one_job_array(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{fake_slurm(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    specs = sweep.expand_grid("drq", ["Pong", "Breakout"], [1, 2], tmp_path / "runs", settings=TINY)
+    executor = sweep.slurm_executor(tmp_path / "slurm", partition="gpu", time_min=90, gpus_per_task=1,
+                                    cpus_per_task=6, mem_gb=20, array_parallelism=3)  # fmt: skip
+    assert sweep.run_slurm(specs, executor, wait=False) == []
+    script = (tmp_path / "submitted.sh").read_text()
+    for line in ("#SBATCH --array=0-3%3", "#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --cpus-per-task=6", "#SBATCH --mem=20GB"):  # fmt: skip
+        assert line in script
+
+
+def sweep_cli(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "atari100k.py"), *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_local_sweep_then_report_then_rerun(tmp_path):
+    out = tmp_path / "sweep"
+    sets = [a for s in TINY for a in ("--set", s)]
+    args = ["sweep", "--agent", "drq", "--games", "Pong,Breakout", "--seeds", "1-2", *sets, "--out", str(out)]
+    first = sweep_cli(*args, "--workers", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "4 new" in first.stdout and "4 run(s) finished, 0 failed" in first.stdout
+    results = sorted(out.rglob("results.json"))
+    assert [p.relative_to(out).as_posix() for p in results] == [
+        "drq/Breakout/seed1/results.json", "drq/Breakout/seed2/results.json",
+        "drq/Pong/seed1/results.json", "drq/Pong/seed2/results.json",
+    ]  # fmt: skip
+    assert json.loads((out / "sweep.json").read_text())["runs"][0]["game"] == "Pong"
+
+    report = sweep_cli("report", str(out), "--reps", "200", "--profile-reps", "20", "--out", str(tmp_path / "rep"))
+    assert report.returncode == 0, report.stderr
+    assert "| drq | 2 | 2 |" in report.stdout  # 2 runs per game, 2 games
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "scores.csv")))
+    by_run = {(r["game"], r["seed"]): float(r["score"]) for r in rows}
+    assert by_run[("Pong", "1")] == json.loads((out / "drq/Pong/seed1/results.json").read_text())["eval_mean"]
+    assert (tmp_path / "rep" / "aggregates.png").stat().st_size > 0
+
+    mtimes = [p.stat().st_mtime_ns for p in results]
+    again = sweep_cli(*args)
+    assert again.returncode == 0 and "4 finished (skipped)" in again.stdout
+    assert [p.stat().st_mtime_ns for p in results] == mtimes
+
+    # an interrupted run restarts; a run that breaks is reported with its log and the others go on
+    (out / "drq/Pong/seed1/results.json").unlink()
+    (out / "drq/Breakout/seed2/results.json").unlink()
+    (out / "drq/Breakout/seed2/checkpoint.pt").write_bytes(b"not a checkpoint")
+    third = sweep_cli(*args, "--launcher", "slurm", "--submitit-cluster", "local", "--wait")
+    assert third.returncode == 1
+    assert "2 finished (skipped), 2 to restart, 0 new" in third.stdout
+    assert f"FAILED drq Breakout seed 2 (exit 1): {out / 'drq/Breakout/seed2/log.txt'}" in third.stdout
+    assert (out / "drq/Pong/seed1/results.json").exists()
+    assert "checkpoint" in (out / "drq/Breakout/seed2/log.txt").read_text()
