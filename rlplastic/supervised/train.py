@@ -1,0 +1,440 @@
+"""Supervised plasticity protocols (SPEC section 7): fresh, warm-start and continual training with
+the interventions of rlplastic.interventions and the diagnostics of rlplastic.diagnostics.
+
+The whole data set lives on the training device; batches are index gathers and augmentation is a
+batched crop + flip there, so the hot loop runs no per-sample Python.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlplastic.diagnostics import PlasticityProbe, expected_calibration_error, hessian_top_eigenvalue, lipschitz_bound
+from rlplastic.init import torch_default_init
+from rlplastic.interventions import (
+    HareTortoise,
+    HeadReset,
+    LifecycleConv2d,
+    LifecycleLinear,
+    ReDo,
+    ShrinkPerturb,
+    swap_in_lifecycle,
+)
+from rlplastic.runs import atomic_write, git_commit, resolve_device, seed_everything
+from rlplastic.supervised.data import DATASETS, Dataset, load_dataset, subset_with_noise
+from rlplastic.supervised.models import MODELS, Classifier, build_model
+
+PROTOCOLS = ("fresh", "warm-start", "continual")
+METHODS = (
+    "baseline", "l2", "augment", "spectral-decoupling", "regen", "crelu", "redo", "head-reset", "shrink-perturb",
+    "ema", "hare-tortoise", "lifecycle", "lifecycle-he", "lifecycle-xavier", "lifecycle-nowarmup",
+    "neuronal-decay", "topk-cycle",
+)  # fmt: skip
+BOUNDARY_METHODS = ("head-reset", "shrink-perturb")  # act when the data changes: need warm-start or continual
+# SPEC section 7: learning rate and weight decay of each model's reference setting
+MODEL_DEFAULTS = {"mlp": (1e-3, 1e-4), "resnet18": (1e-3, 1e-5), "vit-tiny": (3e-3, 0.05), "vgg16": (1e-3, 1e-4),
+                  "wrn-28-4": (1e-3, 1e-4)}  # fmt: skip
+
+
+@dataclass
+class RunConfig:
+    dataset: str = "mnist1d"
+    data_dir: str | None = None
+    model: str = "mlp"
+    protocol: str = "warm-start"
+    method: str = "baseline"
+    subset: float = 0.1  # warm-start: share of the training set in phase 1
+    noise: float = 0.5  # warm-start: label noise in phase 1; continual: noise of the first chunk
+    epochs: int = 100  # fresh: all; warm-start: phase 2 (phase 1 gets epochs / subset); continual: per chunk
+    seed: int = 0
+    batch_size: int = 256
+    lr: float | None = None  # default per model (SPEC)
+    weight_decay: float | None = None
+    warmup: float = 0.1  # share of each phase's steps with the learning rate rising from 0
+    grad_clip: float = 0.5
+    chunks: int = 10  # continual
+    buffer: int = 0  # continual: 0 = full access to earlier chunks, else a sample buffer of this size
+    strength: float | None = None  # regularizer weight of l2 / spectral-decoupling / regen / neuronal-decay
+    ht_momentum: float = 0.999  # Hare & Tortoise and EMA
+    ht_reset_epochs: int = 10
+    redo_tau: float = 0.1
+    topk_min: float = 0.1  # top-k: smallest keep ratio
+    topk_decay: float = 0.9  # top-k: keep ratio multiplier per epoch
+    topk_cycle: int = 10  # top-k: epochs between returns to dense
+    device: str = "auto"
+    log_every: int = 0  # epochs between progress lines; 0 = about ten per phase
+    hessian: bool = True  # compute the Hessian top eigenvalue at the end (double backprop)
+    tb_dir: str | None = None
+
+
+STRENGTHS = {"l2": 1e-4, "spectral-decoupling": 1e-2, "regen": 1e-2, "neuronal-decay": 1e-3}
+
+
+def validate(config: RunConfig) -> list[str]:
+    problems = []
+    for name, allowed in (("dataset", DATASETS), ("model", MODELS), ("protocol", PROTOCOLS), ("method", METHODS)):
+        if getattr(config, name) not in allowed:
+            problems.append(f"--{name} {getattr(config, name)}: allowed {', '.join(allowed)}")
+    if config.method in BOUNDARY_METHODS and config.protocol == "fresh":
+        problems.append(f"--method {config.method} acts when the data changes: use --protocol warm-start or continual")
+    if config.method == "crelu" and config.model != "mlp":
+        problems.append(f"--method crelu is implemented for --model mlp, not {config.model}")
+    if not 0 < config.subset <= 1 or not 0 <= config.noise <= 1:
+        problems.append(f"--subset {config.subset} / --noise {config.noise}: need 0 < subset <= 1, 0 <= noise <= 1")
+    for name in ("epochs", "batch_size", "chunks", "ht_reset_epochs", "topk_cycle"):
+        if getattr(config, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} {getattr(config, name)}: must be a positive integer")
+    if config.buffer < 0 or config.log_every < 0:
+        problems.append(f"--buffer {config.buffer} / --log-every {config.log_every}: must be >= 0")
+    if not 0 <= config.warmup < 1 or config.grad_clip < 0:
+        problems.append(f"--warmup {config.warmup} / --grad-clip {config.grad_clip}: need warmup in [0, 1), clip >= 0")
+    if not 0 < config.topk_min <= 1 or not 0 < config.topk_decay <= 1:
+        problems.append(f"--topk-min {config.topk_min} / --topk-decay {config.topk_decay}: must lie in (0, 1]")
+    try:
+        resolve_device(config.device)
+    except ValueError as e:
+        problems.append(str(e))
+    return problems
+
+
+class TopKController:
+    """Keep ratio of the top-k activation sparsity: shrinks by `decay` every epoch down to
+    `minimum`, and returns to dense (1.0) every `cycle` epochs."""
+
+    def __init__(self, minimum: float, decay: float, cycle: int):
+        self.minimum, self.decay, self.cycle = minimum, decay, cycle
+        self.keep, self.epoch = 1.0, 0
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.keep = 1.0 if self.epoch % self.cycle == 0 else max(self.minimum, self.keep * self.decay)
+
+
+def keep_top(x: torch.Tensor, keep: float) -> torch.Tensor:
+    """Zero all but each sample's largest `keep` share of entries (all positions of a map pooled)."""
+    if keep >= 1.0:
+        return x
+    flat = x.flatten(1)
+    k = max(1, int(math.ceil(keep * flat.shape[1])))
+    threshold = flat.topk(k, dim=1).values[:, -1:]
+    return (flat * (flat >= threshold)).view_as(x)
+
+
+torch.fx.wrap("keep_top")  # one opaque call when the diagnostics trace the model
+
+
+class TopKReLU(nn.Module):
+    """ReLU, then keep each sample's largest `controller.keep` share of units."""
+
+    def __init__(self, controller: TopKController):
+        super().__init__()
+        self.controller = controller
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return keep_top(F.relu(x), self.controller.keep)
+
+
+def swap_relus(module: nn.Module, make: callable) -> int:
+    count = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, make())
+            count += 1
+        else:
+            count += swap_relus(child, make)
+    return count
+
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Zero-pad 4, random 32x32 (any size) crop at offsets 0..8, horizontal flip with p 0.5."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    offsets = torch.randint(0, 9, (b, 2), device=x.device, generator=generator)
+    rows = (offsets[:, :1] + torch.arange(h, device=x.device))[:, :, None]
+    cols = (offsets[:, 1:] + torch.arange(w, device=x.device))[:, None, :]
+    crops = padded.permute(0, 2, 3, 1)[torch.arange(b, device=x.device)[:, None, None], rows, cols].permute(0, 3, 1, 2)
+    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], crops.flip(-1), crops)
+
+
+@torch.no_grad()
+def accuracy_and_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024):
+    was_training = model.training
+    model.eval()
+    logits = torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+    model.train(was_training)
+    return (logits.argmax(1) == y).float().mean(), logits
+
+
+class Trainer:
+    """One run: the model, the method's pieces, and a train() per phase or chunk."""
+
+    def __init__(self, config: RunConfig, data: Dataset, device: torch.device):
+        self.config, self.data, self.device = config, data, device
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        lr, wd = MODEL_DEFAULTS[config.model]
+        self.lr = config.lr if config.lr is not None else lr
+        self.weight_decay = config.weight_decay if config.weight_decay is not None else wd
+        self.strength = config.strength if config.strength is not None else STRENGTHS.get(config.method, 0.0)
+        self.model: Classifier = build_model(config.model, data.x_train.shape[1:], data.num_classes,
+                                             crelu=config.method == "crelu").to(device)  # fmt: skip
+        self.topk = None
+        if config.method == "topk-cycle":
+            self.topk = TopKController(config.topk_min, config.topk_decay, config.topk_cycle)
+            swap_relus(self.model, lambda: TopKReLU(self.topk))
+        if config.method.startswith("lifecycle"):
+            revival = {"lifecycle-he": "he", "lifecycle-xavier": "xavier"}.get(config.method, "memory")
+            warmup = 0 if config.method == "lifecycle-nowarmup" else 10
+            swap_in_lifecycle(self.model, lifespan=(1_000, 5_000), recovery=(100, 500), warmup=warmup, revival=revival)
+        self.initial = [p.detach().clone() for p in self.model.parameters()]  # regen's anchor
+        self.shadow = None  # EMA / tortoise network used for evaluation
+        if config.method in ("ema", "hare-tortoise"):
+            self.shadow = copy.deepcopy(self.model).requires_grad_(False)
+        self.activations: list[torch.Tensor] = []
+        if config.method == "neuronal-decay":
+            for m in self.model.modules():
+                if isinstance(m, nn.ReLU):
+                    m.register_forward_hook(lambda _m, _i, out: self.activations.append(out))
+        if config.method == "shrink-perturb":  # the warm-start study: 0.2 theta + 0.8 theta_init
+            self.shrink_perturb = ShrinkPerturb(self.model, {"": (0.2, 0.8)}, toward="initial")
+        self.steps = 0
+        self.data_x = torch.as_tensor(data.x_train[:256]).to(device)  # replaced by the data of each phase
+        self.new_optimizer()
+
+    def new_optimizer(self) -> None:
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True
+        )  # fused: one kernel for all tensors
+        for m in self.model.modules():
+            if isinstance(m, LifecycleLinear | LifecycleConv2d):
+                m.bind_optimizer(self.optimizer)
+        self.interventions = []
+        if self.shadow is not None:
+            every = 0
+            if self.config.method == "hare-tortoise":
+                every = self.config.ht_reset_epochs * self.steps_per_epoch(len(self.data.x_train))
+            self.interventions.append(HareTortoise(self.model, self.shadow, self.config.ht_momentum, every))
+        if self.config.method == "redo":
+            every = self.steps_per_epoch(len(self.data.x_train))  # one recycling pass per epoch
+            self.interventions.append(ReDo(self.model, self.optimizer, self.redo_batch, tau=self.config.redo_tau,
+                                           every=every, init_fn=torch_default_init))  # fmt: skip
+
+    def redo_batch(self) -> torch.Tensor:
+        """256 samples of the data trained on now, to score units with."""
+        x = self.data_x
+        return x[torch.randint(0, len(x), (256,), device=x.device, generator=self.generator)]
+
+    def steps_per_epoch(self, n: int) -> int:
+        return math.ceil(n / self.config.batch_size)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        return self.shadow if self.shadow is not None else self.model
+
+    def boundary(self) -> None:
+        """The data changed (phase or chunk switch): boundary methods act now."""
+        if self.config.method == "head-reset":
+            HeadReset(self.model, ["head"], every=0, optimizer=self.optimizer, init_fn=torch_default_init).apply()
+        elif self.config.method == "shrink-perturb":
+            self.shrink_perturb.optimizer = self.optimizer
+            self.shrink_perturb.apply()
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.activations.clear()
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        method, strength = self.config.method, self.strength
+        if method == "l2":
+            loss = loss + strength * sum((p**2).sum() for p in self.model.parameters())
+        elif method == "spectral-decoupling":
+            loss = loss + strength * logits.pow(2).mean()
+        elif method == "regen":
+            params = list(self.model.parameters())
+            loss = loss + strength * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, self.initial, strict=True))
+        elif method == "neuronal-decay":
+            loss = loss + strength * torch.stack([a.pow(2).mean() for a in self.activations]).mean()
+        return loss
+
+    def train(self, x: torch.Tensor, y: torch.Tensor, epochs: int, phase: str, history: list, writer, log) -> None:
+        """`epochs` passes over (x, y), a fresh warm-up of the learning rate, progress per epoch."""
+        self.data_x = x
+        n = len(x)
+        steps = epochs * self.steps_per_epoch(n)
+        warmup_steps = int(self.config.warmup * steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
+        )
+        augment = self.config.method == "augment"
+        log_every = self.config.log_every or max(1, epochs // 10)
+        self.model.train()
+        for epoch in range(1, epochs + 1):
+            order = torch.randperm(n, device=self.device, generator=self.generator)
+            loss_sum = torch.zeros((), device=self.device)
+            for start in range(0, n, self.config.batch_size):
+                idx = order[start : start + self.config.batch_size]
+                if len(idx) < 2:  # BatchNorm cannot train on one sample
+                    continue
+                xb, yb = x[idx], y[idx]
+                if augment:
+                    xb = crop_flip(xb, self.generator)
+                loss = self.loss(xb, yb)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.config.grad_clip:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+                self.optimizer.step()
+                schedule.step()
+                for intervention in self.interventions:
+                    intervention.step()
+                loss_sum += loss.detach()
+                self.steps += 1
+            if self.topk is not None:
+                self.topk.next_epoch()
+            if epoch % log_every == 0 or epoch == epochs:
+                train_acc, _ = accuracy_and_logits(self.evaluated, x, y)
+                test_acc, _ = accuracy_and_logits(self.evaluated, self.test_x, self.test_y)
+                row = {"phase": phase, "epoch": epoch, "loss": loss_sum.item() / self.steps_per_epoch(n),
+                       "train_acc": train_acc.item(), "test_acc": test_acc.item()}  # fmt: skip
+                history.append(row)
+                if writer:
+                    for key in ("loss", "train_acc", "test_acc"):
+                        writer.add_scalar(f"{phase}/{key}", row[key], epoch)
+                log(f"{phase} epoch {epoch}/{epochs} loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
+                    f"test_acc {row['test_acc']:.4f}")  # fmt: skip
+
+    def diagnostics(self, x: torch.Tensor) -> dict[str, float]:
+        probe = PlasticityProbe(self.model, x[:256])
+        return probe.measure()
+
+
+def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
+    """Train one (dataset, model, protocol, method, seed) and append its result line to `out`."""
+    problems = validate(config)
+    if problems:
+        raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
+    start = time.time()
+    device = resolve_device(config.device)
+    data = load_dataset(config.dataset, config.data_dir)
+    seed_everything(config.seed)
+    trainer = Trainer(config, data, device)
+    x_train, y_train, x_test, y_test = (torch.as_tensor(a).to(device) for a in
+                                        (data.x_train, data.y_train, data.x_test, data.y_test))  # fmt: skip
+    trainer.test_x, trainer.test_y = x_test, y_test
+    writer = None
+    if config.tb_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(config.tb_dir)
+    history: list[dict] = []
+    diagnostics: dict[str, dict] = {}
+    records: list[dict] = []
+    log(f"supervised: {config.dataset} {config.model} {config.protocol} {config.method} seed {config.seed} on {device}")
+
+    if config.protocol == "fresh":
+        trainer.train(x_train, y_train, config.epochs, "fresh", history, writer, log)
+        final_x, final_y = x_train, y_train
+    elif config.protocol == "warm-start":
+        idx, noisy, record = subset_with_noise(data.y_train, config.subset, config.noise, data.num_classes, config.seed)
+        records.append(record)
+        x1, y1 = x_train[torch.as_tensor(idx, device=device)], torch.as_tensor(noisy, device=device)
+        phase1_epochs = max(1, round(config.epochs / config.subset))  # equal gradient updates in both phases
+        trainer.train(x1, y1, phase1_epochs, "phase1", history, writer, log)
+        diagnostics["phase1"] = trainer.diagnostics(x_train)
+        trainer.boundary()
+        trainer.new_optimizer()  # the optimizer is re-created between phases
+        trainer.train(x_train, y_train, config.epochs, "phase2", history, writer, log)
+        final_x, final_y = x_train, y_train
+    else:
+        order = np.random.default_rng(config.seed).permutation(len(data.y_train))
+        chunks = np.array_split(order, config.chunks)
+        seen_idx: list[np.ndarray] = []
+        seen_labels: list[np.ndarray] = []
+        buffer_rng = np.random.default_rng(config.seed + 1)
+        for i, chunk in enumerate(chunks):
+            noise = config.noise * (1 - i / max(1, config.chunks - 1))  # falls linearly to 0
+            rng = np.random.default_rng(config.seed * 1000 + i)
+            labels = data.y_train[chunk].copy()
+            replaced = rng.random(len(chunk)) < noise
+            labels[replaced] = rng.integers(0, data.num_classes, replaced.sum())
+            records.append({"chunk": i, "noise": noise, "size": len(chunk), "replaced": int(replaced.sum())})
+            if config.buffer and seen_idx:
+                pool_idx, pool_labels = np.concatenate(seen_idx), np.concatenate(seen_labels)
+                keep = buffer_rng.permutation(len(pool_idx))[: config.buffer]
+                idx, lab = np.concatenate([pool_idx[keep], chunk]), np.concatenate([pool_labels[keep], labels])
+            else:
+                idx, lab = np.concatenate([*seen_idx, chunk]), np.concatenate([*seen_labels, labels])
+            seen_idx.append(chunk)
+            seen_labels.append(labels)
+            if i > 0:
+                trainer.boundary()
+            xc, yc = x_train[torch.as_tensor(idx, device=device)], torch.as_tensor(lab, device=device)
+            trainer.train(xc, yc, config.epochs, f"chunk{i}", history, writer, log)
+        final_x, final_y = xc, yc
+
+    model = trainer.evaluated
+    model.eval()
+    test_acc, test_logits = accuracy_and_logits(model, x_test, y_test)
+    train_acc, _ = accuracy_and_logits(model, final_x, final_y)
+    diagnostics["end"] = trainer.diagnostics(x_train)
+    result = {
+        "dataset": config.dataset, "model": config.model, "protocol": config.protocol, "method": config.method,
+        "seed": config.seed, "subset": config.subset, "noise": config.noise, "epochs": config.epochs,
+        "test_acc": test_acc.item(), "train_acc": train_acc.item(),
+        "ece": expected_calibration_error(test_logits, y_test).item(),
+        "lipschitz": lipschitz_bound(model, x_test[:1]).item(),
+        "hessian": None, "mca": None,
+    }  # fmt: skip
+    if config.hessian:
+        batch_x, batch_y = x_train[:256], y_train[:256]
+        model.eval()  # BatchNorm in inference mode: the loss is a function of the parameters alone
+        result["hessian"] = hessian_top_eigenvalue(
+            lambda: F.cross_entropy(model(batch_x), batch_y), model.parameters(), iterations=10, seed=config.seed
+        ).item()
+    if data.corruptions:
+        accs = [accuracy_and_logits(model, *(torch.as_tensor(a).to(device) for a in pair))[0].item()
+                for pair in data.corruptions.values()]  # fmt: skip
+        result["mca"] = float(np.mean(accs))
+    result |= {
+        "history": history, "diagnostics": diagnostics, "data": records, "config": asdict(config),
+        "device": str(device), "wall_time_s": time.time() - start, "git_commit": git_commit(__file__),
+        "torch_version": torch.__version__,
+    }  # fmt: skip
+    if writer:
+        writer.add_scalar("final/test_acc", result["test_acc"], 0)
+        writer.close()
+    if out is not None:
+        append_jsonl(out, result)
+    log(f"supervised: test_acc {result['test_acc']:.4f} train_acc {result['train_acc']:.4f} "
+        f"ece {result['ece']:.4f} in {result['wall_time_s']:.0f}s")  # fmt: skip
+    return result
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one JSON line atomically: the file is rewritten through a temp file and a rename, so
+    a crash never leaves half a line and earlier results are never lost."""
+    path = Path(path)
+    old = path.read_bytes() if path.exists() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    atomic_write(path, lambda f: f.write(old + json.dumps(row).encode() + b"\n"))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    for line_number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not a JSON line ({e})") from None
+    return rows

@@ -1,0 +1,263 @@
+import gzip
+import json
+import pickle
+import struct
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from rlplastic.supervised import data as sdata
+from rlplastic.supervised.models import build_model
+from rlplastic.supervised.train import (
+    METHODS,
+    RunConfig,
+    TopKController,
+    TopKReLU,
+    append_jsonl,
+    crop_flip,
+    read_jsonl,
+    run,
+    validate,
+)
+
+
+def write_cifar(root, classes):
+    rng = np.random.default_rng(0)
+    if classes == 10:
+        folder = root / "cifar-10-batches-py"
+        names, key = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"
+    else:
+        folder = root / "cifar-100-python"
+        names, key = ["train", "test"], b"fine_labels"
+    folder.mkdir(parents=True)
+    written = {}
+    for name in names:
+        images = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+        labels = list(rng.integers(0, classes, 4))
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": images, key: labels, b"batch_label": b"x"}, f)
+        written[name] = (images, labels)
+    return written
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_pickle_batches_read_back(tmp_path, classes):
+    written = write_cifar(tmp_path, classes)
+    x_train, y_train, x_test, y_test = sdata.read_cifar(tmp_path, classes)
+    assert x_train.shape == ((20 if classes == 10 else 4), 3, 32, 32) and x_test.shape == (4, 3, 32, 32)
+    first = written["data_batch_1" if classes == 10 else "train"]
+    assert np.array_equal(x_train[0, 0].reshape(-1), first[0][0, :1024])  # row-major R plane first
+    assert y_train[:4].tolist() == [int(v) for v in first[1]]
+    test = written["test_batch" if classes == 10 else "test"]
+    assert y_test.tolist() == [int(v) for v in test[1]]
+
+
+def test_cifar10c_and_mca_inputs(tmp_path):
+    write_cifar(tmp_path, 10)
+    folder = tmp_path / "CIFAR-10-C"
+    folder.mkdir()
+    np.save(folder / "labels.npy", np.arange(6) % 10)
+    np.save(folder / "fog.npy", np.zeros((6, 32, 32, 3), dtype=np.uint8))
+    dataset = sdata.load_dataset("cifar10", tmp_path)
+    assert list(dataset.corruptions) == ["fog"]
+    images, labels = dataset.corruptions["fog"]
+    assert images.shape == (6, 3, 32, 32) and labels.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def write_idx(path, array, packed=False):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    (gzip.open if packed else open)(path, "wb").write(payload)
+
+
+def test_mnist_idx_files_plain_and_gzipped(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (5, 28, 28))
+    labels = np.array([3, 1, 4, 1, 5])
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images, packed=True)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images[:2])
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels[:2], packed=True)
+    x_train, y_train, x_test, y_test = sdata.read_mnist(tmp_path)
+    assert x_train.shape == (5, 1, 28, 28) and np.array_equal(x_train[:, 0], images)
+    assert y_train.tolist() == [3, 1, 4, 1, 5] and y_test.tolist() == [3, 1]
+
+
+def test_tiny_imagenet_folder_layout(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "tiny-imagenet-200"
+    wnids = ["n01", "n02"]
+    (folder / "val" / "images").mkdir(parents=True)
+    folder.joinpath("wnids.txt").write_text("\n".join(wnids) + "\n")
+    for i, w in enumerate(wnids):
+        (folder / "train" / w / "images").mkdir(parents=True)
+        for j in range(2):
+            Image.new("RGB", (64, 64), (40 * i, 10 * j, 0)).save(folder / "train" / w / "images" / f"{w}_{j}.JPEG")
+    Image.new("RGB", (64, 64), (0, 0, 200)).save(folder / "val" / "images" / "val_0.JPEG")
+    folder.joinpath("val/val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t63\t63\n")
+    x_train, y_train, x_test, y_test = sdata.read_tiny_imagenet(tmp_path)
+    assert x_train.shape == (4, 3, 64, 64) and y_train.tolist() == [0, 0, 1, 1]
+    assert y_test.tolist() == [1] and abs(int(x_test[0, 2].mean()) - 200) <= 2
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist", "tiny-imagenet"])
+def test_missing_files_are_named_with_their_source(tmp_path, name):
+    with pytest.raises(sdata.DataError) as error:
+        sdata.load_dataset(name, tmp_path)
+    message = str(error.value)
+    assert name in message and str(tmp_path) in message and "http" in message
+
+
+def test_offline_data_sets(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLPLASTIC_CACHE", str(tmp_path))
+    digits = sdata.load_dataset("digits")
+    assert digits.x_train.shape == (1437, 1, 8, 8) and digits.x_test.shape == (360, 1, 8, 8)
+    assert digits.num_classes == 10 and abs(float(digits.x_train.mean())) < 1e-5
+    m1d = sdata.load_dataset("mnist1d")
+    assert m1d.x_train.shape == (8000, 40) and m1d.x_test.shape == (2000, 40) and m1d.num_classes == 10
+    assert (tmp_path / "mnist1d_10000.npz").exists()  # cached: the next load skips generation
+    again = sdata.load_dataset("mnist1d")
+    assert np.array_equal(again.x_train, m1d.x_train)
+
+
+def test_subset_and_label_noise_are_seeded_and_recorded():
+    labels = np.arange(10_000) % 10
+    idx, noisy, record = sdata.subset_with_noise(labels, 0.1, 0.5, 10, seed=3)
+    assert len(idx) == 1000 == record["size"] and len(set(idx.tolist())) == 1000
+    assert record["replaced"] == pytest.approx(500, abs=60)  # ~50% replaced
+    assert record["changed"] == pytest.approx(0.9 * record["replaced"], abs=40)  # 1 in 10 draws the true class
+    assert record["changed"] == int((noisy != labels[idx]).sum())
+    again = sdata.subset_with_noise(labels, 0.1, 0.5, 10, seed=3)
+    assert np.array_equal(again[0], idx) and np.array_equal(again[1], noisy)
+    clean = sdata.subset_with_noise(labels, 1.0, 0.0, 10, seed=3)
+    assert np.array_equal(clean[1], labels)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("resnet18", 11.17e6), ("vgg16", 16.8e6), ("vit-tiny", 5.36e6), ("wrn-28-4", 5.85e6)],
+)
+def test_image_models_forward_and_split(name, params):
+    model = build_model(name, (3, 32, 32), 10)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert isinstance(model.head, torch.nn.Linear) and model.encoder(torch.zeros(2, 3, 32, 32)).ndim == 2
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.03)
+
+
+def test_mlp_and_crelu_halve_the_width():
+    plain, crelu = build_model("mlp", (40,), 10), build_model("mlp", (40,), 10, crelu=True)
+    assert plain(torch.zeros(3, 40)).shape == crelu(torch.zeros(3, 40)).shape == (3, 10)
+    assert [m.out_features for m in crelu.modules() if isinstance(m, torch.nn.Linear)] == [50, 50, 10]
+    assert crelu.head.in_features == plain.head.in_features == 100  # [relu(x), -relu(-x)] doubles 50
+    h = crelu.encoder(torch.randn(8, 40))
+    assert (h[:, :50] >= 0).all() and (h[:, 50:] <= 0).all()
+    with pytest.raises(ValueError, match="needs images"):
+        build_model("resnet18", (40,), 10)
+
+
+def test_crop_flip_moves_pixels_within_the_padding():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) + 1
+    out = crop_flip(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    for i in range(2):  # every output row is a shifted (maybe flipped) slice of an input row, or padding
+        values = set(out[i].flatten().tolist()) - {0.0}
+        assert values <= set(x[i].flatten().tolist())
+
+
+def test_topk_keeps_the_largest_share_and_cycles():
+    controller = TopKController(minimum=0.25, decay=0.5, cycle=3)
+    layer = TopKReLU(controller)
+    x = torch.tensor([[4.0, -1.0, 3.0, 2.0, 1.0, 0.5, 6.0, 5.0]])
+    assert torch.equal(layer(x), torch.relu(x))
+    controller.next_epoch()  # keep 0.5: 4 of 8 units
+    assert layer(x).tolist() == [[4.0, 0.0, 3.0, 0.0, 0.0, 0.0, 6.0, 5.0]]
+    controller.next_epoch()  # 0.25
+    assert layer(x).tolist() == [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 6.0, 5.0]]
+    controller.next_epoch()  # epoch 3: back to dense
+    assert controller.keep == 1.0
+
+
+def test_validate_names_bad_values():
+    problems = "\n".join(validate(RunConfig(dataset="svhn", method="magic", subset=0.0)))
+    assert "--dataset svhn" in problems and "--method magic" in problems and "--subset 0.0" in problems
+    assert any("warm-start or continual" in p for p in validate(RunConfig(protocol="fresh", method="head-reset")))
+
+
+TINY = RunConfig(dataset="digits", model="mlp", epochs=2, subset=0.5, noise=0.5, device="cpu", hessian=False)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "augment"] + ["augment"])
+def test_every_method_trains_on_real_digits(method, tmp_path):
+    config = replace(TINY, method=method)
+    if method == "augment":
+        config = replace(config, model="resnet18", epochs=1, subset=1.0, protocol="fresh", batch_size=512)
+    result = run(config, out=tmp_path / "r.jsonl", log=lambda s: None)
+    assert 0 <= result["test_acc"] <= 1 and np.isfinite(result["ece"]) and result["lipschitz"] > 0
+    assert result["method"] == method
+    phases = [h["phase"] for h in result["history"]]
+    if config.protocol == "warm-start":
+        assert phases.count("phase1") >= 1 and phases[-1] == "phase2"
+        assert {"phase1", "end"} == set(result["diagnostics"])
+    assert json.loads((tmp_path / "r.jsonl").read_text())["method"] == method
+
+
+def test_head_reset_renews_the_head_and_it_learns_again():
+    config = replace(TINY, method="head-reset", epochs=15, subset=1.0, noise=0.0, hessian=True)
+    result = run(config, log=lambda s: None)
+    phase2 = [h for h in result["history"] if h["phase"] == "phase2"]
+    assert phase2[-1]["test_acc"] > 0.8 and phase2[-1]["train_acc"] > phase2[0]["train_acc"] - 0.05
+    assert result["hessian"] is not None and np.isfinite(result["hessian"])
+
+
+def test_warm_start_phase_one_gets_equal_updates():
+    result = run(replace(TINY, epochs=3, subset=0.25, log_every=1), log=lambda s: None)
+    epochs = {p: max(h["epoch"] for h in result["history"] if h["phase"] == p) for p in ("phase1", "phase2")}
+    assert epochs == {"phase1": 12, "phase2": 3}  # 3 / 0.25
+    assert result["data"][0]["size"] == round(0.25 * 1437)
+
+
+def test_continual_chunks_with_falling_noise_and_a_buffer():
+    result = run(replace(TINY, protocol="continual", chunks=4, epochs=1, buffer=100), log=lambda s: None)
+    assert [r["noise"] for r in result["data"]] == pytest.approx([0.5, 1 / 3, 1 / 6, 0.0])
+    assert [h["phase"] for h in result["history"]] == ["chunk0", "chunk1", "chunk2", "chunk3"]
+
+
+def test_jsonl_append_keeps_earlier_lines_and_table_formats(tmp_path):
+    path = tmp_path / "r.jsonl"
+    rows = [
+        {"dataset": "mnist1d", "model": "mlp", "protocol": "warm-start", "method": "baseline", "test_acc": 0.5,
+         "ece": 0.1, "mca": None, "hessian": 2.0, "lipschitz": 10.0},
+        {"dataset": "mnist1d", "model": "mlp", "protocol": "warm-start", "method": "baseline", "test_acc": 0.7,
+         "ece": 0.2, "mca": None, "hessian": 4.0, "lipschitz": 30.0},
+        {"dataset": "mnist1d", "model": "mlp", "protocol": "fresh", "method": "baseline", "test_acc": 0.8,
+         "ece": 0.1, "mca": None, "hessian": 1.0, "lipschitz": 5.0},
+    ]  # fmt: skip
+    for row in rows:
+        append_jsonl(path, row)
+    assert read_jsonl(path) == rows
+    script = str(ROOT / "scripts" / "supervised.py")
+    table = subprocess.run([sys.executable, script, "table", str(path)], capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    assert "| baseline | 60.00 ± 14.14 (2) |" in table.stdout
+    assert "| baseline (fresh) | 80.00 ± 0.00 (1) |" in table.stdout
+    life = subprocess.run([sys.executable, script, "table", str(path), "--kind", "lifecycle"], capture_output=True,
+                          text=True)  # fmt: skip
+    assert (
+        "| baseline | 60.00 ± 14.14 (2) | — | 15.00 ± 7.07 (2) | 3.00 ± 1.41 (2) | 20.00 ± 14.14 (2) |" in life.stdout
+    )
+
+
+def test_cli_rejects_bad_input_before_work(tmp_path):
+    script = str(ROOT / "scripts" / "supervised.py")
+    bad = subprocess.run([sys.executable, script, "run", "--method", "magic", "--out", str(tmp_path / "o.jsonl")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "--method magic" in bad.stderr and not (tmp_path / "o.jsonl").exists()
+    missing = subprocess.run([sys.executable, script, "run", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                              "--model", "resnet18", "--out", str(tmp_path / "o.jsonl")], capture_output=True,
+                             text=True)  # fmt: skip
+    assert missing.returncode == 2 and "cifar-10-batches-py/data_batch_1" in missing.stderr
