@@ -55,7 +55,10 @@ from rlplastic.runs import (
     device_generator,
     git_commit,
     hparams_markdown,
+    load_checkpoint,
+    random_states,
     resolve_device,
+    restore_random_states,
     seed_everything,
 )
 from rlplastic.schedules import linearly_decaying_epsilon
@@ -529,16 +532,7 @@ def main(args: Args) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     config = asdict(args) | {"env_id": game, "device": str(device)}
     checkpoint_path = run_dir / "checkpoint.pt"
-    checkpoint = (
-        torch.load(checkpoint_path, map_location=device, weights_only=False) if checkpoint_path.exists() else None
-    )
-    if checkpoint is not None:
-        changed = {k for k in config if k not in RESUMABLE_CHANGES and checkpoint["config"].get(k) != config[k]}
-        if changed:
-            sys.exit(
-                f"bbf: {checkpoint_path} was written with other arguments ({', '.join(sorted(changed))}); "
-                "resume with the same ones or choose another --output-dir"
-            )
+    checkpoint = load_checkpoint(checkpoint_path, config, RESUMABLE_CHANGES, device, "bbf")
     start_step = checkpoint["step"] + 1 if checkpoint else 1
     writer = SummaryWriter(str(run_dir), purge_step=start_step) if args.track_tensorboard else None
     if writer and not checkpoint:
@@ -584,11 +578,7 @@ def main(args: Args) -> dict:
         replay.load_state_dict(checkpoint["replay"])
         env.set_state(checkpoint["env"])
         obs = checkpoint["obs"]
-        rng.bit_generator.state = checkpoint["rng"]
-        generator.set_state(checkpoint["generator"].cpu())
-        torch.set_rng_state(checkpoint["torch_rng"].cpu())
-        if checkpoint["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all([state.cpu() for state in checkpoint["cuda_rng"]])
+        restore_random_states(checkpoint, rng, generator)
         episodes, train_log, diagnostics = checkpoint["episodes"], checkpoint["train_log"], checkpoint["diagnostics"]
         probe.initial, probe.probe_batch = checkpoint["probe_initial"], checkpoint["probe_batch"]
         sums = checkpoint["sums"]
@@ -672,9 +662,7 @@ def main(args: Args) -> dict:
                     "optimizer": optimizer.state_dict(), "resets": resets.state_dict(),
                     "interventions": [intervention.state_dict() for intervention in interventions],
                     "replay": replay.state_dict(), "env": env.get_state(), "obs": obs,
-                    "rng": rng.bit_generator.state, "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),  # fresh draws of the resets come from it
-                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                    **random_states(rng, generator, device),
                     "episodes": episodes, "train_log": train_log, "diagnostics": diagnostics,
                     "probe_initial": probe.initial, "probe_batch": probe.probe_batch, "sums": sums,
                     "counters": (updates_since_log, grad_steps, cycle_step),

@@ -71,6 +71,42 @@ def atomic_torch_save(path: str | os.PathLike, payload: Any) -> None:
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
+def load_checkpoint(
+    path: Path, config: dict[str, Any], resumable: set[str], device: torch.device, agent: str
+) -> dict | None:
+    """The checkpoint of an interrupted run in `path`, or None. Resuming with other arguments than
+    the ones it was written with (apart from `resumable` ones) exits with a message naming them."""
+    if not path.exists():
+        return None
+    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    changed = {k for k in config if k not in resumable and checkpoint["config"].get(k) != config[k]}
+    if changed:
+        sys.exit(
+            f"{agent}: {path} was written with other arguments ({', '.join(sorted(changed))}); "
+            "resume with the same ones or choose another --output-dir"
+        )
+    return checkpoint
+
+
+def random_states(rng: np.random.Generator, generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every random state a run draws from, for its checkpoint (fresh re-inits of interventions draw
+    from torch's global generator, sampling and augmentation from `generator`, acting from `rng`)."""
+    return {
+        "rng": rng.bit_generator.state,
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+    }
+
+
+def restore_random_states(states: dict[str, Any], rng: np.random.Generator, generator: torch.Generator) -> None:
+    rng.bit_generator.state = states["rng"]
+    generator.set_state(states["generator"].cpu())
+    torch.set_rng_state(states["torch_rng"].cpu())
+    if states["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda_rng"]])
+
+
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
     """The commit of the checkout holding `path` (+ '-dirty' with local changes), or None."""
     cwd = Path(path or __file__).resolve().parent

@@ -125,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the model's, SPEC 7)")
     r.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the model's)")
     r.add_argument("--warmup", type=float, default=d.warmup, help="share of each phase's steps warming up from lr 0")
+    r.add_argument("--schedule", default=d.schedule, help="after the warm-up: constant or cosine (to 0)")
+    r.add_argument("--augment", action="store_true", help="crop + flip with any method (lifecycle tables)")
     r.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip (0 = none)")
     r.add_argument("--chunks", type=int, default=d.chunks, help="continual: number of chunks")
     r.add_argument("--buffer", type=int, default=d.buffer, help="continual: sample buffer size (0 = full access)")

@@ -186,6 +186,8 @@ def test_validate_names_bad_values():
     problems = "\n".join(validate(RunConfig(dataset="svhn", method="magic", subset=0.0)))
     assert "--dataset svhn" in problems and "--method magic" in problems and "--subset 0.0" in problems
     assert any("warm-start or continual" in p for p in validate(RunConfig(protocol="fresh", method="head-reset")))
+    assert any("--schedule linear" in p for p in validate(RunConfig(schedule="linear")))
+    assert any("needs images" in p for p in validate(RunConfig(dataset="mnist1d", augment=True)))
 
 
 TINY = RunConfig(dataset="digits", model="mlp", epochs=2, subset=0.5, noise=0.5, device="cpu", hessian=False)
@@ -212,6 +214,14 @@ def test_head_reset_renews_the_head_and_it_learns_again():
     phase2 = [h for h in result["history"] if h["phase"] == "phase2"]
     assert phase2[-1]["test_acc"] > 0.8 and phase2[-1]["train_acc"] > phase2[0]["train_acc"] - 0.05
     assert result["hessian"] is not None and np.isfinite(result["hessian"])
+
+
+def test_cosine_schedule_with_augmentation_on_any_method():
+    config = replace(TINY, model="resnet18", protocol="fresh", method="ema", epochs=1, batch_size=512,
+                     schedule="cosine", warmup=0.05, augment=True)  # fmt: skip
+    result = run(config, log=lambda s: None)
+    assert result["config"]["schedule"] == "cosine" and result["config"]["augment"] is True
+    assert 0 <= result["test_acc"] <= 1
 
 
 def test_warm_start_phase_one_gets_equal_updates():

@@ -141,3 +141,15 @@ def test_local_sweep_then_report_then_rerun(tmp_path):
     assert f"FAILED drq Breakout seed 2 (exit 1): {out / 'drq/Breakout/seed2/log.txt'}" in third.stdout
     assert (out / "drq/Pong/seed1/results.json").exists()
     assert "checkpoint" in (out / "drq/Breakout/seed2/log.txt").read_text()
+
+
+def test_local_workers_take_gpus_in_turn_and_share_the_cores(tmp_path, monkeypatch):
+    specs = sweep.expand_grid("drq", ["Pong", "Breakout"], [1, 2], tmp_path, settings=TINY)
+    probe = "import os; print('gpu', os.environ['CUDA_VISIBLE_DEVICES'], 'threads', os.environ['OMP_NUM_THREADS'])"
+    monkeypatch.setattr(sweep.RunSpec, "command", lambda self: [sys.executable, "-c", probe])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    outcomes = sweep.run_local(specs, workers=2, gpus=["3", "5"], stream=open(os.devnull, "w"))
+    assert len(outcomes) == 4 and all(o.returncode == 0 and not o.ok for o in outcomes)  # no results.json
+    lines = [s.log_path.read_text().splitlines()[-1] for s in specs]
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert set(lines) == {f"gpu 3 threads {threads}", f"gpu 5 threads {threads}"}

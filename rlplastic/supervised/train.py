@@ -61,6 +61,8 @@ class RunConfig:
     lr: float | None = None  # default per model (SPEC)
     weight_decay: float | None = None
     warmup: float = 0.1  # share of each phase's steps with the learning rate rising from 0
+    schedule: str = "constant"  # after the warm-up: constant, or cosine to 0 (the lifecycle tables)
+    augment: bool = False  # crop + flip with any method (the lifecycle tables); --method augment = baseline + this
     grad_clip: float = 0.5
     chunks: int = 10  # continual
     buffer: int = 0  # continual: 0 = full access to earlier chunks, else a sample buffer of this size
@@ -96,6 +98,10 @@ def validate(config: RunConfig) -> list[str]:
             problems.append(f"--{name.replace('_', '-')} {getattr(config, name)}: must be a positive integer")
     if config.buffer < 0 or config.log_every < 0:
         problems.append(f"--buffer {config.buffer} / --log-every {config.log_every}: must be >= 0")
+    if config.schedule not in ("constant", "cosine"):
+        problems.append(f"--schedule {config.schedule}: allowed constant, cosine")
+    if (config.augment or config.method == "augment") and config.dataset == "mnist1d":
+        problems.append("augmentation (crop + flip) needs images; mnist1d holds 1-D signals")
     if not 0 <= config.warmup < 1 or config.grad_clip < 0:
         problems.append(f"--warmup {config.warmup} / --grad-clip {config.grad_clip}: need warmup in [0, 1), clip >= 0")
     if not 0 < config.topk_min <= 1 or not 0 < config.topk_decay <= 1:
@@ -271,10 +277,17 @@ class Trainer:
         n = len(x)
         steps = epochs * self.steps_per_epoch(n)
         warmup_steps = int(self.config.warmup * steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
-        )
-        augment = self.config.method == "augment"
+        cosine = self.config.schedule == "cosine"
+
+        def factor(s: int) -> float:
+            if s < warmup_steps:
+                return (s + 1) / warmup_steps
+            if not cosine:
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * (s - warmup_steps) / max(1, steps - warmup_steps)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        augment = self.config.augment or self.config.method == "augment"
         log_every = self.config.log_every or max(1, epochs // 10)
         self.model.train()
         for epoch in range(1, epochs + 1):
