@@ -217,11 +217,12 @@ def test_head_reset_renews_the_head_and_it_learns_again():
 
 
 def test_cosine_schedule_with_augmentation_on_any_method():
-    config = replace(TINY, model="resnet18", protocol="fresh", method="ema", epochs=1, batch_size=512,
-                     schedule="cosine", warmup=0.05, augment=True)  # fmt: skip
+    config = replace(TINY, model="mlp", protocol="fresh", method="ema", epochs=1, batch_size=512,
+                     schedule="cosine", warmup=0.05, augment=True, hessian=True)  # fmt: skip
     result = run(config, log=lambda s: None)
     assert result["config"]["schedule"] == "cosine" and result["config"]["augment"] is True
     assert 0 <= result["test_acc"] <= 1
+    assert np.isfinite(result["hessian"])  # measured on the EMA copy, whose parameters need no grad
 
 
 def test_warm_start_phase_one_gets_equal_updates():

@@ -410,9 +410,13 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
     if config.hessian:
         batch_x, batch_y = x_train[:256], y_train[:256]
         model.eval()  # BatchNorm in inference mode: the loss is a function of the parameters alone
+        frozen = [p for p in model.parameters() if not p.requires_grad]  # an EMA / tortoise copy
+        model.requires_grad_(True)
         result["hessian"] = hessian_top_eigenvalue(
             lambda: F.cross_entropy(model(batch_x), batch_y), model.parameters(), iterations=10, seed=config.seed
         ).item()
+        for p in frozen:
+            p.requires_grad_(False)
     if data.corruptions:
         accs = [accuracy_and_logits(model, *(torch.as_tensor(a).to(device) for a in pair))[0].item()
                 for pair in data.corruptions.values()]  # fmt: skip
