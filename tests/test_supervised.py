@@ -226,9 +226,11 @@ def test_cosine_schedule_with_augmentation_on_any_method():
 
 
 def test_warm_start_phase_one_gets_equal_updates():
-    result = run(replace(TINY, epochs=3, subset=0.25, log_every=1), log=lambda s: None)
-    epochs = {p: max(h["epoch"] for h in result["history"] if h["phase"] == p) for p in ("phase1", "phase2")}
-    assert epochs == {"phase1": 12, "phase2": 3}  # 3 / 0.25
+    lines = []
+    result = run(replace(TINY, epochs=3, subset=0.25, log_every=4), log=lines.append)
+    epochs = {p: [h["epoch"] for h in result["history"] if h["phase"] == p] for p in ("phase1", "phase2")}
+    assert epochs == {"phase1": list(range(1, 13)), "phase2": [1, 2, 3]}  # 3 / 0.25; accuracies every epoch
+    assert sum(line.startswith("phase1 epoch") for line in lines) == 3  # progress at 4, 8, 12
     assert result["data"][0]["size"] == round(0.25 * 1437)
 
 

@@ -74,7 +74,7 @@ class RunConfig:
     topk_decay: float = 0.9  # top-k: keep ratio multiplier per epoch
     topk_cycle: int = 10  # top-k: epochs between returns to dense
     device: str = "auto"
-    log_every: int = 0  # epochs between progress lines; 0 = about ten per phase
+    log_every: int = 0  # epochs between progress lines (accuracies are recorded every epoch); 0 = ~10 per phase
     hessian: bool = True  # compute the Hessian top eigenvalue at the end (double backprop)
     tb_dir: str | None = None
 
@@ -313,15 +313,16 @@ class Trainer:
                 self.steps += 1
             if self.topk is not None:
                 self.topk.next_epoch()
+            # accuracies every epoch (history, tensorboard); a progress line every log_every epochs
+            train_acc, _ = accuracy_and_logits(self.evaluated, x, y)
+            test_acc, _ = accuracy_and_logits(self.evaluated, self.test_x, self.test_y)
+            row = {"phase": phase, "epoch": epoch, "loss": loss_sum.item() / self.steps_per_epoch(n),
+                   "train_acc": train_acc.item(), "test_acc": test_acc.item()}  # fmt: skip
+            history.append(row)
+            if writer:
+                for key in ("loss", "train_acc", "test_acc"):
+                    writer.add_scalar(f"{phase}/{key}", row[key], epoch)
             if epoch % log_every == 0 or epoch == epochs:
-                train_acc, _ = accuracy_and_logits(self.evaluated, x, y)
-                test_acc, _ = accuracy_and_logits(self.evaluated, self.test_x, self.test_y)
-                row = {"phase": phase, "epoch": epoch, "loss": loss_sum.item() / self.steps_per_epoch(n),
-                       "train_acc": train_acc.item(), "test_acc": test_acc.item()}  # fmt: skip
-                history.append(row)
-                if writer:
-                    for key in ("loss", "train_acc", "test_acc"):
-                        writer.add_scalar(f"{phase}/{key}", row[key], epoch)
                 log(f"{phase} epoch {epoch}/{epochs} loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
                     f"test_acc {row['test_acc']:.4f}")  # fmt: skip
 
