@@ -13,7 +13,6 @@ import itertools
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -231,7 +230,6 @@ def run_local(
     slots: Queue[int] = Queue()
     for slot in range(workers):
         slots.put(slot)
-    lock = threading.Lock()
     done = []
 
     def launch(spec: RunSpec) -> Outcome:
@@ -253,10 +251,8 @@ def run_local(
         futures = [pool.submit(launch, spec) for spec in specs]
         try:
             for future in as_completed(futures):
-                outcome = future.result()
-                with lock:
-                    done.append(outcome)
-                    report_outcome(outcome, len(done), len(specs), stream)
+                done.append(future.result())  # collected here, in the launching thread only
+                report_outcome(done[-1], len(done), len(specs), stream)
         except KeyboardInterrupt:
             for future in futures:
                 future.cancel()

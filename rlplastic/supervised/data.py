@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 DATASETS = ("mnist1d", "digits", "mnist", "cifar10", "cifar100", "tiny-imagenet")
 SOURCES = {
@@ -38,10 +37,6 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     corruptions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # CIFAR-10-C
-
-    @property
-    def is_image(self) -> bool:
-        return self.x_train.ndim == 4
 
 
 def require(name: str, root: Path, files: list[Path]) -> None:
@@ -222,7 +217,3 @@ def subset_with_noise(
     record = {"subset": ratio, "noise": noise, "size": len(indices), "replaced": int(replaced.sum()),
               "changed": int((noisy != labels[indices]).sum()), "seed": seed}  # fmt: skip
     return indices, noisy, record
-
-
-def to_device(*arrays: np.ndarray, device: torch.device) -> list[torch.Tensor]:
-    return [torch.as_tensor(a).to(device) for a in arrays]
