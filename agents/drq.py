@@ -6,12 +6,30 @@ Kostrikov et al. 2020 (DrQ); hyperparameters of dopamine's labs/atari_100k DrQ_e
     python agents/drq.py --env-id Breakout
     python agents/drq.py --env-id Pong --seed 2 --total-steps 100000 --device cuda
 
+The network is dopamine's: Nature CNN with 'SAME' padding, ONE shared Dense(512)+ReLU, then a
+dueling output Dense(A) + Dense(1) (4,045,989 parameters with 4 actions). The environment protocol
+(rlplastic.envs.atari) is dopamine's Atari-100k runner's: noop starts outside the episode's
+counters, a frame skip that stops at a life loss.
+
+The Hare & Tortoise RL setting (Lee et al. 2024, section 5 and Table 1: replay ratio 2, EMA target
+with momentum 0.995, hare <- tortoise every 4,000 gradient steps; the online network acts, as in
+dopamine's DrQ):
+
+    python agents/drq.py --env-id Pong --updates-per-step 2 --ema 0.995 --reset hare-tortoise
+    python agents/drq.py --env-id Pong --updates-per-step 2 --reset head --head-reset-every 20000
+    python agents/drq.py --env-id Pong --updates-per-step 2 --ema 0.995 --reset hare-tortoise head \
+        --head-reset-every 40000
+
 Differences from the reference, on purpose:
-- the dueling head gives each stream its own 512-unit hidden layer (Wang et al. 2016);
 - without --ema the target comes from the online network itself (the reference copies the online
   network into the target every step, which is the same function), computed under no_grad;
 - with --ema the momentum target is updated by rlplastic's HareTortoise (the tortoise), which
-  copies itself into the online network only when --reset hare-tortoise is on.
+  copies itself into the online network only when --reset hare-tortoise is on;
+- the update is queued before the environment steps (dopamine trains just before choosing the
+  action): the action comes from parameters one update older, so a GPU overlaps the two;
+- the 27k-step episode cap is in agent steps as the papers give it; dopamine's newer gymnasium
+  path also asks ALE for at most 100,000 frames (25k steps, noop frames included), which would end
+  a few very long evaluation episodes earlier.
 
 Interventions: --reset hare-tortoise --ema 0.995, --reset head, --reset shrink-perturb,
 --reset redo, --reset cbp, --reset noise (combinable), --lifecycle.
@@ -83,6 +101,11 @@ class Args:
     """exploration rate during the final evaluation"""
     eval_envs: int = 8
     """environments stepped in lockstep during evaluation (batches the network's forward)"""
+    eval_every: int = 0
+    """agent steps between evaluations during training (dopamine evaluates every 10,000); each point
+    goes into results.json's eval_curve and tensorboard's eval/mean_return; 0 = only the final one"""
+    eval_every_episodes: int = 100
+    """episodes of each evaluation during training (--eval-every); fewer make them cheaper"""
     max_episode_steps: int = MAX_EPISODE_STEPS
     """cap on an episode's agent steps, training and evaluation (27k = 108k frames)"""
     output_dir: str | None = None
@@ -197,6 +220,11 @@ def validate(args: Args) -> list[str]:
     for name in non_negative:
         if getattr(args, name) < 0:
             problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
+    if args.eval_every < 0 or args.eval_every_episodes <= 0:
+        problems.append(
+            f"--eval-every {args.eval_every} / --eval-every-episodes {args.eval_every_episodes}: "
+            "need >= 0 (0 = final evaluation only) and > 0"
+        )
     if args.eval_envs <= 0:
         problems.append(f"--eval-envs {args.eval_envs}: must be a positive integer")
     if args.max_episode_steps <= 0:
@@ -279,6 +307,19 @@ def method_label(args: Args) -> str:
 RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "track_tensorboard"}
 
 
+def evaluate(args: Args, game: str, greedy_actions, num_episodes: int, seed: int):
+    """Epsilon-greedy episodes with the current parameters, on fresh environments seeded apart
+    from training (the training environment and RNG streams are untouched)."""
+    return evaluate_episodes(
+        lambda env_seed: make_atari100k_env(game, env_seed, max_episode_steps=args.max_episode_steps),
+        greedy_actions,
+        num_episodes=num_episodes,
+        num_envs=args.eval_envs,
+        epsilon=args.eval_epsilon,
+        seed=seed,
+    )
+
+
 # NETWORK
 class SamePadConv(nn.Sequential):
     """Conv2d with TensorFlow 'SAME' padding (extra pixel right/bottom), as in the reference."""
@@ -292,7 +333,12 @@ class SamePadConv(nn.Sequential):
 
 
 class QNetwork(nn.Module):
-    """Nature CNN encoder (SAME padding, 11x11x64 = 7,744 features) and a dueling head."""
+    """Nature CNN encoder (SAME padding, 11x11x64 = 7,744 features), one shared Dense(512)+ReLU,
+    then a dueling output: Dense(A) advantages and Dense(1) value (dopamine's FullRainbowNetwork
+    with dueling on and one atom; 4,045,989 parameters with 4 actions).
+
+    `head` (the shared hidden layer) plus `advantage` and `value` form the "head" that head resets
+    re-initialize (Nikishin et al. 2022; Lee et al. 2024 section 5: the MLP after the encoder)."""
 
     def __init__(self, num_actions: int, in_channels: int = 4, hidden: int = 512):
         super().__init__()
@@ -301,14 +347,18 @@ class QNetwork(nn.Module):
         c3 = SamePadConv(64, 64, 3, 1, c2.out_size)
         self.encoder = nn.Sequential(c1, nn.ReLU(), c2, nn.ReLU(), c3, nn.ReLU(), nn.Flatten())
         features = 64 * c3.out_size**2
-        self.value = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        self.advantage = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, num_actions))
+        self.head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU())
+        self.advantage = nn.Linear(hidden, num_actions)
+        self.value = nn.Linear(hidden, 1)
         self.apply(xavier_uniform_zero_bias)  # the reference's init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(x / 255.0)
+        h = self.head(self.encoder(x / 255.0))
         advantage = self.advantage(h)
         return self.value(h) + advantage - advantage.mean(1, keepdim=True)
+
+
+HEAD_MODULES = ("head", "advantage", "value")  # what --reset head re-initializes
 
 
 # ALGO LOGIC
@@ -356,7 +406,7 @@ def build_interventions(
         interventions.append(HareTortoise(q_network, target_network, momentum=args.ema, reset_every=every))
     if "head" in args.reset:
         every = interval(args, args.head_reset_every, 20_000)
-        interventions.append(HeadReset(networks, ["value", "advantage"], every, optimizer))
+        interventions.append(HeadReset(networks, list(HEAD_MODULES), every, optimizer))
     if "shrink-perturb" in args.reset:
         every = interval(args, args.sp_every, 20_000)
         interventions.append(ShrinkPerturb(networks, {"": (args.sp_shrink, args.sp_perturb)}, every, optimizer))
@@ -439,6 +489,7 @@ def main(args: Args) -> dict:
     episodes: list[dict] = []
     train_log: list[dict] = []
     diagnostics: list[dict] = []
+    eval_curve: list[dict] = []  # {"step", "mean", "returns"} of every evaluation, the final one last
     loss_sum = torch.zeros((), device=device)  # summed on the device; read once per log interval
     q_sum = torch.zeros((), device=device)
     updates_since_log = 0
@@ -454,6 +505,7 @@ def main(args: Args) -> dict:
         obs = checkpoint["obs"]
         restore_random_states(checkpoint, rng, generator)
         episodes, train_log, diagnostics = checkpoint["episodes"], checkpoint["train_log"], checkpoint["diagnostics"]
+        eval_curve = checkpoint["eval_curve"]
         probe.initial, probe.probe_batch = checkpoint["probe_initial"], checkpoint["probe_batch"]
         loss_sum += checkpoint["loss_sum"]
         q_sum += checkpoint["q_sum"]
@@ -523,6 +575,15 @@ def main(args: Args) -> dict:
                 for key, value in metrics.items():
                     writer.add_scalar(f"plasticity/{key}", value, step)
 
+        if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+            q_network.eval()
+            point = evaluate(args, game, greedy_actions, args.eval_every_episodes, args.seed + 20_000 + step)
+            q_network.train()
+            eval_curve.append({"step": step, "mean": point.mean, "returns": point.returns})
+            if writer:
+                writer.add_scalar("eval/mean_return", point.mean, step)
+            print(f"drq: step {step} eval mean {point.mean} over {len(point.returns)} episodes", flush=True)
+
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.total_steps:
             atomic_torch_save(
                 checkpoint_path,
@@ -540,6 +601,7 @@ def main(args: Args) -> dict:
                     "episodes": episodes,
                     "train_log": train_log,
                     "diagnostics": diagnostics,
+                    "eval_curve": eval_curve,
                     "probe_initial": probe.initial,
                     "probe_batch": probe.probe_batch,
                     "loss_sum": loss_sum,
@@ -553,14 +615,10 @@ def main(args: Args) -> dict:
     # FINAL EVALUATION
     print(f"drq: evaluating {args.eval_episodes} episodes (epsilon {args.eval_epsilon})", flush=True)
     q_network.eval()
-    evaluation = evaluate_episodes(
-        lambda seed: make_atari100k_env(game, seed, max_episode_steps=args.max_episode_steps),
-        greedy_actions,
-        num_episodes=args.eval_episodes,
-        num_envs=args.eval_envs,
-        epsilon=args.eval_epsilon,
-        seed=args.seed + 10_000,  # eval episodes never replay the training seed's starts
-    )
+    # eval episodes never replay the training seed's starts
+    evaluation = evaluate(args, game, greedy_actions, args.eval_episodes, args.seed + 10_000)
+    if evaluation.returns:
+        eval_curve.append({"step": args.total_steps, "mean": evaluation.mean, "returns": evaluation.returns})
     results = {
         "agent": "drq",
         "method": method,
@@ -574,6 +632,7 @@ def main(args: Args) -> dict:
         "train_episodes": episodes,
         "train_log": train_log,
         "diagnostics": diagnostics,
+        "eval_curve": eval_curve,
         "wall_time_s": elapsed_before + time.time() - start_time,
         "train_time_s": train_time,
         "config": config,

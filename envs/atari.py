@@ -1,4 +1,4 @@
-"""The Atari-100k environment protocol (dopamine / BBF convention, SPEC section 1).
+"""The Atari-100k environment protocol, as dopamine's Atari-100k runner plays it.
 
     env = make_atari100k_env("Pong", seed=0)
     obs, info = env.reset()                     # (4, 84, 84) uint8
@@ -9,21 +9,37 @@
 (no bootstrap across it, and the frame stack restarts from zeros), not the end of the episode.
 `info["episode"]` = {"r": raw return, "l": agent steps} appears on the step that ends an episode.
 
-Why not ale-py's AtariVectorEnv: it is no faster for the single environment DrQ and BBF step
-(measured in scripts/bench_drq.py), its noop starts are 1..30 raw frames rather than 0..29 agent
-steps, and it keeps the frame stack across a life loss. The gymnasium path below does the protocol
-exactly.
+Sources: google/dopamine `discrete_domains/atari_lib.py` (AtariPreprocessing, with
+`terminal_on_life_loss = True` as `labs/atari_100k/configs/DrQ_eps.gin` sets it) and
+`labs/atari_100k/atari_100k_runner.py` (noop starts, episode return and length, the 27k cap);
+Agarwal et al. 2021 (100 evaluation episodes, 27k-step cap). What the frame loop does, exactly:
+
+- frame skip 4: the action is repeated for up to 4 emulator frames and the rewards summed; the
+  last two frames are read in grayscale and max-pooled, then resized to 84x84 (INTER_AREA);
+- the frame loop stops early at the frame where a life is lost or the game ends (the reference's
+  terminal-on-life-loss preprocessing breaks there), so the rest of the skip is not played; the
+  pooled image then mixes whatever screens were read (the reference warns that this observation
+  "may not contain valid image data"; it is the first frame of a fresh stack, as there);
+- noop starts: 0..29 noop agent steps at each episode start. As in the runner, they count
+  neither in the episode's length, its return, the 27k cap, nor the run's step budget, and a
+  terminal during them (a life lost, or game over) restarts the game;
+- an episode ends at game over or after 27,000 counted agent steps.
+
+Why not ale-py's AtariVectorEnv: its noop starts are 1..30 raw frames rather than 0..29 agent
+steps, it keeps the frame stack across a life loss, and it does not stop a frame skip at a life
+loss. The loop below plays the protocol exactly on ALE directly.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 from typing import Any
 
 import ale_py
+import cv2
 import gymnasium as gym
 import numpy as np
-from gymnasium.wrappers import AtariPreprocessing
 
 gym.register_envs(ale_py)
 
@@ -58,24 +74,53 @@ def canonical_game(game: str) -> str:
 
 
 class Atari100kProtocol(gym.Wrapper):
-    """Noop starts, zero-filled frame stack, life-loss signal, episode cap and raw return.
-
-    Sits on gymnasium's AtariPreprocessing (frame skip 4 with max-pool of the last two frames,
-    grayscale, 84x84 INTER_AREA), which must be built with noop_max=0 and
-    terminal_on_life_loss=False: its own noops count raw frames, and its life-loss terminal would
-    make an autoreset restart the whole game.
-    """
+    """Frame skip with max-pool, noop starts, zero-filled frame stack, life-loss signal, episode cap
+    and raw return, on an `ALE/<Game>-v5` env built with frameskip=1 (it plays the ALE directly)."""
 
     def __init__(self, env: gym.Env, noop_max: int = NOOP_MAX, max_episode_steps: int = MAX_EPISODE_STEPS):
         super().__init__(env)
         self.noop_max = noop_max
         self.max_episode_steps = max_episode_steps
         self.observation_space = gym.spaces.Box(0, 255, (STACK, FRAME_SIZE, FRAME_SIZE), np.uint8)
+        self.ale = env.unwrapped.ale
+        self._actions = env.unwrapped._action_set  # minimal action set; index 0 is NOOP
+        height, width = self.ale.getScreenDims()
+        self._screens = np.zeros((2, height, width), np.uint8)  # the last two frames of a skip
         self._stack = np.zeros((STACK, FRAME_SIZE, FRAME_SIZE), np.uint8)
         self._lives = 0
         self._steps = 0
         self._return = 0.0
 
+    # The frame loop
+    def _pool_and_resize(self) -> np.ndarray:
+        # In place into the first screen, as the reference does: a skip cut short before its third
+        # frame pools with the previous step's pooled image.
+        np.maximum(self._screens[0], self._screens[1], out=self._screens[0])
+        return cv2.resize(self._screens[0], (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_AREA)
+
+    def _skip(self, action: int) -> tuple[np.ndarray, float, bool, bool]:
+        """One agent step: (frame, summed raw reward, game over, life lost)."""
+        reward, game_over, life_lost = 0.0, False, False
+        for t in range(FRAME_SKIP):
+            reward += self.ale.act(self._actions[action])
+            game_over = self.ale.game_over(with_truncation=False)
+            lives = self.ale.lives()
+            life_lost = lives < self._lives
+            self._lives = lives
+            if t >= FRAME_SKIP - 2:
+                self.ale.getScreenGrayscale(self._screens[t - (FRAME_SKIP - 2)])
+            if game_over or life_lost:
+                break
+        return self._pool_and_resize(), reward, game_over, life_lost and not game_over
+
+    def _new_game(self, seed: int | None = None, options: dict[str, Any] | None = None) -> np.ndarray:
+        self.env.reset(seed=seed, options=options)
+        self._lives = self.ale.lives()
+        self.ale.getScreenGrayscale(self._screens[0])
+        self._screens[1].fill(0)
+        return self._pool_and_resize()
+
+    # Frame stack
     def _restart_stack(self, frame: np.ndarray) -> np.ndarray:
         self._stack[:-1] = 0
         self._stack[-1] = frame
@@ -86,16 +131,36 @@ class Atari100kProtocol(gym.Wrapper):
         self._stack[-1] = frame
         return self._stack.copy()
 
+    # gymnasium API
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        frame = self._new_game(seed, options)
+        noops = int(self.env.unwrapped.np_random.integers(0, self.noop_max)) if self.noop_max > 0 else 0
+        for _ in range(noops):  # not counted: the runner steps the env outside its episode counters
+            frame, _, game_over, life_lost = self._skip(0)
+            if game_over or life_lost:  # a terminal during the noops restarts the game, as there
+                frame = self._new_game()
+        self._steps, self._return = 0, 0.0
+        return self._restart_stack(frame), {"noops": noops, "lives": self._lives, "life_loss": False}
+
+    def step(self, action):
+        frame, reward, terminated, life_loss = self._skip(int(action))
+        self._steps += 1
+        self._return += reward
+        truncated = self._steps >= self.max_episode_steps and not terminated
+        obs = self._restart_stack(frame) if life_loss else self._push(frame)
+        info: dict[str, Any] = {"lives": self._lives, "life_loss": life_loss}
+        if terminated or truncated:
+            info["episode"] = {"r": self._return, "l": self._steps}
+        return obs, float(reward), bool(terminated), bool(truncated), info
+
+    # Resumable runs
     def get_state(self) -> dict[str, Any]:
         """Everything needed to continue this episode bit-identically (for resumable runs)."""
-        preprocessing = self.env
         return {
-            "ale": pickle.dumps(self.env.unwrapped.ale.cloneState(include_rng=True)),
+            "ale": np.frombuffer(pickle.dumps(self.ale.cloneState(include_rng=True)), np.uint8).copy(),
             "np_random": self.env.unwrapped.np_random.bit_generator.state,
             "action_space": self.action_space.np_random.bit_generator.state,
-            "obs_buffer": [b.copy() for b in preprocessing.obs_buffer],
-            "preprocessing_lives": preprocessing.lives,
-            "game_over": preprocessing.game_over,
+            "screens": self._screens.copy(),
             "stack": self._stack.copy(),
             "lives": self._lives,
             "steps": self._steps,
@@ -103,44 +168,29 @@ class Atari100kProtocol(gym.Wrapper):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        preprocessing = self.env
-        self.env.unwrapped.ale.restoreState(pickle.loads(state["ale"]))
+        self.ale.restoreState(_ale_state(state["ale"]))
         self.env.unwrapped.np_random.bit_generator.state = state["np_random"]
         self.action_space.np_random.bit_generator.state = state["action_space"]
-        for buffer, saved in zip(preprocessing.obs_buffer, state["obs_buffer"], strict=True):
-            buffer[...] = saved
-        preprocessing.lives, preprocessing.game_over = state["preprocessing_lives"], state["game_over"]
+        self._screens[...] = state["screens"]
         self._stack[...] = state["stack"]
         self._lives, self._steps, self._return = state["lives"], state["steps"], state["return"]
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        frame, info = self.env.reset(seed=seed, options=options)
-        self._steps, self._return = 0, 0.0
-        noops = int(self.env.unwrapped.np_random.integers(0, self.noop_max)) if self.noop_max > 0 else 0
-        for _ in range(noops):
-            frame, reward, terminated, truncated, info = self.env.step(0)
-            self._steps += 1
-            self._return += float(reward)
-            if terminated or truncated:  # never seen in 30 noops, but keep the protocol if it happens
-                frame, info = self.env.reset()
-                self._steps, self._return = 0, 0.0
-        self._lives = self.env.unwrapped.ale.lives()
-        info = dict(info, noops=noops, life_loss=False)
-        return self._restart_stack(frame), info
 
-    def step(self, action):
-        frame, reward, terminated, truncated, info = self.env.step(action)
-        self._steps += 1
-        self._return += float(reward)
-        lives = info["lives"]
-        life_loss = bool(lives < self._lives) and not terminated
-        self._lives = lives
-        truncated = truncated or self._steps >= self.max_episode_steps
-        obs = self._restart_stack(frame) if life_loss else self._push(frame)
-        info = dict(info, life_loss=life_loss)
-        if terminated or truncated:
-            info["episode"] = {"r": self._return, "l": self._steps}
-        return obs, float(reward), bool(terminated), bool(truncated), info
+def _ale_state(saved: np.ndarray) -> ale_py.ALEState:
+    """An ALEState back from its bytes; the bytes must unpickle to an ALEState and nothing else."""
+    state = _AleStateUnpickler(io.BytesIO(np.asarray(saved, np.uint8).tobytes())).load()
+    if not isinstance(state, ale_py.ALEState):
+        raise ValueError(f"saved emulator state is a {type(state).__name__}, not an ALEState")
+    return state
+
+
+class _AleStateUnpickler(pickle.Unpickler):
+    """Unpickles an ALEState and refuses any other class, so a foreign file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if name == "ALEState" and module.startswith("ale_py"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a saved emulator state")
 
 
 def make_atari100k_env(
@@ -154,22 +204,13 @@ def make_atari100k_env(
     name = canonical_game(game)
     env = gym.make(
         f"ALE/{name}-v5",
-        frameskip=1,  # v5 defaults to 4 internal skips without max-pool
+        frameskip=1,  # the protocol's own frame loop skips; v5 defaults to 4 without max-pool
         repeat_action_probability=0.0,  # v5 defaults to sticky actions 0.25
         full_action_space=False,
-        max_num_frames_per_episode=max_episode_steps * FRAME_SKIP,
-        # AtariPreprocessing reads the screen itself; ALE's own per-frame observation is thrown
-        # away, and grayscale is the cheapest one (same pixels out, ~9% faster).
-        obs_type="grayscale",
+        # ALE's own cap must never bind before the protocol's (noop frames are not counted there)
+        max_num_frames_per_episode=(max_episode_steps + noop_max) * FRAME_SKIP,
+        obs_type="grayscale",  # the cheapest observation; the protocol reads the screen itself
         disable_env_checker=True,
-    )
-    env = AtariPreprocessing(
-        env,
-        noop_max=0,
-        frame_skip=FRAME_SKIP,
-        screen_size=FRAME_SIZE,
-        terminal_on_life_loss=False,
-        grayscale_obs=True,
     )
     env = Atari100kProtocol(env, noop_max=noop_max, max_episode_steps=max_episode_steps)
     env.reset(seed=seed)

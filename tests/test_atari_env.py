@@ -63,8 +63,8 @@ def test_life_loss_is_signalled_resets_the_stack_and_the_game_goes_on():
     env.reset()
     lives = base_ale(env).lives()
     for _ in range(5000):
-        frame_before = base_ale(env).getEpisodeFrameNumber()
         obs, reward, terminated, truncated, info = env.step(int(rng.integers(env.action_space.n)))
+        frame_before = base_ale(env).getEpisodeFrameNumber()
         if info["life_loss"]:
             break
     else:
@@ -74,7 +74,7 @@ def test_life_loss_is_signalled_resets_the_stack_and_the_game_goes_on():
     assert not obs[:3].any() and obs[3].any()  # zero-filled stack after a life loss
     obs, *_ = env.step(1)
     # The game was not reset: frames keep counting and lives stay lost.
-    assert base_ale(env).getEpisodeFrameNumber() == frame_before + 8
+    assert base_ale(env).getEpisodeFrameNumber() == frame_before + 4
     assert base_ale(env).lives() == lives - 1
     assert obs[2].any() and not obs[:2].any()
 
@@ -94,16 +94,62 @@ def test_logged_return_is_the_sum_of_raw_unclipped_rewards():
     assert clip_reward(10.0) == 1.0 and clip_reward(-3.0) == -1.0 and clip_reward(0.0) == 0.0
 
 
-def test_episode_cap_truncates_and_counts_noop_steps():
+def test_episode_cap_and_length_count_no_noop_steps():
+    """dopamine's runner steps the noops outside its episode counters: the 27k cap, the length and
+    the return count only the agent's own steps."""
     env = make_atari100k_env("Pong", seed=0, max_episode_steps=50)
     _, info = env.reset()
-    steps = info["noops"]
+    while info["noops"] == 0:
+        _, info = env.reset()
+    steps = 0
     while True:
         _, _, terminated, truncated, step_info = env.step(0)
         steps += 1
         if terminated or truncated:
             break
     assert truncated and not terminated and steps == 50 and step_info["episode"]["l"] == 50
+    assert base_ale(env).getEpisodeFrameNumber() == 4 * (50 + info["noops"])
+
+
+def test_noop_rewards_are_not_in_the_return(monkeypatch):
+    env = make_atari100k_env("Pong", seed=0, max_episode_steps=1)
+    real_skip = env._skip
+    monkeypatch.setattr(env, "_skip", lambda action: (lambda f, r, g, l: (f, r + 1.0, g, l))(*real_skip(action)))
+    for _ in range(5):  # every emulator step now pays 1, noops included
+        _, info = env.reset()
+        _, reward, _, truncated, step_info = env.step(0)
+        assert truncated and reward == 1.0 and step_info["episode"] == {"r": 1.0, "l": 1}
+        if info["noops"] > 0:
+            return
+    pytest.fail("five resets without a noop")
+
+
+def test_frame_skip_stops_at_the_frame_a_life_is_lost():
+    """dopamine's preprocessing (terminal_on_life_loss) breaks out of the 4-frame skip at the frame
+    where the lives counter drops, so the step plays fewer than 4 frames."""
+    env = make_atari100k_env("Breakout", seed=1)
+    rng = np.random.default_rng(0)
+    env.reset()
+    short_steps = 0
+    ale = base_ale(env)
+    for _ in range(3000):
+        before, lives, saved = ale.getEpisodeFrameNumber(), ale.lives(), ale.cloneState()
+        action = int(rng.integers(env.action_space.n))
+        _, _, terminated, truncated, info = env.step(action)
+        played = ale.getEpisodeFrameNumber() - before
+        if terminated or truncated:
+            env.reset()
+            continue
+        if info["life_loss"]:
+            after = ale.cloneState()
+            ale.restoreState(saved)  # replay the step frame by frame: the life goes on the last one played
+            frames_to_loss = next(f for f in range(1, 5) if (ale.act(env._actions[action]), ale.lives())[1] < lives)
+            assert frames_to_loss == played
+            ale.restoreState(after)
+            short_steps += played < 4
+        else:
+            assert played == 4
+    assert short_steps > 0
 
 
 def test_same_seed_same_trajectory():

@@ -33,7 +33,7 @@ def test_epsilon_schedule_matches_drq_eps():
 
 def test_nature_cnn_with_same_padding_flattens_7744_features(drq):
     net = drq.QNetwork(num_actions=6)
-    assert net.value[0].in_features == 7744
+    assert net.head[0].in_features == 7744
     q = net(torch.randint(0, 255, (3, 4, 84, 84), dtype=torch.uint8).float())
     assert q.shape == (3, 6)
     assert all(layer.bias.abs().sum() == 0 for layer in net.modules() if isinstance(layer, torch.nn.Linear))
@@ -42,8 +42,17 @@ def test_nature_cnn_with_same_padding_flattens_7744_features(drq):
 def test_dueling_head_advantages_are_mean_centred(drq):
     net = drq.QNetwork(num_actions=4)
     x = torch.rand(2, 4, 84, 84) * 255
-    h = net.encoder(x / 255.0)
+    h = net.head(net.encoder(x / 255.0))
     assert torch.allclose(net(x).mean(1), net.value(h).squeeze(1), atol=1e-5)
+
+
+def test_head_is_dopamines_one_shared_512_layer(drq):
+    """dopamine's FullRainbowNetwork (dueling, one atom): ONE Dense(512)+ReLU feeds both streams."""
+    net = drq.QNetwork(num_actions=4)
+    assert sum(p.numel() for p in net.parameters()) == 4_045_989
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(7744, 512), (512, 4), (512, 1)]
+    assert net.advantage.in_features == net.value.in_features == 512
 
 
 def test_validate_names_each_bad_value(drq):
@@ -100,7 +109,7 @@ def test_smoke_run_writes_results_and_tensorboard_and_is_deterministic(tmp_path)
     assert first["train_episodes"] == second["train_episodes"]
     assert first["train_log"] == second["train_log"]
     assert [d["step"] for d in first["diagnostics"]] == [150, 300]
-    assert {"effective_rank/all", "srank/all", "dormant_0.1/encoder.4.1", "duplicate/value.0"} <= set(
+    assert {"effective_rank/all", "srank/all", "dormant_0.1/encoder.4.1", "duplicate/head.0"} <= set(
         first["diagnostics"][0]
     )
     assert first["diagnostics"][1]["distance_from_init/all"] > first["diagnostics"][0]["distance_from_init/all"] > 0
@@ -207,7 +216,7 @@ def test_flags_build_the_interventions_with_their_schedules(drq):
     ht, head, sp = interventions
     assert type(ht).__name__ == "HareTortoise" and ht.due.period == 6 and ht.resets == 2
     assert type(head).__name__ == "HeadReset" and head.due.period == 4 and head.resets == 3
-    assert head.models == [q, target] and set(head.groups) == {"value", "advantage"}
+    assert head.models == [q, target] and set(head.groups) == {"head", "advantage", "value"}
     assert type(sp).__name__ == "ShrinkPerturb" and sp.due.period == 6 and sp.groups == {"": (0.4, 0.1)}
     plain = drq.build_interventions(replace(drq.Args(), ema=0.995), q, target, None, filled_replay())
     assert len(plain) == 1 and plain[0].due.period == 0  # the EMA target alone never resets the hare
@@ -223,6 +232,6 @@ def test_unit_replacing_interventions_act_on_the_drq_network(drq):
     args = replace(drq.Args(), batch_size=4, lifecycle=True, lifecycle_lifespan=(2, 4), lifecycle_recovery=(1, 2))
     q, _, interventions = run_updates(drq, args, 6)
     lifecycle_layers = [m for m in q.modules() if hasattr(m, "lifecycle_step")]
-    assert interventions == [] and len(lifecycle_layers) == 5  # 3 convs + 2 hidden dense; outputs plain
+    assert interventions == [] and len(lifecycle_layers) == 4  # 3 convs + the shared dense; outputs plain
     assert all(layer.life.max() <= 4 for layer in lifecycle_layers)
     assert any((layer.scaler < 1).any() or not layer.active.all() for layer in lifecycle_layers)
