@@ -1,20 +1,34 @@
 """BBF ("Bigger, Better, Faster", Schwarzer et al. 2023) on Atari-100k, in one file.
 
-Hyperparameters of bigger_better_faster/bbf/configs/BBF.gin (SPEC section 4): Impala-CNN width 4,
-C51 with a dueling head, SPR, prioritized replay, n-step 10 -> 3 and gamma 0.97 -> 0.997 annealed
-after every reset, EMA target (tau 0.005) for backups, SPR targets and acting, AdamW with weight
-decay, and resets every 20k env steps: encoder and transition model shrunk halfway toward a fresh
-init, projection, predictor and head re-initialized, for the online and the target network alike.
+Hyperparameters of the reference code (google-research bigger_better_faster: bbf/configs/BBF.gin,
+agents/spr_agent.py, spr_networks.py): Impala-CNN width 4, C51 with a dueling head, SPR,
+prioritized replay, n-step 10 -> 3 and gamma 0.97 -> 0.997 annealed after every reset, EMA target
+(tau 0.005) for backups, SPR targets and acting, AdamW with weight decay, and resets: encoder and
+transition model shrunk halfway toward a fresh init, projection, predictor and head re-initialized,
+for the online and the target network alike, three times in a 100k run (after 20,001, 40,002 and
+60,003 agent steps, the reference's schedule; see ResetSchedule).
 
-    python agents/bbf.py --env-id Breakout
-    python agents/bbf.py --env-id Pong --replay-ratio 8            # the RR8 variant
+    python agents/bbf.py --env-id Breakout                  # BBF.gin: replay ratio 2, resets every 20k steps
+    python agents/bbf.py --env-id Pong --replay-ratio 8     # RR8: resets every 5k steps (40k gradient steps)
     python agents/bbf.py --env-id Pong --reset hare-tortoise --no-spr   # Hare & Tortoise's BBF variant
     python agents/bbf.py --env-id Pong --width-scale 1 --hidden-dim 256 --total-steps 5000  # CPU smoke run
 
+Which published number each configuration compares with: the default (2 updates per step, BBF.gin)
+with the authors' own RR2 per-run scores (scores/RR2_BBF.csv in the reference repository; IQM about
+0.89), --replay-ratio 8 with the paper's headline BBF (IQM about 1.045, scores/RR8_BBF.csv).
+
 Differences from the reference, on purpose:
 - replay priorities are sampled from all slots at once on the device instead of a sum tree;
-- the reset interval stays 20k *env* steps at every replay ratio (as BBF's code counts it), so a
-  run at replay ratio R resets every 20k * R gradient steps;
+- priorities: every sampled transition gets sqrt(its C51 loss + 1e-10), the rule the paper and the
+  reference's comments describe. The reference's code reshapes its loss to shape (2,) (the mean
+  over each of its two grouped batches) and so writes new priorities to only the first two sampled
+  indices per step; the rest keep the maximum priority they were added with, which makes its
+  replay close to uniform. We keep the documented rule: a user who switches PER on expects PER;
+- n-step returns stop at the first terminal among the n rewards. The reference's subsequence
+  replay misses a terminal at the window's last position (t + n - 1) and bootstraps across it;
+  we keep the correct cut, which only differs on windows that end exactly on a life loss;
+- the reset interval is in agent steps and defaults to 40,000 gradient steps' worth at the chosen
+  replay ratio (20k at RR2 as BBF.gin, 5k at RR8 as the reference's RR8 configuration);
 - --amp bf16 runs the forward passes under torch.autocast in bfloat16 (the reference's half
   precision is float16 with loss scaling); losses are computed in float32.
 
@@ -141,10 +155,11 @@ class Args:
     """agent steps after learning_starts over which epsilon falls from 1 to epsilon_final"""
     augment: bool = True
     """random shift (pad 4) and intensity augmentation of every state the update sees"""
-    reset_every: int = 20_000
-    """agent steps between BBF's resets (at 20k, 40k, 60k, 80k); 0 = no resets"""
+    reset_every: int | None = None
+    """agent steps between BBF's resets; default 40,000 gradient steps' worth: 20,000 at replay
+    ratio 2 (BBF.gin), 5,000 at 8; 0 = no resets"""
     no_resets_after: int = 100_000
-    """no reset at or after this agent step"""
+    """a reset is skipped when the next one would come after this agent step (3 resets in 100k at RR2)"""
     encoder_shrink: float = 0.5
     """BBF reset: encoder and transition model <- shrink * theta + (1 - shrink) * fresh init"""
 
@@ -204,7 +219,9 @@ def validate(args: Args) -> list[str]:
     for name in positive:
         if getattr(args, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
-    for name in ("learning_starts", "eval_episodes", "epsilon_decay_steps", "reset_every", "diag_every",
+    if args.reset_every is not None and args.reset_every < 0:
+        problems.append(f"--reset-every {args.reset_every}: must be >= 0 (0 = no resets)")
+    for name in ("learning_starts", "eval_episodes", "epsilon_decay_steps", "diag_every",
                  "checkpoint_every", "no_resets_after", "cbp_maturity"):  # fmt: skip
         if getattr(args, name) < 0:
             problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
@@ -353,7 +370,9 @@ class BBFNetwork(nn.Module):
             impala_stage(4, c1, 84), impala_stage(c1, c2, 42), impala_stage(c2, c3, 21), nn.ReLU()
         )  # 84 -> 42 -> 21 -> 11
         self.transition = TransitionModel(c3, num_actions)
-        self.projection = nn.Sequential(nn.Linear(c3 * 11 * 11, hidden_dim), nn.ReLU())
+        # The projection has no activation of its own: the ReLU sits on the Q path only, and SPR's
+        # targets and predictions use the raw projection (spr_networks.RainbowDQNNetwork).
+        self.projection = nn.Linear(c3 * 11 * 11, hidden_dim)
         self.predictor = nn.Linear(hidden_dim, hidden_dim)
         self.head = DuelingC51Head(hidden_dim, num_actions, num_atoms)
         self.apply(xavier_uniform_zero_bias)  # the reference's init
@@ -365,10 +384,14 @@ class BBFNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """C51 logits (B, actions, atoms)."""
-        return self.head(self.projection(self.latent(x).flatten(1)))
+        return self.q_logits(self.latent(x))
+
+    def q_logits(self, latent: torch.Tensor) -> torch.Tensor:
+        """The Q path: projection, ReLU, dueling C51 head."""
+        return self.head(F.relu(self.projection(latent.flatten(1))))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Target side of SPR: the projection of the encoded state."""
+        """Target side of SPR: the projection of the encoded state, without activation."""
         return self.projection(self.latent(x).flatten(1))
 
     def spr_predictions(self, latent: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -438,9 +461,43 @@ def bbf_reset(args: Args, online: BBFNetwork, target: BBFNetwork, optimizer: tor
     return ShrinkPerturb([online, target], groups, every=0, optimizer=optimizer)
 
 
-def reset_due(args: Args, step: int) -> bool:
-    """BBF resets after agent steps 20k, 40k, 60k and 80k (none at or after no_resets_after)."""
-    return bool(args.reset_every) and step % args.reset_every == 0 and step < args.no_resets_after
+class ResetSchedule:
+    """When BBF resets, exactly as the reference's agent decides it (spr_agent.BBFAgent._train_step
+    and reset_weights): with t the agent steps taken so far, a reset is considered when
+    t > next_reset (first next_reset = interval); it sets next_reset = t + interval and is skipped
+    when that lies beyond no_resets_after. In a 100k run at 20k steps: t = 20,001, 40,002, 60,003
+    (three resets); at t = 80,004 the next one would fall after 100k, so none."""
+
+    state_keys = ("next_reset", "resets_done")
+
+    def __init__(self, interval: int, no_resets_after: int):
+        self.interval, self.no_resets_after = interval, no_resets_after
+        self.next_reset, self.resets_done = interval, 0
+
+    def due(self, steps_taken: int) -> bool:
+        if self.interval <= 0 or steps_taken <= self.next_reset:
+            return False
+        self.next_reset = steps_taken + self.interval
+        if self.next_reset > self.no_resets_after:
+            return False
+        self.resets_done += 1
+        return True
+
+    def state_dict(self) -> dict:
+        return {key: getattr(self, key) for key in self.state_keys}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self.state_keys:
+            setattr(self, key, int(state[key]))
+
+
+RESET_GRADIENT_STEPS = 40_000  # BBF.gin: 20k env steps at RR2; SR_SPR.gin: 5k env steps at RR8
+
+
+def reset_interval(args: Args) -> int:
+    """Agent steps between resets: --reset-every, or 40,000 gradient steps' worth at the replay
+    ratio (20,000 at RR2 as in BBF.gin, 5,000 at RR8 as the reference's RR8 config sets it)."""
+    return args.reset_every if args.reset_every is not None else RESET_GRADIENT_STEPS // args.replay_ratio
 
 
 def build_learner(args: Args, num_actions: int, device: torch.device):
@@ -500,7 +557,7 @@ def update(
             spr_targets = target.project(future).view(b, k, -1)
     with autocast:
         latent = online.latent(states)
-        logits = online.head(online.projection(latent.flatten(1)))
+        logits = online.q_logits(latent)
         if use_spr:
             predictions = online.spr_predictions(latent, batch.future_actions)
     chosen = logits.float()[torch.arange(b), batch.actions]
@@ -552,6 +609,7 @@ def main(args: Args) -> dict:
         generator=generator,
     )  # fmt: skip
     resets = bbf_reset(args, online, target, optimizer)
+    reset_schedule = ResetSchedule(reset_interval(args), args.no_resets_after)
     interventions = build_interventions(args, online, target, optimizer, replay)
     probe = PlasticityProbe(online, probe_batch=None)
 
@@ -573,6 +631,7 @@ def main(args: Args) -> dict:
         target.load_state_dict(checkpoint["target"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         resets.load_state_dict(checkpoint["resets"])
+        reset_schedule.load_state_dict(checkpoint["reset_schedule"])
         for intervention, saved in zip(interventions, checkpoint["interventions"], strict=True):
             intervention.load_state_dict(saved)
         replay.load_state_dict(checkpoint["replay"])
@@ -608,7 +667,7 @@ def main(args: Args) -> dict:
                 updates_since_log += 1
                 grad_steps += 1
                 cycle_step += 1
-        if reset_due(args, step):
+        if reset_schedule.due(step - 1):  # step - 1 agent steps were taken before this one
             resets.apply()  # encoder/transition shrunk, projection/predictor/head fresh, both networks
             cycle_step = 0  # n-step and gamma anneal again
             if writer:
@@ -660,6 +719,7 @@ def main(args: Args) -> dict:
                 {
                     "step": step, "config": config, "online": online.state_dict(), "target": target.state_dict(),
                     "optimizer": optimizer.state_dict(), "resets": resets.state_dict(),
+                    "reset_schedule": reset_schedule.state_dict(),
                     "interventions": [intervention.state_dict() for intervention in interventions],
                     "replay": replay.state_dict(), "env": env.get_state(), "obs": obs,
                     **random_states(rng, generator, device),

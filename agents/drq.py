@@ -54,6 +54,7 @@ from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, clip_reward,
 from torch.utils.tensorboard import SummaryWriter
 
 from rlplastic.augment import drq_augment
+from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
 from rlplastic.diagnostics import PlasticityProbe
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import (
@@ -117,6 +118,10 @@ class Args:
     """where the network, replay and augmentation live: auto takes cuda when present"""
     deterministic: bool = True
     """deterministic cuDNN kernels; on the CPU the same seed gives bit-identical results"""
+    cuda_graph: bool = True
+    """on CUDA, capture the whole update (sampling, augmentation, loss, backward, Adam, the
+    interventions' per-step work) once in a CUDA graph and replay it; ignored on the CPU, and off
+    when an intervention decides on the host every step (cbp, noise, lifecycle)"""
 
     # Algorithm: dopamine DrQ_eps.gin
     buffer_size: int = 100_000
@@ -371,7 +376,8 @@ def double_dqn_target(
 
 
 def build_learner(args: Args, num_actions: int, device: torch.device):
-    """The online network, the target network (the online one itself without --ema), the optimizer."""
+    """The online network, the target network (the online one itself without --ema), the optimizer
+    (capturable on CUDA when the update may be graph-captured: its step count stays on the device)."""
     q_network = QNetwork(num_actions).to(device)
     if args.lifecycle:
         swap_in_lifecycle(
@@ -379,7 +385,10 @@ def build_learner(args: Args, num_actions: int, device: torch.device):
             warmup=args.lifecycle_warmup, revival=args.lifecycle_revival,
         )  # fmt: skip
     # fused: one kernel for all tensors, 6x faster than the default loop on a 2-core CPU too
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    capturable = args.cuda_graph and device.type == "cuda"
+    optimizer = torch.optim.Adam(
+        q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True, capturable=capturable
+    )
     for layer in q_network.modules():
         if isinstance(layer, LifecycleLinear | LifecycleConv2d):
             layer.bind_optimizer(optimizer)
@@ -479,6 +488,25 @@ def main(args: Args) -> dict:
     interventions = build_interventions(args, q_network, target_network, optimizer, replay)
     probe = PlasticityProbe(q_network, probe_batch=None)  # remembers the initial weights; batch comes from replay
 
+    def train_step() -> None:
+        """One gradient step and the interventions' per-step device work, summed into the log
+        accumulators on the device: the unit a CUDA graph captures."""
+        loss, q_mean = update(args, q_network, target_network, optimizer, replay, generator)
+        for intervention in interventions:
+            intervention.device_step()
+        loss_sum.add_(loss)
+        q_sum.add_(q_mean)
+
+    use_graph = (
+        args.cuda_graph
+        and graph_capture_available(device)
+        and not args.lifecycle
+        and all(intervention.graph_safe for intervention in interventions)
+    )
+    captured = CapturedStep(train_step, generators=[generator]) if use_graph else None
+    update_mode = "cuda-graph" if captured else "eager"
+    print(f"drq: update {update_mode}", flush=True)
+
     def greedy_actions(observations: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             q = q_network(torch.as_tensor(observations, device=device))
@@ -529,11 +557,16 @@ def main(args: Args) -> dict:
         # on parameters one update older is the only difference.)
         if step >= args.learning_starts and replay.num_sampleable > 0:
             for _ in range(args.updates_per_step):
-                loss, q_mean = update(args, q_network, target_network, optimizer, replay, generator)
-                for intervention in interventions:  # the one place interventions enter
-                    intervention.step()
-                loss_sum += loss
-                q_sum += q_mean
+                if captured:
+                    captured()  # the update and the interventions' device_step, one graph replay
+                    for intervention in interventions:
+                        intervention.host_step()  # schedules and rare events, in place
+                else:  # the eager reference path
+                    loss, q_mean = update(args, q_network, target_network, optimizer, replay, generator)
+                    for intervention in interventions:  # the one place interventions enter
+                        intervention.step()
+                    loss_sum += loss
+                    q_sum += q_mean
                 updates_since_log += 1
 
         next_obs, reward, terminated, truncated, info = env.step(action)
@@ -633,6 +666,7 @@ def main(args: Args) -> dict:
         "train_log": train_log,
         "diagnostics": diagnostics,
         "eval_curve": eval_curve,
+        "update_mode": update_mode,
         "wall_time_s": elapsed_before + time.time() - start_time,
         "train_time_s": train_time,
         "config": config,

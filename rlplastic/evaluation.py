@@ -15,7 +15,7 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -41,6 +41,26 @@ class Score:
     seed: int | None
     score: float
     source: str  # "path:line" for CSV rows, the results.json path for runs
+    off_protocol: str | None = None  # why a run is not a full Atari-100k run (None: it is)
+
+
+ATARI100K_STEPS = 100_000  # agent steps of training
+ATARI100K_EVAL_EPISODES = 100  # episodes of the final evaluation
+SMOKE_MARK = " [smoke]"  # appended to the method of off-protocol runs let through with allow_short
+MIN_RUNS_PER_GAME = 5  # fewer runs per game than this makes the CIs unreliable (Agarwal et al. 2021)
+
+
+def protocol_problem(results: dict) -> str | None:
+    """Why a run's results.json is not a full Atari-100k run (100k agent steps, a final evaluation
+    of 100 episodes), or None."""
+    problems = []
+    steps = results.get("total_steps")
+    if steps != ATARI100K_STEPS:
+        problems.append(f"total_steps {steps} (Atari-100k: {ATARI100K_STEPS:,})")
+    episodes = len(results.get("eval_returns") or [])
+    if episodes < ATARI100K_EVAL_EPISODES:
+        problems.append(f"{episodes} evaluation episodes (Atari-100k: {ATARI100K_EVAL_EPISODES})")
+    return "; ".join(problems) or None
 
 
 def reference_scores(path: str | Path | None = None) -> dict[str, tuple[float, float]]:
@@ -131,8 +151,39 @@ def collect_run_scores(run_dirs: Iterable[str | Path]) -> list[Score]:
             if score is None:
                 raise ScoreError(f"{path}: eval_mean is null (the run evaluated no episode)")
             where = str(path)
-            scores.append(Score(str(method), parse_game(game, where), int(seed), parse_score(str(score), where), where))
+            scores.append(
+                Score(
+                    str(method), parse_game(game, where), int(seed), parse_score(str(score), where), where,
+                    off_protocol=protocol_problem(results),
+                )
+            )  # fmt: skip
     return scores
+
+
+def screen_protocol(scores: Sequence[Score], allow_short: bool = False) -> list[Score]:
+    """Refuse runs that are not full Atari-100k runs, naming each and why; with allow_short, let
+    them through with SMOKE_MARK on their method, so every table shows them apart."""
+    short = [s for s in scores if s.off_protocol]
+    if short and not allow_short:
+        listed = "\n  ".join(f"{s.source}: {s.off_protocol}" for s in short)
+        raise ScoreError(
+            f"{len(short)} run(s) are not full Atari-100k runs and would not compare with published scores:"
+            f"\n  {listed}\n(--allow-short lets them through, marked{SMOKE_MARK} in every table)"
+        )
+    return [replace(s, method=s.method + SMOKE_MARK) if s.off_protocol else s for s in scores]
+
+
+def thin_games(scores: Sequence[Score], min_runs: int = MIN_RUNS_PER_GAME) -> dict[str, list[str]]:
+    """Per method, the games with fewer than min_runs seeded runs (per-game means are not runs)."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for s in scores:
+        if s.seed is not None:
+            counts[s.method][s.game] += 1
+    return {
+        method: [f"{game} ({n})" for game, n in sorted(per_game.items()) if n < min_runs]
+        for method, per_game in counts.items()
+        if any(n < min_runs for n in per_game.values())
+    }
 
 
 def check_duplicates(scores: Sequence[Score]) -> None:
@@ -460,7 +511,11 @@ def build_report(
     )  # fmt: skip
     md += ["", "![aggregates](aggregates.png)", "", "![performance profile](performance_profile.png)", ""]
     notes = []
+    for m, games in thin_games(scores).items():
+        notes.append(f"- {m}: fewer than {MIN_RUNS_PER_GAME} runs on {', '.join(games)}: wide, unreliable CIs")
     for m, s in matrices.items():
+        if m.endswith(SMOKE_MARK):
+            notes.append(f"- {m}: not full Atari-100k runs (short training or evaluation): not comparable")
         if s.missing_games:
             notes.append(f"- {m}: no score on {len(s.missing_games)} game(s): {', '.join(s.missing_games)}")
         if s.runs == 1:
@@ -469,7 +524,7 @@ def build_report(
             listed = ", ".join(f"{d.game} seed {d.seed}" for d in s.dropped)
             notes.append(f"- {m}: {len(s.dropped)} run(s) left out to keep {s.runs} run(s) per game: {listed}")
     if notes:
-        md += ["## Missing games and left-out runs", "", *notes, ""]
+        md += ["## Notes: runs per game, missing games, left-out runs", "", *notes, ""]
     if improvements:
         md += ["## Probability of improvement", ""]
         md.append(

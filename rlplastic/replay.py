@@ -158,8 +158,15 @@ class FrameReplay:
     def sample(self, batch_size: int) -> Batch:
         if self.num_sampleable == 0:
             raise RuntimeError("replay holds no complete n-step transition yet")
-        slots = torch.multinomial(self.sampleable, batch_size, replacement=True, generator=self.generator)
-        return self.transitions(slots)
+        return self.transitions(self.sample_slots(batch_size))
+
+    def sample_slots(self, batch_size: int) -> torch.Tensor:
+        """Uniform over the sampleable slots, by inverting the mask's running count: device-only
+        work of fixed shape, so an update that samples can be captured in a CUDA graph and
+        replayed while the mask changes (the mask is updated in place)."""
+        counts = torch.cumsum(self.sampleable, 0)  # exact: float32 counts integers up to 2^24
+        targets = torch.rand(batch_size, device=self.device, generator=self.generator) * counts[-1]
+        return torch.searchsorted(counts, targets, right=True)
 
     def transitions(self, slots: torch.Tensor, n_step: int | None = None, gamma: float | None = None) -> Batch:
         """The n-step transitions starting at `slots` (which must be sampleable). n_step (at most

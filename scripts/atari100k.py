@@ -26,7 +26,7 @@ def report(args: argparse.Namespace) -> int:
     for name in ("reps", "profile_reps", "improvement_reps"):
         if getattr(args, name) < 1:
             raise evaluation.ScoreError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    scores = evaluation.collect_run_scores(args.run_dirs)
+    scores = evaluation.screen_protocol(evaluation.collect_run_scores(args.run_dirs), args.allow_short)
     for path in args.scores:
         scores += evaluation.read_scores_csv(path)
     result = evaluation.build_report(
@@ -44,6 +44,9 @@ def report(args: argparse.Namespace) -> int:
         print(result.markdown)
         print(f"\nwritten: {args.out}/report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, "
               "performance_profile.png", file=sys.stderr)  # fmt: skip
+    for method, games in evaluation.thin_games(scores).items():
+        print(f"warning: {method} has fewer than {evaluation.MIN_RUNS_PER_GAME} runs on {', '.join(games)}: "
+              "its confidence intervals are wide and unreliable", file=sys.stderr)  # fmt: skip
     for method in result.matrices.values():
         if method.missing_games:
             print(f"note: {method.method} has no score on {', '.join(method.missing_games)}", file=sys.stderr)
@@ -119,6 +122,9 @@ def parser() -> argparse.ArgumentParser:
         "--improvement-reps", type=int, default=2_000, help="bootstrap reps of the probability of improvement"
     )
     r.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    r.add_argument("--allow-short", action="store_true",
+                   help="let runs through that are not full Atari-100k runs (100k steps, 100 evaluation "
+                        "episodes), marked [smoke] in every table; refused otherwise")  # fmt: skip
     r.add_argument("--compare", nargs=2, action="append", default=[], metavar=("X", "Y"),
                    help="probability that method X improves on method Y; repeatable")  # fmt: skip
     r.set_defaults(func=report)

@@ -59,10 +59,47 @@ def test_annealing_schedules_at_chosen_steps(bbf):
     assert bbf.gamma_at(args, 50_000) == pytest.approx(0.997)
 
 
-def test_reset_schedule_in_env_steps(bbf):
+def resets_in_a_run(bbf, args) -> list[int]:
+    """The agent steps taken before each reset, as the loop asks the schedule (t = step - 1)."""
+    schedule = bbf.ResetSchedule(bbf.reset_interval(args), args.no_resets_after)
+    return [t for t in range(0, args.total_steps) if schedule.due(t)]
+
+
+def test_reset_schedule_is_the_references_three_resets(bbf):
+    """BBFAgent: reset when training_steps > next_reset (first 20,000), next_reset = t + 20,000,
+    skipped when that passes no_resets_after = 100,000: three resets, none near 80k."""
     args = bbf.Args()
-    assert [s for s in range(1, 100_001) if bbf.reset_due(args, s)] == [20_000, 40_000, 60_000, 80_000]
-    assert not any(bbf.reset_due(replace(args, reset_every=0), s) for s in range(1, 100_001))
+    assert resets_in_a_run(bbf, args) == [20_001, 40_002, 60_003]
+    assert resets_in_a_run(bbf, replace(args, reset_every=0)) == []
+
+
+def test_replay_ratio_8_resets_every_40k_gradient_steps(bbf):
+    """The reference keeps 40k gradient steps between resets: 20k env steps at RR2 (BBF.gin),
+    5k at RR8 (SR_SPR.gin: 'change if you change the replay ratio')."""
+    args = bbf.Args(replay_ratio=8)
+    assert bbf.reset_interval(args) == 5_000 and bbf.method_label(args) == "bbf-rr8"
+    resets = resets_in_a_run(bbf, args)
+    assert resets[:3] == [5_001, 10_002, 15_003] and len(resets) == 18 and resets[-1] + 5_000 <= 100_000
+    assert bbf.reset_interval(replace(args, reset_every=10_000)) == 10_000
+
+
+def test_spr_path_uses_the_projection_without_relu(bbf):
+    """spr_networks: the ReLU sits on the Q path only; SPR targets are target.projection(z) and
+    predictions predictor(projection(z)), both free to go negative."""
+    torch.manual_seed(0)
+    net = bbf.BBFNetwork(num_actions=3, width_scale=1, hidden_dim=64)
+    assert isinstance(net.projection, torch.nn.Linear)
+    x = torch.randint(0, 256, (4, 4, 84, 84), dtype=torch.uint8)
+    latent = net.latent(x)
+    raw = net.projection(latent.flatten(1))
+    assert (raw < 0).any()
+    torch.testing.assert_close(net.project(x), raw)
+    actions = torch.zeros(4, 1, dtype=torch.long)
+    torch.testing.assert_close(
+        net.spr_predictions(latent, actions)[:, 0],
+        net.predictor(net.projection(net.transition(latent, actions[:, 0]).flatten(1))),
+    )
+    torch.testing.assert_close(net(x), net.head(torch.relu(raw)))
 
 
 def test_full_size_network_shapes(bbf):
@@ -72,7 +109,7 @@ def test_full_size_network_shapes(bbf):
     assert latent.shape == (2, 128, 11, 11)  # 'SAME' pooling 84 -> 42 -> 21 -> 11, width 4
     flat = latent.flatten(1)
     assert flat.min(1).values.tolist() == pytest.approx([0, 0]) and flat.max(1).values.max() <= 1
-    assert net.projection[0].in_features == 15_488 and net.projection[0].out_features == 2048
+    assert net.projection.in_features == 15_488 and net.projection.out_features == 2048
     assert net(x).shape == (2, 6, 51)
     assert net.spr_predictions(latent, torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 2048)
     assert all(m.bias.abs().sum() == 0 for m in net.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d))
@@ -119,7 +156,8 @@ def test_bbf_reset_interpolates_encoder_and_renews_the_rest(bbf):
                 else:
                     torch.testing.assert_close(value, new)  # projection, predictor, head: fully fresh
     assert not torch.equal(online.head.value.weight, target.head.value.weight)  # each its own draw
-    assert all(len(optimizer.state[p]) == 0 for p in online.parameters())  # optimizer state re-initialized
+    for p in online.parameters():  # optimizer state re-initialized: zeroed in place, step count included
+        assert all(not (v.any() if torch.is_tensor(v) else v) for v in optimizer.state[p].values())
 
 
 def filled_replay(steps=40, capacity=64, terminal_at=()):
@@ -249,8 +287,8 @@ def test_smoke_run_on_a_real_game_then_resume_identically(bbf, tmp_path, monkeyp
     events = EventAccumulator(str(tmp_path / "straight"))
     events.Reload()
     assert {"losses/spr_loss", "charts/n_step", "charts/gamma", "charts/resets"} <= set(events.Tags()["scalars"])
-    # 42 gradient steps into the anneal at step 120: round(10 * 0.3^0.42) = 6; at 160, 60 steps after the
-    # reset at 130 restarted it: round(10 * 0.3^0.6) = 5 (without the reset: 122 steps, n = 3)
+    # 42 gradient steps into the anneal at step 120: round(10 * 0.3^0.42) = 6; at 160, 56 steps after the
+    # reset at step 132 (131 > 130 steps taken) restarted it: round(10 * 0.3^0.56) = 5 (without it: n = 3)
     assert [e.value for e in events.Scalars("charts/n_step")][-2:] == [6, 5]
 
     real_save = bbf.atomic_torch_save

@@ -158,9 +158,10 @@ def test_probability_of_improvement_by_hand():
     assert result["ci"][0] <= 0.75 <= result["ci"][1]
 
 
-def write_results(path, method, game, seed, eval_mean):
+def write_results(path, method, game, seed, eval_mean, total_steps=100_000, episodes=100):
     path.mkdir(parents=True)
-    payload = {"agent": "drq", "method": method, "game": game, "seed": seed, "eval_mean": eval_mean, "config": {}}
+    payload = {"agent": "drq", "method": method, "game": game, "seed": seed, "eval_mean": eval_mean, "config": {},
+               "total_steps": total_steps, "eval_returns": [eval_mean] * episodes}  # fmt: skip
     (path / "results.json").write_text(json.dumps(payload))
 
 
@@ -220,3 +221,28 @@ def test_cli_json_and_errors(tmp_path):
 
     done = cli("report", "--scores", str(good), "--compare", "A", "Z", "--out", str(tmp_path / "y"))
     assert done.returncode == 2 and "no method 'Z'" in done.stderr
+
+
+def test_report_refuses_runs_that_are_not_full_atari100k_runs(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in range(1, 6):
+        write_results(runs / f"full{seed}", "drq", "Pong", seed, -15.0)
+    write_results(runs / "short", "drq", "Boxing", 1, 3.0, total_steps=3_000)
+    write_results(runs / "few_episodes", "drq", "Boxing", 2, 4.0, episodes=10)
+    done = cli("report", str(runs), "--out", str(tmp_path / "refused"))
+    assert done.returncode == 2 and not (tmp_path / "refused").exists()
+    assert "2 run(s) are not full Atari-100k runs" in done.stderr
+    assert f"{runs / 'short' / 'results.json'}: total_steps 3000 (Atari-100k: 100,000)" in done.stderr
+    assert f"{runs / 'few_episodes' / 'results.json'}: 10 evaluation episodes (Atari-100k: 100)" in done.stderr
+
+    done = cli(
+        "report", str(runs), "--allow-short", "--reps", "100", "--profile-reps", "10", "--out", str(tmp_path / "r")
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| drq [smoke] | 2 | 1 |" in done.stdout and "| drq | 5 | 1 |" in done.stdout  # apart in every table
+    per_game = next(csv.DictReader(open(tmp_path / "r" / "per_game.csv"))).keys()
+    assert "drq [smoke]" in per_game
+    # a game with fewer than 5 runs is warned about, on stderr and in the report
+    assert "warning: drq [smoke] has fewer than 5 runs on Boxing (2)" in done.stderr
+    assert "warning: drq has" not in done.stderr
+    assert "drq [smoke]: fewer than 5 runs on Boxing (2)" in (tmp_path / "r" / "report.md").read_text()

@@ -12,10 +12,17 @@ from rlplastic.interventions import (
     HeadReset,
     ReDo,
     ShrinkPerturb,
+    clear_optimizer_state,
     fresh_copy,
     hidden_layers,
     neuron_scores,
 )
+
+
+def fresh_state(optimizer, param) -> bool:
+    """The optimizer state of `param` is what a fresh one would be: absent, or all zeros (Adam)."""
+    state = optimizer.state.get(param, {})
+    return all(not (v.any() if torch.is_tensor(v) else v) for v in state.values())
 
 
 class MLP(nn.Module):
@@ -84,7 +91,7 @@ def test_hare_tortoise_keeps_optimizer_state_unless_asked():
     assert ht.resets == 1 and all(p in optimizer.state for p in hare.parameters())
     ht_clearing = HareTortoise(hare, tortoise, reset_every=1, optimizer=optimizer, reset_optimizer=True)
     ht_clearing.step()
-    assert not any(p in optimizer.state for p in hare.parameters())
+    assert all(fresh_state(optimizer, p) for p in hare.parameters())
 
 
 def test_hare_tortoise_rejects_one_network_for_both():
@@ -111,7 +118,7 @@ def test_head_reset_draws_what_the_init_scheme_draws_and_clears_only_its_optimiz
     assert torch.equal(model.head.weight, expected.weight) and not model.head.bias.any()
     assert model.head.weight is head_weight
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.parameters(), encoder_before, strict=True))
-    assert not any(p in optimizer.state for p in model.head.parameters())
+    assert all(fresh_state(optimizer, p) for p in model.head.parameters())
     for p, before in zip(model.encoder.parameters(), encoder_state, strict=True):  # untouched: unchanged
         assert all(torch.equal(optimizer.state[p][k], v) for k, v in before.items())
 
@@ -365,3 +372,42 @@ def test_cbp_on_conv_channels_feeding_a_linear_layer():
     mean_h = h.mean(dim=(0, 2, 3))[replaced]  # bias-corrected: 0.1 * m / (1 - 0.9)
     expected_bias = fc_bias_before + fc_before[:, block].sum(1) * mean_h
     assert torch.allclose(model.fc.bias, expected_bias, atol=1e-6)
+
+
+def test_cleared_adam_state_equals_a_fresh_one_and_keeps_its_memory():
+    """clear_optimizer_state zeroes Adam's moments and step in place: the next step is the one a
+    fresh state would take, and the tensors a captured CUDA graph reads stay the same objects."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    opt_a = torch.optim.Adam(a.parameters(), lr=0.1)
+    opt_b = torch.optim.Adam(b.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        opt_a.zero_grad()
+        a(x).pow(2).sum().backward()
+        opt_a.step()
+    b.load_state_dict(a.state_dict())  # same parameters; b's optimizer has never stepped
+    memory = [opt_a.state[p]["exp_avg"] for p in a.parameters()]
+    clear_optimizer_state(opt_a, a.parameters())
+    assert all(opt_a.state[p]["exp_avg"] is m for p, m in zip(a.parameters(), memory, strict=True))
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_hare_tortoise_step_is_its_device_step_then_its_host_step():
+    torch.manual_seed(0)
+    hare, tortoise = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    ht = HareTortoise(hare, tortoise, momentum=0.5, reset_every=2)
+    assert ht.graph_safe
+    before = tortoise.weight.clone()
+    ht.device_step()  # the EMA, no schedule
+    torch.testing.assert_close(tortoise.weight, 0.5 * before + 0.5 * hare.weight)
+    assert ht.due.count == 0
+    ht.host_step(), ht.host_step()  # the second call is due: hare <- tortoise
+    assert ht.resets == 1 and torch.equal(hare.weight, tortoise.weight)
+    assert not ContinualBackprop.graph_safe and not GradientNoise.graph_safe

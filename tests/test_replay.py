@@ -91,3 +91,16 @@ def test_sampling_is_uniform_over_sampleable_slots():
 def test_capacity_must_exceed_window():
     with pytest.raises(ValueError, match="capacity 5"):
         FrameReplay(capacity=5, n_step=3, gamma=0.9)
+
+
+def test_sampling_is_uniform_over_sampleable_slots_only():
+    generator = torch.Generator().manual_seed(0)
+    replay = FrameReplay(100, 3, 0.99, generator=generator)
+    for i in range(60):  # a truncation at step 29 makes the slots whose window reaches it unsampleable
+        replay.add(np.zeros((84, 84), np.uint8), 0, 0.0, False, i == 29)
+    allowed = torch.as_tensor(replay._sampleable_host)
+    assert 0 < int(allowed.sum()) < 60
+    counts = torch.bincount(replay.sample_slots(200_000), minlength=100)
+    assert counts[~allowed].sum() == 0
+    expected = 200_000 / int(allowed.sum())
+    assert ((counts[allowed] - expected).abs() < 0.1 * expected).all()

@@ -118,9 +118,13 @@ def test_local_sweep_then_report_then_rerun(tmp_path):
     ]  # fmt: skip
     assert json.loads((out / "sweep.json").read_text())["runs"][0]["game"] == "Pong"
 
-    report = sweep_cli("report", str(out), "--reps", "200", "--profile-reps", "20", "--out", str(tmp_path / "rep"))
+    refused = sweep_cli("report", str(out), "--out", str(tmp_path / "refused"))
+    assert refused.returncode == 2 and "not full Atari-100k runs" in refused.stderr  # 160-step runs
+    report = sweep_cli(
+        "report", str(out), "--allow-short", "--reps", "200", "--profile-reps", "20", "--out", str(tmp_path / "rep")
+    )
     assert report.returncode == 0, report.stderr
-    assert "| drq | 2 | 2 |" in report.stdout  # 2 runs per game, 2 games
+    assert "| drq [smoke] | 2 | 2 |" in report.stdout  # 2 runs per game, 2 games, marked as smoke runs
     rows = list(csv.DictReader(open(tmp_path / "rep" / "scores.csv")))
     by_run = {(r["game"], r["seed"]): float(r["score"]) for r in rows}
     assert by_run[("Pong", "1")] == json.loads((out / "drq/Pong/seed1/results.json").read_text())["eval_mean"]

@@ -21,12 +21,28 @@ def fresh_copy(module: nn.Module, init_fn: InitFn) -> nn.Module:
     return fresh
 
 
+@torch.no_grad()
 def clear_optimizer_state(optimizer: torch.optim.Optimizer | None, params: Iterable[torch.Tensor]) -> None:
-    """Forget the state of whole replaced tensors; the optimizer re-creates it on its next step."""
+    """Give whole replaced tensors a fresh optimizer state.
+
+    Adam-style state (it has a step count) is zeroed in place, step included: numerically the state
+    the optimizer would create on its next step, and the tensors keep their memory, which a
+    CUDA-graph-captured optimizer step goes on reading. Other state (SGD momentum, whose fresh value
+    is the next gradient, not zero) is dropped, and the optimizer re-creates it."""
     if optimizer is None:
         return
     for p in params:
-        optimizer.state.pop(p, None)
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        if "step" in state:
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    value.zero_()
+                else:
+                    state[key] = type(value)(0)
+        else:
+            optimizer.state.pop(p)
 
 
 @torch.no_grad()
@@ -143,9 +159,28 @@ def num_units(layer: nn.Module) -> int:
 
 class Intervention:
     """The common contract: step() once per gradient step; state_dict() / load_state_dict() carry
-    the schedule and statistics across a resumed run (parameters live in the model's own)."""
+    the schedule and statistics across a resumed run (parameters live in the model's own).
+
+    step() = device_step() + host_step(). device_step() is the per-step tensor work, free of host
+    syncs and Python decisions, so an agent may capture it in a CUDA graph with its update;
+    host_step() keeps the schedule and runs the rare events (resets, recycling) outside the graph,
+    changing parameters and optimizer state in place so the captured graph needs no re-capture.
+    graph_safe says whether that split holds; interventions that decide on the host every step
+    (continual backprop, gradient noise, lifecycle layers) are not, and run eagerly.
+    """
 
     state_keys: tuple[str, ...] = ()
+    graph_safe: bool = True
+
+    def step(self) -> None:
+        self.device_step()
+        self.host_step()
+
+    def device_step(self) -> None:
+        """Per-step tensor work (none by default)."""
+
+    def host_step(self) -> None:
+        """Schedule and rare events (none by default)."""
 
     def state_dict(self) -> dict:
         return {key: copy.deepcopy(getattr(self, key)) for key in self.state_keys}

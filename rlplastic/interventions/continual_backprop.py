@@ -47,6 +47,8 @@ class ContinualBackprop(Intervention):
     update's forward, not target or acting forwards); call step() after optimizer.step().
     """
 
+    graph_safe = False  # decides on the host every step
+
     state_keys = ("state", "replaced")
 
     def __init__(

@@ -15,6 +15,8 @@ class GradientNoise(Intervention):
     step: negligible on a GPU, RNG-bound on a CPU (see scripts/bench_interventions.py).
     """
 
+    graph_safe = False  # decides on the host every step
+
     state_keys = ("t",)
 
     def __init__(

@@ -49,7 +49,8 @@ class HareTortoise(Intervention):
         self.resets = 0
 
     @torch.no_grad()
-    def step(self) -> None:
+    def device_step(self) -> None:
+        """tortoise <- momentum * tortoise + (1 - momentum) * hare (graph-capturable)."""
         # One fused kernel per dtype/device group for all parameters: cheap enough to run every step.
         torch._foreach_lerp_(self.tortoise_params, self.hare_params, 1.0 - self.momentum)
         if self.float_buffers:
@@ -57,6 +58,8 @@ class HareTortoise(Intervention):
             torch._foreach_lerp_(list(tortoise_buffers), list(hare_buffers), 1.0 - self.momentum)
         for hare_buffer, tortoise_buffer in self.other_buffers:  # e.g. BatchNorm's batch counter
             tortoise_buffer.copy_(hare_buffer)
+
+    def host_step(self) -> None:
         if self.due():
             self.reset_hare()
 

@@ -61,7 +61,7 @@ class ReDo(Intervention):
         self.due = Every(every)
         self.recycled: list[int] = []  # units recycled at each application, for logging
 
-    def step(self) -> None:
+    def host_step(self) -> None:
         if self.due():
             self.apply(self.batch_fn())
 

@@ -58,7 +58,7 @@ class ShrinkPerturb(Intervention):
             ]
         self.resets = 0
 
-    def step(self) -> None:
+    def host_step(self) -> None:
         if self.due():
             self.apply()
 
