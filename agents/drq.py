@@ -204,6 +204,9 @@ class Args:
     """agent steps between progress lines and tensorboard scalars"""
     track_tensorboard: bool = True
     """write tensorboard event files into the run folder"""
+    save_model: bool = False
+    """after training, save the online network's weights (a plain state_dict, 16 MB) as
+    q_network.pt in the run folder, e.g. to evaluate it again at another epsilon"""
 
 
 def validate(args: Args) -> list[str]:
@@ -309,7 +312,7 @@ def method_label(args: Args) -> str:
 
 
 # Arguments that may differ when an interrupted run resumes: they do not change its results.
-RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "track_tensorboard"}
+RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "track_tensorboard", "save_model"}
 
 
 def evaluate(args: Args, game: str, greedy_actions, num_episodes: int, seed: int):
@@ -644,6 +647,8 @@ def main(args: Args) -> dict:
                 },
             )
     train_time = elapsed_before + time.time() - start_time
+    if args.save_model:
+        atomic_torch_save(run_dir / "q_network.pt", {k: v.cpu() for k, v in q_network.state_dict().items()})
 
     # FINAL EVALUATION
     print(f"drq: evaluating {args.eval_episodes} episodes (epsilon {args.eval_epsilon})", flush=True)

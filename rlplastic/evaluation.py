@@ -42,6 +42,7 @@ class Score:
     score: float
     source: str  # "path:line" for CSV rows, the results.json path for runs
     off_protocol: str | None = None  # why a run is not a full Atari-100k run (None: it is)
+    curve: tuple[tuple[int, float], ...] = ()  # (agent step, eval mean) of every evaluation of the run
 
 
 ATARI100K_STEPS = 100_000  # agent steps of training
@@ -154,10 +155,64 @@ def collect_run_scores(run_dirs: Iterable[str | Path]) -> list[Score]:
             scores.append(
                 Score(
                     str(method), parse_game(game, where), int(seed), parse_score(str(score), where), where,
-                    off_protocol=protocol_problem(results),
+                    off_protocol=protocol_problem(results), curve=parse_curve(results.get("eval_curve"), where),
                 )
             )  # fmt: skip
     return scores
+
+
+def parse_curve(points, where: str) -> tuple[tuple[int, float], ...]:
+    """A results.json's eval_curve ([{"step", "mean", ...}]) as (step, mean) pairs."""
+    if not points:
+        return ()
+    try:
+        curve = tuple((int(p["step"]), parse_score(str(p["mean"]), where)) for p in points if p["mean"] is not None)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ScoreError(f"{where}: eval_curve is not a list of {{step, mean}} points ({e})") from None
+    return curve
+
+
+def mean_curves(scores: Sequence[Score]) -> dict[str, dict[str, list[tuple[int, float, int]]]]:
+    """{method: {game: [(step, mean over the runs evaluated at that step, runs)]}} of the runs
+    that evaluated during training (--eval-every), for sample-efficiency curves."""
+    by_step: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for s in scores:
+        for step, value in s.curve:
+            by_step[s.method][s.game][step].append(value)
+    return {
+        method: {game: [(step, float(np.mean(v)), len(v)) for step, v in sorted(steps.items())]
+                 for game, steps in per_game.items() if len(steps) > 1}
+        for method, per_game in by_step.items()
+    }  # fmt: skip
+
+
+def plot_curves(curves: dict[str, dict[str, list[tuple[int, float, int]]]], path: str | Path) -> None:
+    """One panel per game: each method's mean evaluation return against agent steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlplastic.runs import atomic_write
+
+    games = sorted({game for per_game in curves.values() for game in per_game})
+    cols = min(4, len(games))
+    rows = -(-len(games) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax, game in zip(axes.flat, games, strict=False):
+        for method, per_game in curves.items():
+            if game in per_game:
+                steps, values, _ = zip(*per_game[game], strict=True)
+                ax.plot([s / 1000 for s in steps], values, marker="o", label=method)
+        ax.set_title(game)
+        ax.set_xlabel("agent steps (k)")
+        ax.set_ylabel("eval return")
+    for ax in list(axes.flat)[len(games) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
 
 
 def screen_protocol(scores: Sequence[Score], allow_short: bool = False) -> list[Score]:
@@ -464,7 +519,8 @@ def build_report(
     reference: dict[str, tuple[float, float]] | None = None,
 ) -> Report:
     """Aggregates, per-game table, probability of improvement and plots, written into out_dir:
-    report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, performance_profile.png."""
+    report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, performance_profile.png, and
+    curves.png / curves.csv when runs evaluated during training (--eval-every)."""
     from rlplastic.runs import atomic_write, atomic_write_json
 
     reference = reference or reference_scores()
@@ -510,6 +566,15 @@ def build_report(
         )
     )  # fmt: skip
     md += ["", "![aggregates](aggregates.png)", "", "![performance profile](performance_profile.png)", ""]
+    curves = mean_curves(scores)
+    if curves:  # runs evaluated during training (--eval-every): sample-efficiency curves
+        plot_curves(curves, out_dir / "curves.png")
+        _write_csv(
+            out_dir / "curves.csv", ["method", "game", "step", "mean", "runs"],
+            [[m, g, step, value, n] for m, per_game in curves.items() for g, points in per_game.items()
+             for step, value, n in points],
+        )  # fmt: skip
+        md += ["## Evaluation during training", "", "![sample-efficiency curves](curves.png)", ""]
     notes = []
     for m, games in thin_games(scores).items():
         notes.append(f"- {m}: fewer than {MIN_RUNS_PER_GAME} runs on {', '.join(games)}: wide, unreliable CIs")

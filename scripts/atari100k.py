@@ -43,7 +43,8 @@ def report(args: argparse.Namespace) -> int:
     else:
         print(result.markdown)
         print(f"\nwritten: {args.out}/report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, "
-              "performance_profile.png", file=sys.stderr)  # fmt: skip
+              "performance_profile.png (+ curves.png, curves.csv for runs with --eval-every)",
+              file=sys.stderr)  # fmt: skip
     for method, games in evaluation.thin_games(scores).items():
         print(f"warning: {method} has fewer than {evaluation.MIN_RUNS_PER_GAME} runs on {', '.join(games)}: "
               "its confidence intervals are wide and unreliable", file=sys.stderr)  # fmt: skip

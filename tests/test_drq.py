@@ -137,9 +137,10 @@ def test_interrupted_run_resumes_to_identical_results(drq, tmp_path, monkeypatch
         env_id="Breakout", seed=5, total_steps=240, learning_starts=60, eval_episodes=1, max_episode_steps=150,
         batch_size=8, log_every=60, checkpoint_every=120, device="cpu", track_tensorboard=False,
         ema=0.99, reset=("hare-tortoise", "head", "redo"), ht_reset_every=50, head_reset_every=70, redo_every=40,
-        diag_every=80,
+        diag_every=80, eval_every=100, eval_every_episodes=1,
     )  # fmt: skip
     straight = drq.main(replace(args, output_dir=str(tmp_path / "straight")))
+    assert [p["step"] for p in straight["eval_curve"]] == [100, 200, 240]  # the final evaluation last
     assert not (tmp_path / "straight" / "checkpoint.pt").exists()  # removed once results exist
 
     real_save = drq.atomic_torch_save
@@ -158,9 +159,15 @@ def test_interrupted_run_resumes_to_identical_results(drq, tmp_path, monkeypatch
 
     with pytest.raises(SystemExit, match="other arguments.*learning_rate"):
         drq.main(replace(resumed_args, learning_rate=3e-4))
-    resumed = drq.main(resumed_args)
-    for key in ("eval_returns", "train_episodes", "train_log", "diagnostics"):
+    resumed = drq.main(replace(resumed_args, save_model=True))  # save_model may change on resume
+    for key in ("eval_returns", "train_episodes", "train_log", "diagnostics", "eval_curve"):
         assert resumed[key] == straight[key]
+    weights = torch.load(tmp_path / "resumed" / "q_network.pt", weights_only=True)
+    assert weights["head.0.weight"].shape == (512, 7744)
+    # evaluating during training leaves training untouched (own environments and random streams)
+    quiet = drq.main(replace(args, eval_every=0, output_dir=str(tmp_path / "quiet")))
+    assert quiet["train_log"] == straight["train_log"] and quiet["train_episodes"] == straight["train_episodes"]
+    assert quiet["eval_returns"] == straight["eval_returns"]
     assert [d["step"] for d in resumed["diagnostics"]] == [80, 160, 240]
     assert resumed["train_log"][-1]["step"] == 240
     assert resumed["method"] == "drq+hare-tortoise+head+redo"

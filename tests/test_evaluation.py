@@ -158,10 +158,11 @@ def test_probability_of_improvement_by_hand():
     assert result["ci"][0] <= 0.75 <= result["ci"][1]
 
 
-def write_results(path, method, game, seed, eval_mean, total_steps=100_000, episodes=100):
+def write_results(path, method, game, seed, eval_mean, total_steps=100_000, episodes=100, curve=()):
     path.mkdir(parents=True)
     payload = {"agent": "drq", "method": method, "game": game, "seed": seed, "eval_mean": eval_mean, "config": {},
-               "total_steps": total_steps, "eval_returns": [eval_mean] * episodes}  # fmt: skip
+               "total_steps": total_steps, "eval_returns": [eval_mean] * episodes,
+               "eval_curve": [{"step": step, "mean": mean, "returns": [mean]} for step, mean in curve]}  # fmt: skip
     (path / "results.json").write_text(json.dumps(payload))
 
 
@@ -246,3 +247,25 @@ def test_report_refuses_runs_that_are_not_full_atari100k_runs(tmp_path):
     assert "warning: drq [smoke] has fewer than 5 runs on Boxing (2)" in done.stderr
     assert "warning: drq has" not in done.stderr
     assert "drq [smoke]: fewer than 5 runs on Boxing (2)" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_runs_that_evaluated_during_training_get_sample_efficiency_curves(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, offset in ((1, 0.0), (2, 2.0)):
+        curve = [(50_000, -20.0 + offset), (100_000, -10.0 + offset)]
+        write_results(runs / f"pong{seed}", "drq", "Pong", seed, -10.0 + offset, curve=curve)
+    write_results(runs / "boxing", "drq", "Boxing", 1, 5.0)  # no curve: only its final point
+    scores = evaluation.collect_run_scores([runs])
+    report = evaluation.build_report(scores, tmp_path / "out", reps=100, profile_reps=10)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "curves.csv")))
+    assert [(r["game"], int(r["step"]), float(r["mean"]), int(r["runs"])) for r in rows] == [
+        ("Pong", 50_000, -19.0, 2),
+        ("Pong", 100_000, -9.0, 2),
+    ]
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 0 and "curves.png" in report.markdown
+
+    write_results(runs / "broken", "drq", "Pong", 3, 1.0)
+    broken = json.loads((runs / "broken" / "results.json").read_text()) | {"eval_curve": [{"step": 1}]}
+    (runs / "broken" / "results.json").write_text(json.dumps(broken))
+    with pytest.raises(ScoreError, match="broken/results.json: eval_curve"):
+        evaluation.collect_run_scores([runs])
