@@ -573,7 +573,7 @@ def main(args: Args) -> dict:
                 updates_since_log += 1
 
         next_obs, reward, terminated, truncated, info = env.step(action)
-        # Life loss is a terminal for learning, yet the game goes on (SPEC section 1).
+        # Life loss is a terminal for learning, yet the game goes on (dopamine's terminal_on_life_loss).
         replay.add(obs[-1], action, clip_reward(reward), terminated or info["life_loss"], truncated)
         obs = next_obs
         if terminated or truncated:

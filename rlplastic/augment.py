@@ -1,4 +1,4 @@
-"""DrQ / SPR / BBF image augmentation, batched on the device (SPEC section 3)."""
+"""DrQ / SPR / BBF image augmentation, batched on the device (Kostrikov et al. 2020; dopamine's atari_100k agent)."""
 
 from __future__ import annotations
 

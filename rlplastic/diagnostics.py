@@ -1,4 +1,5 @@
-"""Measurements of plasticity loss (SPEC section 6), as plain functions on tensors and modules.
+"""Measurements of plasticity loss (Sokar et al. 2023; Joudaki et al.), as plain functions on tensors
+and modules.
 
 Feature functions take a (samples x units) activation matrix h; conv activations (N, C, H, W) are
 accepted where a per-unit statistic makes sense (dormant ratio) and flattened to

@@ -122,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--seed", type=int, default=d.seed)
     r.add_argument("--batch-size", type=int, default=d.batch_size)
-    r.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the model's, SPEC 7)")
+    r.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the model's)")
     r.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the model's)")
     r.add_argument("--warmup", type=float, default=d.warmup, help="share of each phase's steps warming up from lr 0")
     r.add_argument("--schedule", default=d.schedule, help="after the warm-up: constant or cosine (to 0)")

@@ -21,7 +21,8 @@ class Classifier(nn.Module):
 
 
 class CReLU(nn.Module):
-    """[relu(x), -relu(-x)] (SPEC 5): doubles the features, so layers after it take twice the inputs."""
+    """[relu(x), -relu(-x)] (Shang et al. 2016; Abbas et al. 2023): doubles the features, so layers
+    after it take twice the inputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([F.relu(x), -F.relu(-x)], 1)

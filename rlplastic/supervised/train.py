@@ -1,5 +1,5 @@
-"""Supervised plasticity protocols (SPEC section 7): fresh, warm-start and continual training with
-the interventions of rlplastic.interventions and the diagnostics of rlplastic.diagnostics.
+"""Supervised plasticity protocols (Lee et al. 2024 warm-start, Yang 2025 lifecycle): fresh,
+warm-start and continual training with the interventions of rlplastic.interventions and the diagnostics of rlplastic.diagnostics.
 
 The whole data set lives on the training device; batches are index gathers and augmentation is a
 batched crop + flip there, so the hot loop runs no per-sample Python.
@@ -41,7 +41,7 @@ METHODS = (
     "neuronal-decay", "topk-cycle",
 )  # fmt: skip
 BOUNDARY_METHODS = ("head-reset", "shrink-perturb")  # act when the data changes: need warm-start or continual
-# SPEC section 7: learning rate and weight decay of each model's reference setting
+# learning rate and weight decay of each model's reference setting (the papers' appendices)
 MODEL_DEFAULTS = {"mlp": (1e-3, 1e-4), "resnet18": (1e-3, 1e-5), "vit-tiny": (3e-3, 0.05), "vgg16": (1e-3, 1e-4),
                   "wrn-28-4": (1e-3, 1e-4)}  # fmt: skip
 
@@ -58,7 +58,7 @@ class RunConfig:
     epochs: int = 100  # fresh: all; warm-start: phase 2 (phase 1 gets epochs / subset); continual: per chunk
     seed: int = 0
     batch_size: int = 256
-    lr: float | None = None  # default per model (SPEC)
+    lr: float | None = None  # default per model (MODEL_DEFAULTS)
     weight_decay: float | None = None
     warmup: float = 0.1  # share of each phase's steps with the learning rate rising from 0
     schedule: str = "constant"  # after the warm-up: constant, or cosine to 0 (the lifecycle tables)
