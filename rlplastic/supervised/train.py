@@ -1,5 +1,6 @@
 """Supervised plasticity protocols (Lee et al. 2024 warm-start, Yang 2025 lifecycle): fresh,
-warm-start and continual training with the interventions of rlplastic.interventions and the diagnostics of rlplastic.diagnostics.
+warm-start and continual training with the interventions of rlplastic.interventions and the
+diagnostics of rlplastic.diagnostics.
 
 The whole data set lives on the training device; batches are index gathers and augmentation is a
 batched crop + flip there, so the hot loop runs no per-sample Python.
