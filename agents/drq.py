@@ -177,10 +177,10 @@ class Args:
     """continual backprop: decay of the utility averages"""
     cbp_maturity: int = 100
     """continual backprop: steps before a unit may be replaced"""
-    noise_sigma: float = 0.1
-    """gradient noise: initial noise scale relative to each gradient entry"""
-    noise_decay: float = 0.9999
-    """gradient noise: per-step decay of the noise scale"""
+    noise_sigma: float = 0.01
+    """gradient noise (noisy SGD, Joudaki et al.): sigma_0 of the isotropic noise N(0, sigma_t^2 ||g||^2 I)"""
+    noise_decay: float = 0.999
+    """gradient noise: per-step decay lambda of sigma_t = sigma_0 * lambda^t"""
     lifecycle: bool = False
     """replace the hidden layers by lifecycle layers (Yang 2025)"""
     lifecycle_lifespan: tuple[int, int] = (1_000, 5_000)

@@ -79,8 +79,18 @@ def srank(h: torch.Tensor, delta: float = 0.01, s: torch.Tensor | None = None) -
     return (share < 1 - delta).sum() + 1
 
 
-def stable_rank(h: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
-    """||H||_F^2 / ||H||_2^2."""
+def stable_rank(h: torch.Tensor) -> torch.Tensor:
+    """||H~||_F^4 / tr((H~^T H~)^2) of the mean-centred features H~ (Joudaki et al., appendix B:
+    the Renyi-2 effective rank (tr M)^2 / ||M||_F^2 of M = H~^T H~). Computed on the samples x
+    samples Gram matrix H~ H~^T, which has the same trace and Frobenius norm and is small."""
+    centred = as_unit_matrix(h).float()
+    centred = centred - centred.mean(0, keepdim=True)
+    gram = centred @ centred.T
+    return gram.trace() ** 2 / (gram**2).sum().clamp_min(1e-24)
+
+
+def spectral_norm_ratio(h: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+    """||H||_F^2 / ||H||_2^2 of the raw features (another quantity often called stable rank)."""
     s = singular_values(h) if s is None else s
     return (s**2).sum() / (s[0] ** 2).clamp_min(1e-12)
 
@@ -252,5 +262,5 @@ class PlasticityProbe:
         s = singular_values(h)  # once for the three ranks
         stats["effective_rank"] = effective_rank(h, s=s)
         stats["srank"] = srank(h, s=s).float()
-        stats["stable_rank"] = stable_rank(h, s=s)
+        stats["stable_rank"] = stable_rank(h)
         return stats

@@ -15,6 +15,7 @@ from rlplastic.diagnostics import (
     hessian_top_eigenvalue,
     initial_weights,
     lipschitz_bound,
+    spectral_norm_ratio,
     srank,
     stable_rank,
     weight_magnitude,
@@ -32,11 +33,32 @@ def test_ranks_of_rank_one_and_identity_matrices():
     assert effective_rank(identity).item() == pytest.approx(10.0, abs=1e-4)
     assert srank(identity).item() == 10  # 9 of 10 equal values hold only 90% < 99%
     assert srank(identity, delta=0.15).item() == 9
-    assert stable_rank(identity).item() == pytest.approx(10.0)
+    # centred, the identity loses one direction: 9 equal eigenvalues -> Renyi-2 rank 9
+    assert stable_rank(identity).item() == pytest.approx(9.0, rel=1e-5)
     two = torch.diag(torch.tensor([3.0, 1.0]))
-    assert stable_rank(two).item() == pytest.approx(10 / 9)
+    assert spectral_norm_ratio(two).item() == pytest.approx(10 / 9)
     p = torch.tensor([0.75, 0.25])
     assert effective_rank(two).item() == pytest.approx(torch.exp(-(p * p.log()).sum()).item())
+
+
+def test_stable_rank_is_the_renyi2_rank_of_the_centred_features():
+    """||H~||_F^4 / tr((H~^T H~)^2): orthogonal centred columns of squared norms 4 and 16 give
+    (4 + 16)^2 / (4^2 + 16^2) = 400 / 272; adding a constant to a unit changes nothing."""
+    h = torch.tensor([[1.0, 2.0], [-1.0, -2.0], [1.0, -2.0], [-1.0, 2.0]])
+    assert stable_rank(h).item() == pytest.approx(400 / 272)
+    assert stable_rank(h + torch.tensor([5.0, -3.0])).item() == pytest.approx(400 / 272)
+    centred = h - h.mean(0)
+    by_definition = torch.linalg.norm(centred) ** 4 / torch.trace((centred.T @ centred) @ (centred.T @ centred))
+    wide = torch.randn(30, 200)
+    wide_centred = wide - wide.mean(0)
+    assert stable_rank(wide).item() == pytest.approx(
+        (
+            torch.linalg.norm(wide_centred) ** 4
+            / torch.trace((wide_centred.T @ wide_centred) @ (wide_centred.T @ wide_centred))
+        ).item(),
+        rel=1e-4,
+    )
+    assert stable_rank(h).item() == pytest.approx(by_definition.item())
 
 
 def planted_layer():

@@ -339,18 +339,21 @@ def test_cbp_replaces_the_lowest_utility_mature_unit_and_moves_its_contribution_
 
 
 # Gradient noise
-def test_gradient_noise_scales_with_each_entry_and_decays():
-    p = nn.Parameter(torch.zeros(1000))
-    optimizer = torch.optim.SGD([p], lr=1.0)
+def test_gradient_noise_is_isotropic_with_the_gradient_norm_and_decays():
+    """eps ~ N(0, sigma^2 ||g||^2 I): zero-gradient entries get the same noise as the others."""
+    p, q = nn.Parameter(torch.zeros(3000)), nn.Parameter(torch.zeros(2, 500))
+    optimizer = torch.optim.SGD([p, q], lr=1.0)
     noise = GradientNoise(optimizer, sigma0=0.5, decay=0.5, generator=torch.Generator().manual_seed(0))
-    p.grad = torch.full((1000,), 2.0)
-    p.grad[:500] = 0.0
+    p.grad = torch.zeros(3000)
+    p.grad[:4] = torch.tensor([0.0, 3.0, 0.0, 4.0])  # ||g|| = 5 over both parameters
+    q.grad = torch.zeros(2, 500)
+    gradient = torch.cat([p.grad.flatten(), q.grad.flatten()])
     optimizer.step()
-    update = -p.detach()
-    assert not update[:500].any()  # zero gradient, zero noise
-    deviation = (update[500:] - 2.0) / 2.0
-    assert abs(deviation.std().item() - 0.5) < 0.05 and abs(deviation.mean().item()) < 0.06
+    added = torch.cat([-p.detach(), -q.detach().flatten()]) - gradient  # SGD, lr 1: the update minus g
+    assert abs(added.std().item() - 0.5 * 5.0) < 0.1 and abs(added.mean().item()) < 0.1
+    assert added[:4].abs().sum() > 0 and (-q.detach()).abs().mean() > 1.0  # zero-gradient entries move too
     assert noise.t == 1 and noise.sigma == 0.25
+    assert GradientNoise(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)).sigma == 0.01  # the paper's
 
 
 def test_cbp_on_conv_channels_feeding_a_linear_layer():
