@@ -1,5 +1,7 @@
 """Lifecycle layers: Algorithm 1 replayed by hand on a 4-neuron layer, and the layer's contracts."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -98,17 +100,54 @@ def test_no_warmup_ablation_revives_at_full_scale():
 def test_revival_zeroes_bound_optimizer_moments():
     layer = planted_layer()
     optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
-    layer.bind_optimizer(optimizer)
-    for _ in range(3):
+    layer.bind_optimizer(optimizer)  # the clock ticks after each optimizer.step()
+    for _ in range(4):
         optimizer.zero_grad()
         layer(torch.ones(1, 3)).sum().backward()
         optimizer.step()
     moments = optimizer.state[layer.weight]["exp_avg"]
-    # Unit 1: alive in step 1 (grad 1 -> exp_avg 0.1), dead in step 2 (0.09), revived in the 3rd
-    # forward at scaler 1/2. Zeroed at revival, its moment is just (1 - beta1) * 0.5 = 0.05;
-    # without the reset it would be 0.9 * 0.09 + 0.05 = 0.131.
+    # Unit 1: alive in updates 1-2 (grad 1: exp_avg 0.1, 0.19), dead in update 3 (0.171), revived by
+    # the tick after it, and trained at scaler 1/2 in update 4. Zeroed at revival, its moment is
+    # just (1 - beta1) * 0.5 = 0.05; without the reset it would be 0.9 * 0.171 + 0.05 = 0.2039.
     assert torch.allclose(moments[:2], torch.full((2, 3), 0.05))
-    assert torch.allclose(moments[3], torch.full((3,), 0.1 * (1 + 0.9 + 0.81)))
+    assert torch.allclose(moments[3], torch.full((3,), 0.1 * (1 + 0.9 + 0.81 + 0.729)))
+
+
+def test_a_bound_layer_ages_once_per_optimizer_step_whatever_the_forwards():
+    """Algorithm 1 ticks once per training iteration: an agent's extra forwards (double-DQN next
+    states, acting with autograd on, as CleanRL's DQN does) must not age the units."""
+    layer = planted_layer()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.0)
+    layer.bind_optimizer(optimizer)
+    x = torch.ones(1, 3)
+    layer(x), layer(x), layer(x)  # three training forwards with autograd on, no step: no tick
+    assert layer.life.tolist() == [1, 2, 3, 5]
+    optimizer.zero_grad()
+    layer(x).sum().backward()
+    optimizer.step()  # one step: one tick
+    assert state(layer) == ([F, T, T, T], [0, 1, 2, 4], [2, 0, 0, 0], [1, 1, 1, 1])
+    layer.eval()
+    optimizer.step()  # evaluation mode: the clock stands still
+    assert layer.life.tolist() == [0, 1, 2, 4]
+
+
+def test_swap_in_lifecycle_with_the_optimizer_needs_no_further_call():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    (layer,) = swap_in_lifecycle(model, optimizer=optimizer, lifespan=(2, 2), recovery=(1, 1), warmup=0)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(layer.weight) in held and id(layer.bias) in held and len(held) == 4
+    before = layer.weight.detach().clone()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(16, 3)).pow(2).mean().backward()
+        optimizer.step()
+    assert not torch.equal(layer.weight, before)  # the optimizer trains the new layer
+    assert not layer.active.any() and layer.recovery.tolist() == [1] * 8  # two steps: every unit died
+    target = copy.deepcopy(model)  # a copy (a target network) is not on the clock
+    optimizer.step()
+    assert target[0].life.tolist() == [0] * 8 and layer.active.all()
 
 
 def test_a_lifecycle_layer_trains():

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Sequence
 
@@ -22,17 +23,21 @@ class _Lifecycle:
     memory (or a fresh He / Xavier draw, the ablations) and its output is scaled up over `warmup`
     steps: 1/k, 2/k, ..., 1. Output = (W * d) x + b * d with d = active * scaler.
 
-    One lifecycle step (Algorithm 1) runs at every training forward, in the order
+    One lifecycle step (Algorithm 1) runs once per training iteration, in the order
     (A) warm-up ramp of units with scaler < 1; (B) life -= active, recovery -= inactive;
     (C) lyse active units with life <= 0: save memory, active = 0, recovery = their recovery time,
     scaler = 1; (D) revive inactive units with recovery <= 0: restore, active = 1, life = their
-    lifespan, scaler = 1/k. A training forward is one in training mode that builds a graph: an
-    agent's acting and target forwards under torch.no_grad are not training steps. Other forwards
-    apply the mask and scaler without changing them.
+    lifespan, scaler = 1/k. The clock is the optimizer: once bind_optimizer(opt) (or
+    swap_in_lifecycle(model, optimizer=opt)) has run, a step-post-hook ticks every layer once per
+    opt.step() in training mode, however many forwards the caller runs per update (an agent's
+    acting, target and double-DQN forwards age nothing). An unbound layer falls back to ticking at
+    every training-mode forward that builds a graph. Forwards apply the mask and scaler.
 
     Each unit draws its own lifespan and recovery time once; "life = L_max" and
     "recovery = R_max" in Algorithm 1 are read as these per-unit values. warmup <= 1 turns the
-    warm-up off. bind_optimizer(opt) makes revival zero the optimizer's moments of revived units.
+    warm-up off. Revival also zeroes the bound optimizer's moments of the revived rows: Algorithm 1
+    does not say so; it is our choice, so that a revived unit does not resume the stale momentum it
+    had when it died.
     The counters are mirrored on the host, so deaths and revivals are decided without a device sync
     and only the affected rows are touched.
     """
@@ -52,6 +57,7 @@ class _Lifecycle:
         device = self.weight.device
         self.warmup, self.revival = max(int(warmup), 1), revival
         self._optimizer_ref = None
+        self._clock_hook = None
         self._host = None
         draw = lambda lo, hi: torch.randint(lo, hi + 1, (units,), device=device)  # noqa: E731
         self.register_buffer("active", torch.ones(units, dtype=torch.bool, device=device))
@@ -65,7 +71,37 @@ class _Lifecycle:
         self.register_buffer("memory_bias", bias)
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        self._optimizer_ref = weakref.ref(optimizer)  # a weakref: deep copies of the layer stay light
+        """Tick this layer's clock once per optimizer.step() (in training mode), and zero the
+        optimizer's moments of revived units. Binding again moves the clock to the new optimizer."""
+        if hasattr(self._clock_hook, "remove"):
+            self._clock_hook.remove()
+        self._optimizer_ref = weakref.ref(optimizer)  # weakrefs: deep copies of the layer stay light
+        layer = weakref.ref(self)
+
+        def tick(*_) -> None:
+            bound = layer()
+            if bound is not None and bound.training:
+                bound.lifecycle_step()
+
+        self._clock_hook = optimizer.register_step_post_hook(tick)
+
+    def _ticks_on_forward(self) -> bool:
+        return self._clock_hook is None and self.training and torch.is_grad_enabled()
+
+    def __deepcopy__(self, memo):
+        # A copy (a target network, an EMA tortoise) is not bound to the optimizer: its clock does
+        # not tick on the original's steps, and it gets no hook of its own.
+        hook, self._clock_hook = self._clock_hook, None
+        try:
+            cls = type(self)
+            copy_ = cls.__new__(cls)
+            memo[id(self)] = copy_
+            for key, value in self.__dict__.items():
+                setattr(copy_, key, copy.deepcopy(value, memo))
+        finally:
+            self._clock_hook = hook
+        copy_._clock_hook = "copied" if hook is not None else None  # a bound copy never ticks on forwards
+        return copy_
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", warmup={self.warmup}, revival={self.revival}"
@@ -163,7 +199,7 @@ class LifecycleLinear(_Lifecycle, nn.Linear):
         self._init_lifecycle(lifespan, recovery, warmup, revival)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
+        if self._ticks_on_forward():
             self.lifecycle_step()
         # (W * d) x + b * d = d * (W x + b): gating the output costs O(batch * units), not O(weights),
         # and still gives dead units no gradient.
@@ -198,16 +234,25 @@ class LifecycleConv2d(_Lifecycle, nn.Conv2d):
         self._init_lifecycle(lifespan, recovery, warmup, revival)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
+        if self._ticks_on_forward():
             self.lifecycle_step()
         return self._conv_forward(x, self.weight, self.bias) * self.gate()[:, None, None]
 
 
 @torch.no_grad()
-def swap_in_lifecycle(model: nn.Module, names: Sequence[str] | None = None, **lifecycle_kwargs) -> list[_Lifecycle]:
+def swap_in_lifecycle(
+    model: nn.Module,
+    names: Sequence[str] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    **lifecycle_kwargs,
+) -> list[_Lifecycle]:
     """Replace the named nn.Linear / nn.Conv2d submodules of `model` by lifecycle versions that keep
-    their weights. names=None takes every hidden layer (never an output layer). Build the optimizer
-    after the swap: the new layers own new Parameter objects."""
+    their weights. names=None takes every hidden layer (never an output layer).
+
+    With `optimizer` (already built on the model), the optimizer is handed the new layers'
+    parameters in place of the old ones (state carried over) and bound: the clock then ticks once
+    per optimizer.step() with no further call. Without it, build the optimizer after the swap and
+    call bind_optimizer on each layer returned."""
     if names is None:
         by_module = {module: name for name, module in model.named_modules()}
         names = [by_module[layer] for layer, _ in hidden_layers(model)]
@@ -231,5 +276,18 @@ def swap_in_lifecycle(model: nn.Module, names: Sequence[str] | None = None, **li
             new.memory_bias.copy_(old.bias)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
+        if optimizer is not None:
+            _replace_parameters(optimizer, {old.weight: new.weight, old.bias: new.bias} if old.bias is not None
+                                else {old.weight: new.weight})  # fmt: skip
+            new.bind_optimizer(optimizer)
         swapped.append(new)
     return swapped
+
+
+def _replace_parameters(optimizer: torch.optim.Optimizer, mapping: dict[torch.Tensor, torch.Tensor]) -> None:
+    """Point the optimizer at new Parameter objects, moving any state it holds for the old ones."""
+    for group in optimizer.param_groups:
+        group["params"] = [mapping.get(p, p) for p in group["params"]]
+    for old, new in mapping.items():
+        if old in optimizer.state:
+            optimizer.state[new] = optimizer.state.pop(old)
