@@ -205,6 +205,9 @@ def test_every_method_trains_on_real_digits(method, tmp_path):
     if config.protocol == "warm-start":
         assert phases.count("phase1") >= 1 and phases[-1] == "phase2"
         assert {"phase1", "end"} == set(result["diagnostics"])
+        # measured from the weights at the start of training (not from the probe's own construction)
+        moved = [result["diagnostics"][k]["distance_from_init/all"] for k in ("phase1", "end")]
+        assert 0 < moved[0] and 0 < moved[1] and (method != "baseline" or moved[0] < moved[1])
     assert json.loads((tmp_path / "r.jsonl").read_text())["method"] == method
 
 

@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlplastic.diagnostics import PlasticityProbe, expected_calibration_error, hessian_top_eigenvalue, lipschitz_bound
+from rlplastic.diagnostics import (
+    PlasticityProbe,
+    expected_calibration_error,
+    hessian_top_eigenvalue,
+    initial_weights,
+    lipschitz_bound,
+)
 from rlplastic.init import torch_default_init
 from rlplastic.interventions import (
     HareTortoise,
@@ -204,6 +210,7 @@ class Trainer:
             warmup = 0 if config.method == "lifecycle-nowarmup" else 10
             swap_in_lifecycle(self.model, lifespan=(1_000, 5_000), recovery=(100, 500), warmup=warmup, revival=revival)
         self.initial = [p.detach().clone() for p in self.model.parameters()]  # regen's anchor
+        self.initial_weights = initial_weights(self.model)  # distance_from_init measures from here
         self.shadow = None  # EMA / tortoise network used for evaluation
         if config.method in ("ema", "hare-tortoise"):
             self.shadow = copy.deepcopy(self.model).requires_grad_(False)
@@ -329,6 +336,7 @@ class Trainer:
 
     def diagnostics(self, x: torch.Tensor) -> dict[str, float]:
         probe = PlasticityProbe(self.model, x[:256])
+        probe.initial = self.initial_weights  # the weights at the start of training, not now
         return probe.measure()
 
 
