@@ -134,7 +134,11 @@ def parser() -> argparse.ArgumentParser:
         "--strength", type=float, default=None, help="weight of l2 / spectral-decoupling / regen / neuronal-decay"
     )
     r.add_argument("--ht-momentum", type=float, default=d.ht_momentum, help="Hare & Tortoise / EMA momentum")
-    r.add_argument("--ht-reset-epochs", type=int, default=d.ht_reset_epochs, help="Hare & Tortoise reset period")
+    r.add_argument("--ht-reset-epochs", type=int, default=d.ht_reset_epochs,
+                   help="Hare & Tortoise: epochs (of the data trained on) between hare <- tortoise resets")  # fmt: skip
+    r.add_argument("--redo-tau", type=float, default=d.redo_tau, help="ReDo: dormancy threshold tau")
+    r.add_argument("--redo-every-epochs", type=int, default=d.redo_every_epochs,
+                   help="ReDo: epochs (of the data trained on) between recycling passes (paper: 5)")  # fmt: skip
     r.add_argument("--topk-min", type=float, default=d.topk_min)
     r.add_argument("--topk-decay", type=float, default=d.topk_decay)
     r.add_argument("--topk-cycle", type=int, default=d.topk_cycle)

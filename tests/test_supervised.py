@@ -1,5 +1,6 @@
 import gzip
 import json
+import math
 import pickle
 import struct
 import subprocess
@@ -277,3 +278,32 @@ def test_cli_rejects_bad_input_before_work(tmp_path):
                               "--model", "resnet18", "--out", str(tmp_path / "o.jsonl")], capture_output=True,
                              text=True)  # fmt: skip
     assert missing.returncode == 2 and "cifar-10-batches-py/data_batch_1" in missing.stderr
+
+
+def test_hare_tortoise_and_redo_periods_count_epochs_of_the_data_trained_on():
+    """Lee et al. 2024: H&T resets every 10 epochs of the phase's data, so in warm-start phase 1 a
+    subset epoch counts; ReDo recycles every 5 epochs (configurable)."""
+    from rlplastic.interventions import HareTortoise, ReDo
+    from rlplastic.supervised.data import load_dataset
+    from rlplastic.supervised.train import Trainer
+
+    data = load_dataset("digits", None)
+    x, y = torch.as_tensor(data.x_train), torch.as_tensor(data.y_train)
+    subset = len(x) // 4
+    config = replace(TINY, method="hare-tortoise", ht_reset_epochs=2, batch_size=64)
+    trainer = Trainer(config, data, torch.device("cpu"))
+    trainer.test_x, trainer.test_y = torch.as_tensor(data.x_test), torch.as_tensor(data.y_test)
+    trainer.train(x[:subset], y[:subset], 4, "phase1", [], None, lambda s: None)
+    (ht,) = [i for i in trainer.interventions if isinstance(i, HareTortoise)]
+    assert ht.due.period == 2 * math.ceil(subset / 64) and ht.resets == 2  # 4 subset epochs / 2
+    trainer.new_optimizer()
+    trainer.train(x, y, 2, "phase2", [], None, lambda s: None)
+    (ht,) = [i for i in trainer.interventions if isinstance(i, HareTortoise)]
+    assert ht.due.period == 2 * math.ceil(len(x) / 64) and ht.resets == 1
+
+    redo_config = replace(TINY, method="redo", redo_every_epochs=3, batch_size=64)
+    trainer = Trainer(redo_config, data, torch.device("cpu"))
+    trainer.test_x, trainer.test_y = torch.as_tensor(data.x_test), torch.as_tensor(data.y_test)
+    trainer.train(x[:subset], y[:subset], 6, "phase1", [], None, lambda s: None)
+    (redo,) = [i for i in trainer.interventions if isinstance(i, ReDo)]
+    assert redo.due.period == 3 * math.ceil(subset / 64) and len(redo.recycled) == 2

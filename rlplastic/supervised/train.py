@@ -37,6 +37,7 @@ from rlplastic.interventions import (
     ShrinkPerturb,
     swap_in_lifecycle,
 )
+from rlplastic.interventions.base import Every
 from rlplastic.runs import atomic_write, git_commit, resolve_device, seed_everything
 from rlplastic.supervised.data import DATASETS, Dataset, load_dataset, subset_with_noise
 from rlplastic.supervised.models import MODELS, Classifier, build_model
@@ -75,8 +76,9 @@ class RunConfig:
     buffer: int = 0  # continual: 0 = full access to earlier chunks, else a sample buffer of this size
     strength: float | None = None  # regularizer weight of l2 / spectral-decoupling / regen / neuronal-decay
     ht_momentum: float = 0.999  # Hare & Tortoise and EMA
-    ht_reset_epochs: int = 10
+    ht_reset_epochs: int = 10  # epochs of the data being trained on (a subset epoch in warm-start phase 1)
     redo_tau: float = 0.1
+    redo_every_epochs: int = 5  # Lee et al. 2024 appendix: ReDo applied every 5 epochs
     topk_min: float = 0.1  # top-k: smallest keep ratio
     topk_decay: float = 0.9  # top-k: keep ratio multiplier per epoch
     topk_cycle: int = 10  # top-k: epochs between returns to dense
@@ -100,7 +102,7 @@ def validate(config: RunConfig) -> list[str]:
         problems.append(f"--method crelu is implemented for --model mlp, not {config.model}")
     if not 0 < config.subset <= 1 or not 0 <= config.noise <= 1:
         problems.append(f"--subset {config.subset} / --noise {config.noise}: need 0 < subset <= 1, 0 <= noise <= 1")
-    for name in ("epochs", "batch_size", "chunks", "ht_reset_epochs", "topk_cycle"):
+    for name in ("epochs", "batch_size", "chunks", "ht_reset_epochs", "redo_every_epochs", "topk_cycle"):
         if getattr(config, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} {getattr(config, name)}: must be a positive integer")
     if config.buffer < 0 or config.log_every < 0:
@@ -233,15 +235,22 @@ class Trainer:
             if isinstance(m, LifecycleLinear | LifecycleConv2d):
                 m.bind_optimizer(self.optimizer)
         self.interventions = []
+        # Periods count epochs of the data being trained on: train() sets them for each phase or chunk.
         if self.shadow is not None:
-            every = 0
-            if self.config.method == "hare-tortoise":
-                every = self.config.ht_reset_epochs * self.steps_per_epoch(len(self.data.x_train))
-            self.interventions.append(HareTortoise(self.model, self.shadow, self.config.ht_momentum, every))
+            self.interventions.append(HareTortoise(self.model, self.shadow, self.config.ht_momentum, 0))
         if self.config.method == "redo":
-            every = self.steps_per_epoch(len(self.data.x_train))  # one recycling pass per epoch
             self.interventions.append(ReDo(self.model, self.optimizer, self.redo_batch, tau=self.config.redo_tau,
-                                           every=every, init_fn=torch_default_init))  # fmt: skip
+                                           every=0, init_fn=torch_default_init))  # fmt: skip
+
+    def schedule_interventions(self, n: int) -> None:
+        """Set the periods of Hare & Tortoise (--ht-reset-epochs) and ReDo (--redo-every-epochs) in
+        epochs of the n samples trained on now (Lee et al. 2024: a reset every 10 epochs of the
+        phase's data, so 10 subset epochs in warm-start phase 1), the counts starting afresh."""
+        for intervention in self.interventions:
+            if isinstance(intervention, HareTortoise) and self.config.method == "hare-tortoise":
+                intervention.due = Every(self.config.ht_reset_epochs * self.steps_per_epoch(n))
+            elif isinstance(intervention, ReDo):
+                intervention.due = Every(self.config.redo_every_epochs * self.steps_per_epoch(n))
 
     def redo_batch(self) -> torch.Tensor:
         """256 samples of the data trained on now, to score units with."""
@@ -283,6 +292,7 @@ class Trainer:
         """`epochs` passes over (x, y), a fresh warm-up of the learning rate, progress per epoch."""
         self.data_x = x
         n = len(x)
+        self.schedule_interventions(n)
         steps = epochs * self.steps_per_epoch(n)
         warmup_steps = int(self.config.warmup * steps)
         cosine = self.config.schedule == "cosine"
