@@ -81,11 +81,11 @@ def srank(h: torch.Tensor, delta: float = 0.01, s: torch.Tensor | None = None) -
 
 def stable_rank(h: torch.Tensor) -> torch.Tensor:
     """||H~||_F^4 / tr((H~^T H~)^2) of the mean-centred features H~ (Joudaki et al., appendix B:
-    the Renyi-2 effective rank (tr M)^2 / ||M||_F^2 of M = H~^T H~). Computed on the samples x
-    samples Gram matrix H~ H~^T, which has the same trace and Frobenius norm and is small."""
+    the Renyi-2 effective rank (tr M)^2 / ||M||_F^2 of M = H~^T H~). Computed on the smaller of
+    H~^T H~ and H~ H~^T, which share their trace and Frobenius norm."""
     centred = as_unit_matrix(h).float()
     centred = centred - centred.mean(0, keepdim=True)
-    gram = centred @ centred.T
+    gram = centred.T @ centred if centred.shape[0] > centred.shape[1] else centred @ centred.T
     return gram.trace() ** 2 / (gram**2).sum().clamp_min(1e-24)
 
 

@@ -67,18 +67,63 @@ def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))
 
 
+_NDARRAY = "__ndarray__"
+
+
+def to_plain(obj: Any) -> Any:
+    """Tensors, Python scalars, strings, None and dicts / lists / tuples of them: what
+    torch.load(weights_only=True) reads back. numpy arrays travel as tagged tensors."""
+    if isinstance(obj, np.ndarray):
+        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(obj))}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {key: to_plain(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_plain(value) for value in obj)
+    return obj
+
+
+def from_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if len(obj) == 1 and _NDARRAY in obj:
+            return obj[_NDARRAY].cpu().numpy()
+        return {key: from_plain(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(from_plain(value) for value in obj)
+    return obj
+
+
 def atomic_torch_save(path: str | os.PathLike, payload: Any) -> None:
-    atomic_write(path, lambda f: torch.save(payload, f))
+    """Save plain data (see to_plain) atomically: loadable with weights_only=True, so a checkpoint
+    received from someone else can never run code when it is read."""
+    atomic_write(path, lambda f: torch.save(to_plain(payload), f))
+
+
+def safe_torch_load(path: str | os.PathLike, device: torch.device | str = "cpu") -> Any:
+    """Read a file written by atomic_torch_save. torch.load(weights_only=True) refuses any pickled
+    object that is not plain data instead of running it."""
+    return from_plain(torch.load(path, map_location=device, weights_only=True))
 
 
 def load_checkpoint(
     path: Path, config: dict[str, Any], resumable: set[str], device: torch.device, agent: str
 ) -> dict | None:
-    """The checkpoint of an interrupted run in `path`, or None. Resuming with other arguments than
-    the ones it was written with (apart from `resumable` ones) exits with a message naming them."""
+    """The checkpoint of an interrupted run in `path`, or None. A file that is not such a
+    checkpoint (truncated, corrupt, foreign, or carrying code) and resuming with other arguments
+    than the ones it was written with (apart from `resumable` ones) exit with a message."""
     if not path.exists():
         return None
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    try:
+        checkpoint = safe_torch_load(path, device)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
+            raise ValueError("no run configuration in it")
+    except Exception as e:  # any reading failure is the file's fault: name it, never a traceback
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(
+            f"{agent}: {path} is not a readable checkpoint of this agent ({type(e).__name__}: {reason[:200]}); "
+            "move it away to start the run over"
+        )
     changed = {k for k in config if k not in resumable and checkpoint["config"].get(k) != config[k]}
     if changed:
         sys.exit(

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +243,35 @@ def test_unit_replacing_interventions_act_on_the_drq_network(drq):
     assert interventions == [] and len(lifecycle_layers) == 4  # 3 convs + the shared dense; outputs plain
     assert all(layer.life.max() <= 4 for layer in lifecycle_layers)
     assert any((layer.scaler < 1).any() or not layer.active.all() for layer in lifecycle_layers)
+
+
+class _Planted:
+    """Unpickling this runs code (it touches a file): what a doctored checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("kind", ["code", "truncated", "foreign"])
+def test_a_bad_checkpoint_is_refused_by_name_and_never_runs_code(drq, tmp_path, kind):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    marker = tmp_path / "code_ran"
+    if kind == "code":
+        torch.save({"config": {}, "payload": _Planted(marker)}, run_dir / "checkpoint.pt")
+    elif kind == "truncated":
+        torch.save({"config": {}, "weights": torch.zeros(1000)}, run_dir / "checkpoint.pt")
+        data = (run_dir / "checkpoint.pt").read_bytes()
+        (run_dir / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    else:
+        (run_dir / "checkpoint.pt").write_text("not a checkpoint at all")
+    args = drq.Args(env_id="Pong", total_steps=100, learning_starts=50, device="cpu", output_dir=str(run_dir))
+    with pytest.raises(SystemExit) as exit_info:
+        drq.main(args)
+    message = str(exit_info.value)
+    assert f"{run_dir / 'checkpoint.pt'} is not a readable checkpoint" in message and "move it away" in message
+    assert not marker.exists()  # the planted code never ran
+    assert not (run_dir / "results.json").exists()

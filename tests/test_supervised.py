@@ -58,6 +58,24 @@ def test_cifar_pickle_batches_read_back(tmp_path, classes):
     assert y_test.tolist() == [int(v) for v in test[1]]
 
 
+class _Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # unpickling this would create a file
+
+
+def test_a_doctored_cifar_batch_cannot_run_code(tmp_path):
+    write_cifar(tmp_path, 100)
+    marker = tmp_path / "code_ran"
+    with open(tmp_path / "cifar-100-python" / "train", "wb") as f:
+        pickle.dump({b"data": _Planted(marker), b"fine_labels": [1]}, f)
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load (io|builtins)\.open"):
+        sdata.read_cifar(tmp_path, 100)
+    assert not marker.exists()
+
+
 def test_cifar10c_and_mca_inputs(tmp_path):
     write_cifar(tmp_path, 10)
     folder = tmp_path / "CIFAR-10-C"

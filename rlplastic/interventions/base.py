@@ -183,11 +183,25 @@ class Intervention:
         """Schedule and rare events (none by default)."""
 
     def state_dict(self) -> dict:
-        return {key: copy.deepcopy(getattr(self, key)) for key in self.state_keys}
+        """Plain data only (tensors, numbers, lists, dicts): a checkpoint holding it loads with
+        torch.load(weights_only=True). A schedule (Every) travels as its period and count."""
+        return {key: _plain_state(copy.deepcopy(getattr(self, key))) for key in self.state_keys}
 
     def load_state_dict(self, state: dict) -> None:
         for key in self.state_keys:
-            setattr(self, key, copy.deepcopy(state[key]))
+            setattr(self, key, _from_plain_state(copy.deepcopy(state[key])))
+
+
+def _plain_state(value):
+    return {"every_period": value.period, "every_count": value.count} if isinstance(value, Every) else value
+
+
+def _from_plain_state(value):
+    if isinstance(value, dict) and set(value) == {"every_period", "every_count"}:
+        schedule = Every(int(value["every_period"]))
+        schedule.count = int(value["every_count"])
+        return schedule
+    return value
 
 
 class Every:

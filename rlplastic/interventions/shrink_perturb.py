@@ -28,7 +28,7 @@ class ShrinkPerturb(Intervention):
     with its own fresh draw, as BBF does.
     """
 
-    state_keys = ("due", "resets", "initial")
+    state_keys = ("due", "resets")
 
     def __init__(
         self,
@@ -57,6 +57,19 @@ class ShrinkPerturb(Intervention):
                 {name: copy.deepcopy(model.get_submodule(name)) for name in self.groups} for model in self.models
             ]
         self.resets = 0
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.initial is not None:  # the snapshots toward which it shrinks, as plain state dicts
+            state["initial"] = [{name: m.state_dict() for name, m in snaps.items()} for snaps in self.initial]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.initial is not None and state.get("initial") is not None:
+            for snaps, saved in zip(self.initial, state["initial"], strict=True):
+                for name, module in snaps.items():
+                    module.load_state_dict(saved[name])
 
     def host_step(self) -> None:
         if self.due():

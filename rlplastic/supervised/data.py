@@ -59,12 +59,28 @@ def read_cifar(root: Path, classes: int) -> tuple[np.ndarray, ...]:
         xs, ys = [], []
         for path in paths:
             with path.open("rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+                batch = _CifarUnpickler(f, encoding="bytes").load()
             xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(batch[label_key], dtype=np.int64))
         return np.concatenate(xs), np.concatenate(ys)
 
     return (*load(train), *load(test))
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """The CIFAR batches are pickled dicts of bytes, lists and numpy arrays: reading one may build
+    those and nothing else, so a doctored file cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("builtins", "bytes"), ("_codecs", "encode"),
+    }  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only data")
 
 
 def read_cifar10c(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
