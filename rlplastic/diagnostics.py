@@ -132,11 +132,15 @@ def hessian_top_eigenvalue(
     loss_fn: Callable[[], torch.Tensor], params: Iterable[torch.Tensor], iterations: int = 20, seed: int = 0
 ) -> torch.Tensor:
     """Largest-magnitude eigenvalue of the loss Hessian by power iteration on Hessian-vector
-    products (double backprop). Deterministic given `seed`."""
+    products (double backprop). Deterministic given `seed`. Attention runs on the math kernel here:
+    the fused (flash / memory-efficient) kernels have no second derivative."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     params = [p for p in params if p.requires_grad]
     generator = torch.Generator(device="cpu").manual_seed(seed)
     vector = [torch.randn(p.shape, generator=generator).to(p.device, p.dtype) for p in params]
-    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
     eigenvalue = torch.zeros(())
     for _ in range(iterations):
         norm = torch.sqrt(sum((v**2).sum() for v in vector))

@@ -325,3 +325,12 @@ def test_hare_tortoise_and_redo_periods_count_epochs_of_the_data_trained_on():
     trainer.train(x[:subset], y[:subset], 6, "phase1", [], None, lambda s: None)
     (redo,) = [i for i in trainer.interventions if isinstance(i, ReDo)]
     assert redo.due.period == 3 * math.ceil(subset / 64) and len(redo.recycled) == 2
+
+
+@pytest.mark.slow
+def test_vit_tiny_runs_with_its_diagnostics_and_hessian(tmp_path):
+    """ViT's forward used len() (fx could not trace it for the probe) and fused attention has no
+    second derivative (the Hessian failed): both crashed every vit-tiny run at its diagnostics."""
+    config = replace(TINY, model="vit-tiny", protocol="fresh", epochs=1, hessian=True)
+    result = run(config, out=tmp_path / "r.jsonl", log=lambda s: None)
+    assert np.isfinite(result["hessian"]) and result["diagnostics"]["end"]["effective_rank/all"] > 0

@@ -105,7 +105,7 @@ class ViTEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patches(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], 1) + self.pos
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], 1) + self.pos  # shape, not len: fx-traceable
         return self.norm(self.blocks(self.dropout(tokens))[:, 0])
 
 
