@@ -275,3 +275,19 @@ def test_a_bad_checkpoint_is_refused_by_name_and_never_runs_code(drq, tmp_path, 
     assert f"{run_dir / 'checkpoint.pt'} is not a readable checkpoint" in message and "move it away" in message
     assert not marker.exists()  # the planted code never ran
     assert not (run_dir / "results.json").exists()
+
+
+def test_a_saved_network_is_evaluated_again_at_another_epsilon(drq, tmp_path):
+    from rlplastic.runs import atomic_torch_save
+
+    torch.manual_seed(0)
+    atomic_torch_save(tmp_path / "q_network.pt", drq.QNetwork(6).state_dict())  # Pong: 6 actions
+    command = [sys.executable, str(ROOT / "scripts" / "drq_evaluate.py"), str(tmp_path / "q_network.pt"),
+               "--env-id", "Pong", "--episodes", "2", "--envs", "2", "--max-episode-steps", "30",
+               "--epsilon", "0.5", "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Pong epsilon 0.5: mean" in done.stdout and "over 2 episodes, mean length 30" in done.stdout
+    wrong_game = subprocess.run(command[:3] + ["--env-id", "Boxing", "--device", "cpu"], capture_output=True,
+                                text=True, timeout=300)  # fmt: skip
+    assert wrong_game.returncode != 0 and "is not a DrQ network for Boxing (18 actions)" in wrong_game.stderr
