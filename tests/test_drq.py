@@ -202,7 +202,9 @@ def filled_replay(num_actions=4, steps=300):
     return replay
 
 
-def run_updates(drq, args, steps):
+def run_updates(drq, args, steps, graph_order=False):
+    """`steps` updates with the interventions stepped as the eager loop does, or (graph_order) as
+    the CUDA-graph loop does: every device_step inside the captured update, then every host_step."""
     torch.manual_seed(0)
     replay = filled_replay()
     q, target, optimizer = drq.build_learner(args, 4, torch.device("cpu"))
@@ -210,9 +212,30 @@ def run_updates(drq, args, steps):
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         drq.update(args, q, target, optimizer, replay, generator)
-        for intervention in interventions:
-            intervention.step()
+        if graph_order:
+            for intervention in interventions:
+                intervention.device_step()
+            for intervention in interventions:
+                intervention.host_step()
+        else:
+            for intervention in interventions:
+                intervention.step()
     return q, target, interventions
+
+
+def test_the_graph_loops_order_of_intervention_work_gives_the_eager_results(drq):
+    """On CUDA the update and the interventions' device_step are one captured graph and the
+    host_steps follow; for the graph-safe interventions that is the eager sequence, exactly."""
+    args = replace(
+        drq.Args(), batch_size=4, ema=0.9, reset=("hare-tortoise", "head", "shrink-perturb", "redo"),
+        ht_reset_every=3, head_reset_every=4, sp_every=5, redo_every=2, redo_batch=8,
+    )  # fmt: skip
+    eager_q, eager_target, eager = run_updates(drq, args, 10)
+    graph_q, graph_target, graph = run_updates(drq, args, 10, graph_order=True)
+    assert all(i.graph_safe for i in graph) and [i.resets for i in graph[:3]] == [3, 2, 2]
+    for a, b in zip([*eager_q.parameters(), *eager_target.parameters()],
+                    [*graph_q.parameters(), *graph_target.parameters()], strict=True):  # fmt: skip
+        assert torch.equal(a, b)
 
 
 def test_flags_build_the_interventions_with_their_schedules(drq):
