@@ -524,7 +524,10 @@ def build_interventions(args: Args, online: BBFNetwork, target: BBFNetwork, opti
         batch_fn = lambda: replay.sample(args.redo_batch).states  # noqa: E731
         interventions.append(ReDo(online, optimizer, batch_fn, tau=args.redo_tau, every=args.redo_every))
     if "cbp" in args.reset:
-        interventions.append(ContinualBackprop(online, optimizer, args.cbp_rate, args.cbp_decay, args.cbp_maturity))
+        interventions.append(
+            ContinualBackprop(online, optimizer, args.cbp_rate, args.cbp_decay, args.cbp_maturity,
+                              init_fn=xavier_uniform_zero_bias)  # the network's own init
+        )  # fmt: skip
     if "noise" in args.reset:
         interventions.append(GradientNoise(optimizer, args.noise_sigma, args.noise_decay))
     return interventions

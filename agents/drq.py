@@ -427,7 +427,10 @@ def build_interventions(
         batch_fn = lambda: replay.sample(args.redo_batch).states  # noqa: E731
         interventions.append(ReDo(q_network, optimizer, batch_fn, tau=args.redo_tau, every=every))
     if "cbp" in args.reset:
-        interventions.append(ContinualBackprop(q_network, optimizer, args.cbp_rate, args.cbp_decay, args.cbp_maturity))
+        interventions.append(
+            ContinualBackprop(q_network, optimizer, args.cbp_rate, args.cbp_decay, args.cbp_maturity,
+                              init_fn=xavier_uniform_zero_bias)  # the network's own init
+        )  # fmt: skip
     if "noise" in args.reset:
         interventions.append(GradientNoise(optimizer, args.noise_sigma, args.noise_decay))
     return interventions

@@ -317,7 +317,9 @@ def test_cbp_utility_is_an_ema_of_activation_times_outgoing_magnitude():
 def test_cbp_replaces_the_lowest_utility_mature_unit_and_moves_its_contribution_to_the_bias():
     net = tiny_cbp_net()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    cbp = ContinualBackprop(net, optimizer, replacement_rate=0.5, decay=0.9, maturity=0)
+    cbp = ContinualBackprop(
+        net, optimizer, replacement_rate=0.5, decay=0.9, maturity=0, init_fn=xavier_uniform_zero_bias
+    )
     x = torch.tensor([[1.0, 3.0], [3.0, 1.0]])
     optimizer.zero_grad()
     net(x).sum().backward()
@@ -414,3 +416,25 @@ def test_hare_tortoise_step_is_its_device_step_then_its_host_step():
     ht.host_step(), ht.host_step()  # the second call is due: hare <- tortoise
     assert ht.resets == 1 and torch.equal(hare.weight, tortoise.weight)
     assert not ContinualBackprop.graph_safe and not GradientNoise.graph_safe
+
+
+def test_cbp_redraws_units_with_the_networks_own_init():
+    """By default a replaced unit's incoming weights are what the layer's own reset_parameters
+    draws (not a fixed scheme); an agent passes the init its network was built with."""
+    from rlplastic.init import torch_default_init
+
+    for init_fn in (None, xavier_uniform_zero_bias):
+        torch.manual_seed(0)
+        model = MLP()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        kwargs = {} if init_fn is None else {"init_fn": init_fn}
+        cbp = ContinualBackprop(model, optimizer, replacement_rate=1.0, decay=0.5, maturity=0, **kwargs)
+        model(torch.randn(8, 3)).sum().backward()
+        layer = cbp.layers[0][0]
+        before = layer.weight.detach().clone()
+        torch.manual_seed(7)
+        expected = fresh_copy(layer, init_fn or torch_default_init).weight
+        torch.manual_seed(7)
+        cbp.step()  # every mature unit of the first layer is due: all are replaced, in one draw
+        replaced = (layer.weight != before).any(1)
+        assert replaced.any() and torch.equal(layer.weight[replaced], expected[replaced])

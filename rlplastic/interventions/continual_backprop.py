@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlplastic.init import xavier_uniform_zero_bias
+from rlplastic.init import torch_default_init
 from rlplastic.interventions.base import (
     InitFn,
     Intervention,
@@ -38,8 +38,12 @@ class ContinualBackprop(Intervention):
     Each hidden unit keeps a utility, an EMA (decay rho) of |h| * mean |w_out| with h its activation
     on the training batch, and an EMA of h; both are bias-corrected by 1 - rho^age. Each step a
     fraction `replacement_rate` of the mature units (age > maturity) is due for replacement (the
-    fraction accumulates across steps); the due units with the lowest corrected utility get fresh
-    incoming weights (init_fn), a zero bias and zero outgoing weights, their age and statistics
+    fraction accumulates across steps: Dohare et al.'s replacement rate, the number of units
+    replaced per step and layer being rate x eligible units, its fractional part carried over);
+    the due units with the lowest corrected utility get fresh incoming weights drawn by the
+    network's own initializer (init_fn: by default the layer's reset_parameters, i.e. PyTorch's
+    init; pass the scheme the network was built with, as the agents do with their xavier init),
+    a zero bias and zero outgoing weights, their age and statistics
     reset, and their mean contribution w_out * mean(h) is added to the next layer's bias so the
     network's output does not jump. Optimizer moments at the touched entries are zeroed.
 
@@ -58,7 +62,7 @@ class ContinualBackprop(Intervention):
         replacement_rate: float = 1e-4,
         decay: float = 0.99,
         maturity: int = 100,
-        init_fn: InitFn = xavier_uniform_zero_bias,
+        init_fn: InitFn = torch_default_init,
         activation: Callable[[torch.Tensor], torch.Tensor] = F.relu,
         layers: LayerPairs | None = None,
     ):
