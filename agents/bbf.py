@@ -591,6 +591,7 @@ def main(args: Args) -> dict:
     run_dir = Path(args.output_dir or Path("runs") / f"{game}__{method}__{args.seed}__{int(time.time())}")
     run_dir.mkdir(parents=True, exist_ok=True)
     config = asdict(args) | {"env_id": game, "device": str(device)}
+    code_commit = git_commit(__file__)  # the code that runs, read now: HEAD may move while it runs
     checkpoint_path = run_dir / "checkpoint.pt"
     checkpoint = load_checkpoint(checkpoint_path, config, RESUMABLE_CHANGES, device, "bbf")
     start_step = checkpoint["step"] + 1 if checkpoint else 1
@@ -763,7 +764,7 @@ def main(args: Args) -> dict:
         "wall_time_s": elapsed_before + time.time() - start_time,
         "train_time_s": train_time,
         "config": config,
-        "git_commit": git_commit(__file__),
+        "git_commit": code_commit,
         "torch_version": torch.__version__,
     }
     if writer:

@@ -356,6 +356,7 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
     if problems:
         raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
     start = time.time()
+    code_commit = git_commit(__file__)  # the code that runs, read now: HEAD may move while it runs
     device = resolve_device(config.device)
     data = load_dataset(config.dataset, config.data_dir)
     seed_everything(config.seed)
@@ -443,7 +444,7 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
         result["mca"] = float(np.mean(accs))
     result |= {
         "history": history, "diagnostics": diagnostics, "data": records, "config": asdict(config),
-        "device": str(device), "wall_time_s": time.time() - start, "git_commit": git_commit(__file__),
+        "device": str(device), "wall_time_s": time.time() - start, "git_commit": code_commit,
         "torch_version": torch.__version__,
     }  # fmt: skip
     if writer:
