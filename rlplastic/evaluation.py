@@ -179,11 +179,12 @@ def mean_curves(scores: Sequence[Score]) -> dict[str, dict[str, list[tuple[int, 
     for s in scores:
         for step, value in s.curve:
             by_step[s.method][s.game][step].append(value)
-    return {
+    curves = {
         method: {game: [(step, float(np.mean(v)), len(v)) for step, v in sorted(steps.items())]
                  for game, steps in per_game.items() if len(steps) > 1}
         for method, per_game in by_step.items()
     }  # fmt: skip
+    return {method: per_game for method, per_game in curves.items() if per_game}  # a final point alone is no curve
 
 
 def plot_curves(curves: dict[str, dict[str, list[tuple[int, float, int]]]], path: str | Path) -> None:

@@ -2,6 +2,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -263,6 +264,12 @@ def test_runs_that_evaluated_during_training_get_sample_efficiency_curves(tmp_pa
         ("Pong", 100_000, -9.0, 2),
     ]
     assert (tmp_path / "out" / "curves.png").stat().st_size > 0 and "curves.png" in report.markdown
+    # runs whose curve is their final point alone (no --eval-every) draw no curves
+    only_final = [s for s in scores if s.game == "Boxing"] + [
+        replace(s, curve=s.curve[-1:]) for s in scores if s.game == "Pong"
+    ]
+    report = evaluation.build_report(only_final, tmp_path / "flat", reps=100, profile_reps=10)
+    assert not (tmp_path / "flat" / "curves.png").exists() and "curves.png" not in report.markdown
 
     write_results(runs / "broken", "drq", "Pong", 3, 1.0)
     broken = json.loads((runs / "broken" / "results.json").read_text()) | {"eval_curve": [{"step": 1}]}
