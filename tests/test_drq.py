@@ -314,3 +314,24 @@ def test_a_saved_network_is_evaluated_again_at_another_epsilon(drq, tmp_path):
     wrong_game = subprocess.run(command[:3] + ["--env-id", "Boxing", "--device", "cpu"], capture_output=True,
                                 text=True, timeout=300)  # fmt: skip
     assert wrong_game.returncode != 0 and "is not a DrQ network for Boxing (18 actions)" in wrong_game.stderr
+
+
+def test_a_diverged_run_stops_keeps_its_last_checkpoint_and_writes_no_results(drq, tmp_path, monkeypatch):
+    args = drq.Args(
+        env_id="Pong", seed=3, total_steps=200, learning_starts=40, eval_episodes=1, max_episode_steps=100,
+        batch_size=4, log_every=40, checkpoint_every=80, device="cpu", track_tensorboard=False, diag_every=0,
+        output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    real_update, calls = drq.update, []
+
+    def diverging_update(*a, **kw):
+        loss, q = real_update(*a, **kw)
+        calls.append(1)
+        return (loss * float("nan"), q) if len(calls) > 60 else (loss, q)  # NaN from update 61 (step 100)
+
+    monkeypatch.setattr(drq, "update", diverging_update)
+    with pytest.raises(SystemExit, match="training diverged by step 120 .*checkpoint.pt is kept; no results"):
+        drq.main(args)
+    assert not (tmp_path / "run" / "results.json").exists()
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 80  # the last good one
