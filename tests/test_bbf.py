@@ -318,3 +318,17 @@ def test_hare_tortoise_variant_runs_from_the_shell(tmp_path):
     results = json.loads((tmp_path / "ht" / "results.json").read_text())
     assert results["method"] == "bbf+hare-tortoise-nospr"
     assert all("spr_loss" not in row for row in results["train_log"])
+
+
+def test_a_diverged_run_stops_and_writes_no_results(bbf, tmp_path, monkeypatch):
+    real_update = bbf.update
+
+    def diverging_update(*a, **kw):
+        out = real_update(*a, **kw)
+        return out | {"loss": out["loss"] * float("nan")}
+
+    monkeypatch.setattr(bbf, "update", diverging_update)
+    args = bbf.Args(env_id="Pong", seed=1, checkpoint_every=0, output_dir=str(tmp_path / "run"), **TINY)
+    with pytest.raises(SystemExit, match="training diverged by step 120 .*'loss': nan.*no results written"):
+        bbf.main(args)
+    assert not (tmp_path / "run" / "results.json").exists()
