@@ -575,16 +575,13 @@ def main(args: Args) -> dict:
         # on parameters one update older is the only difference.)
         if step >= args.learning_starts and replay.num_sampleable > 0:
             for _ in range(args.updates_per_step):
+                # the update and the interventions' device_step: one graph replay on CUDA, else eager
                 if captured:
-                    captured()  # the update and the interventions' device_step, one graph replay
-                    for intervention in interventions:
-                        intervention.host_step()  # schedules and rare events, in place
-                else:  # the eager reference path
-                    loss, q_mean = update(args, q_network, target_network, optimizer, replay, generator)
-                    for intervention in interventions:  # the one place interventions enter
-                        intervention.step()
-                    loss_sum += loss
-                    q_sum += q_mean
+                    captured()
+                else:
+                    train_step()
+                for intervention in interventions:  # the one place interventions enter
+                    intervention.host_step()  # schedules and rare events, in place
                 updates_since_log += 1
 
         next_obs, reward, terminated, truncated, info = env.step(action)

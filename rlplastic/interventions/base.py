@@ -161,12 +161,15 @@ class Intervention:
     """The common contract: step() once per gradient step; state_dict() / load_state_dict() carry
     the schedule and statistics across a resumed run (parameters live in the model's own).
 
-    step() = device_step() + host_step(). device_step() is the per-step tensor work, free of host
-    syncs and Python decisions, so an agent may capture it in a CUDA graph with its update;
-    host_step() keeps the schedule and runs the rare events (resets, recycling) outside the graph,
-    changing parameters and optimizer state in place so the captured graph needs no re-capture.
-    graph_safe says whether that split holds; interventions that decide on the host every step
-    (continual backprop, gradient noise, lifecycle layers) are not, and run eagerly.
+    step() = device_step() + host_step(); subclasses implement those two, never step(). device_step()
+    is the per-step tensor work, free of host syncs and Python decisions, so an agent may capture it
+    in a CUDA graph with its update; host_step() keeps the schedule and runs the rare events (resets,
+    recycling) outside the graph, changing parameters and optimizer state in place so the captured
+    graph needs no re-capture. graph_safe says whether the intervention may be captured at all;
+    those that decide on the host every step or hook into the forward or the optimizer (continual
+    backprop, gradient noise) are not, and the agent keeps an eager update for them. Calling all
+    device_steps, then all host_steps, is the same as calling each step() in turn as long as only
+    one intervention has device work (tested with the DrQ interventions).
     """
 
     state_keys: tuple[str, ...] = ()

@@ -104,7 +104,8 @@ class ContinualBackprop(Intervention):
             hook.remove()
 
     @torch.no_grad()
-    def step(self) -> None:
+    def host_step(self) -> None:
+        """Utilities and replacements: decided on the host every step (hence not graph-safe)."""
         for (layer, following), state in zip(self.layers, self.state, strict=True):
             if state["batch_abs"] is None:
                 continue

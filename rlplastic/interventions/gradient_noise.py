@@ -13,8 +13,8 @@ class GradientNoise(Intervention):
     experiments use sigma0 0.01 and decay 0.999.
 
     The noise is added inside optimizer.step() by a step pre-hook, so it works with any optimizer
-    and needs no call between backward() and step(); step() only exists so the object sits in the
-    same list as the other interventions. The cost is one normal draw per parameter per step.
+    and needs no call between backward() and step(); its step() does nothing and only exists so the
+    object sits in the same list as the other interventions. The cost is one normal draw per parameter per step.
     """
 
     graph_safe = False  # decides on the host every step
@@ -48,9 +48,6 @@ class GradientNoise(Intervention):
             torch._foreach_mul_(noise, norm * sigma)
             torch._foreach_add_(grads, noise)
         self.t += 1
-
-    def step(self) -> None:
-        """Nothing to do: the noise goes in through the optimizer's pre-hook."""
 
     def remove(self) -> None:
         self._hook.remove()
