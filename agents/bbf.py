@@ -74,6 +74,7 @@ from rlplastic.runs import (
     resolve_device,
     restore_random_states,
     seed_everything,
+    stop_if_not_finite,
 )
 from rlplastic.schedules import linearly_decaying_epsilon
 
@@ -580,17 +581,6 @@ def update(
     return out
 
 
-def stop_if_not_finite(losses: dict[str, float], step: int, checkpoint_path: Path) -> None:
-    """Stop a diverged run where the losses are read anyway: say at which step, keep the last good
-    checkpoint, write no results.json, exit non-zero."""
-    bad = {key: value for key, value in losses.items() if not math.isfinite(value)}
-    if bad:
-        kept = (
-            f"the last good checkpoint {checkpoint_path} is kept" if checkpoint_path.exists() else "no checkpoint yet"
-        )
-        sys.exit(f"bbf: training diverged by step {step} ({bad}); {kept}; no results written")
-
-
 def main(args: Args) -> dict:
     problems = validate(args)
     if problems:
@@ -706,7 +696,7 @@ def main(args: Args) -> dict:
                 fields["return(last10)"] = float(np.mean([e["return"] for e in episodes[-10:]]))
             if updates_since_log:
                 means = {key: value.item() / updates_since_log for key, value in sums.items()}
-                stop_if_not_finite(means, step, checkpoint_path)
+                stop_if_not_finite("bbf", means, step, checkpoint_path)
                 train_log.append({"step": step, "grad_steps": grad_steps, **means})
                 fields |= means
                 if writer:
@@ -731,7 +721,7 @@ def main(args: Args) -> dict:
 
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.total_steps:
             # never replace the last good checkpoint by a diverged one (one read per checkpoint)
-            stop_if_not_finite({key: value.item() for key, value in sums.items()}, step, checkpoint_path)
+            stop_if_not_finite("bbf", {key: value.item() for key, value in sums.items()}, step, checkpoint_path)
             atomic_torch_save(
                 checkpoint_path,
                 {

@@ -38,7 +38,6 @@ Interventions: --reset hare-tortoise --ema 0.995, --reset head, --reset shrink-p
 from __future__ import annotations
 
 import copy
-import math
 import os
 import sys
 import time
@@ -83,6 +82,7 @@ from rlplastic.runs import (
     resolve_device,
     restore_random_states,
     seed_everything,
+    stop_if_not_finite,
 )
 from rlplastic.schedules import linearly_decaying_epsilon
 
@@ -314,16 +314,6 @@ def method_label(args: Args) -> str:
 
 # Arguments that may differ when an interrupted run resumes: they do not change its results.
 RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "track_tensorboard", "save_model"}
-
-
-def stop_if_not_finite(loss: float, q: float, step: int, checkpoint_path: Path) -> None:
-    """Stop a diverged run where the losses are read anyway: say at which step, keep the last good
-    checkpoint, write no results.json, exit non-zero."""
-    if not (math.isfinite(loss) and math.isfinite(q)):
-        kept = (
-            f"the last good checkpoint {checkpoint_path} is kept" if checkpoint_path.exists() else "no checkpoint yet"
-        )
-        sys.exit(f"drq: training diverged by step {step} (TD loss {loss}, mean Q {q}); {kept}; no results written")
 
 
 def evaluate(args: Args, game: str, greedy_actions, num_episodes: int, seed: int):
@@ -603,7 +593,7 @@ def main(args: Args) -> dict:
             if updates_since_log:
                 fields["td_loss"] = loss_sum.item() / updates_since_log
                 fields["q"] = q_sum.item() / updates_since_log
-                stop_if_not_finite(fields["td_loss"], fields["q"], step, checkpoint_path)
+                stop_if_not_finite("drq", {"td_loss": fields["td_loss"], "q": fields["q"]}, step, checkpoint_path)
                 train_log.append({"step": step, "td_loss": fields["td_loss"], "q_values": fields["q"]})
                 if writer:
                     writer.add_scalar("losses/td_loss", fields["td_loss"], step)
@@ -635,7 +625,7 @@ def main(args: Args) -> dict:
 
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.total_steps:
             # never replace the last good checkpoint by a diverged one (one read per checkpoint)
-            stop_if_not_finite(loss_sum.item(), q_sum.item(), step, checkpoint_path)
+            stop_if_not_finite("drq", {"td_loss": loss_sum.item(), "q": q_sum.item()}, step, checkpoint_path)
             atomic_torch_save(
                 checkpoint_path,
                 {

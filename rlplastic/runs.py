@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -131,6 +132,17 @@ def load_checkpoint(
             "resume with the same ones or choose another --output-dir"
         )
     return checkpoint
+
+
+def stop_if_not_finite(agent: str, losses: dict[str, float], step: int, checkpoint_path: Path) -> None:
+    """Stop a diverged run where its losses are read anyway: say at which step and which loss,
+    keep the last good checkpoint, write no results.json, exit non-zero."""
+    bad = {key: value for key, value in losses.items() if not math.isfinite(value)}
+    if bad:
+        kept = (
+            f"the last good checkpoint {checkpoint_path} is kept" if checkpoint_path.exists() else "no checkpoint yet"
+        )
+        sys.exit(f"{agent}: training diverged by step {step} ({bad}); {kept}; no results written")
 
 
 def random_states(rng: np.random.Generator, generator: torch.Generator, device: torch.device) -> dict[str, Any]:
