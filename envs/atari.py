@@ -41,6 +41,8 @@ import cv2
 import gymnasium as gym
 import numpy as np
 
+from rlplastic.safe_pickle import restricted_load
+
 gym.register_envs(ale_py)
 
 ATARI100K_GAMES: tuple[str, ...] = (
@@ -178,19 +180,14 @@ class Atari100kProtocol(gym.Wrapper):
 
 def _ale_state(saved: np.ndarray) -> ale_py.ALEState:
     """An ALEState back from its bytes; the bytes must unpickle to an ALEState and nothing else."""
-    state = _AleStateUnpickler(io.BytesIO(np.asarray(saved, np.uint8).tobytes())).load()
+    state = restricted_load(
+        io.BytesIO(np.asarray(saved, np.uint8).tobytes()),
+        lambda module, name: name == "ALEState" and module.startswith("ale_py"),
+        "a saved emulator state",
+    )
     if not isinstance(state, ale_py.ALEState):
         raise ValueError(f"saved emulator state is a {type(state).__name__}, not an ALEState")
     return state
-
-
-class _AleStateUnpickler(pickle.Unpickler):
-    """Unpickles an ALEState and refuses any other class, so a foreign file cannot run code."""
-
-    def find_class(self, module: str, name: str):
-        if name == "ALEState" and module.startswith("ale_py"):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a saved emulator state")
 
 
 def make_atari100k_env(
