@@ -17,7 +17,6 @@ import torch
 import tyro
 from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, make_atari100k_env
 
-from rlplastic.rollout import evaluate_episodes
 from rlplastic.runs import resolve_device, safe_torch_load
 from rlplastic.sweep import load_agent
 
@@ -65,10 +64,10 @@ def main(args: EvalArgs) -> dict:
         with torch.no_grad():
             return q_network(torch.as_tensor(observations, device=device)).argmax(1).cpu().numpy()
 
-    result = evaluate_episodes(
-        lambda seed: make_atari100k_env(game, seed, max_episode_steps=args.max_episode_steps),
-        greedy_actions, num_episodes=args.episodes, num_envs=args.envs, epsilon=args.epsilon, seed=args.seed,
-    )  # fmt: skip
+    # the agent's own evaluation, with this script's epsilon, environments and episode cap
+    agent_args = drq.Args(env_id=game, eval_envs=args.envs, eval_epsilon=args.epsilon,
+                          max_episode_steps=args.max_episode_steps)  # fmt: skip
+    result = drq.evaluate(agent_args, game, greedy_actions, args.episodes, args.seed)
     returns = np.array(result.returns)
     print(f"drq_evaluate: {game} epsilon {args.epsilon}: mean {returns.mean():.2f} (std {returns.std():.2f}) "
           f"over {len(returns)} episodes, mean length {np.mean(result.lengths):.0f}")  # fmt: skip
