@@ -105,9 +105,13 @@ def weight_magnitude(model: nn.Module) -> torch.Tensor:
     return sum((w.detach() ** 2).mean() for w in _weights(model))
 
 
-def initial_weights(model: nn.Module) -> list[torch.Tensor]:
-    """A snapshot for distance_from_init."""
-    return [w.detach().clone() for w in _weights(model)]
+def initial_weights(model: nn.Module, snapshot: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """A snapshot for distance_from_init. Given `snapshot`, copies of model.parameters() in their
+    order taken at the same moment, its weights are reused rather than copied a second time."""
+    if snapshot is None:
+        return [w.detach().clone() for w in _weights(model)]
+    copies = {id(p): copy for p, copy in zip(model.parameters(), snapshot, strict=True)}
+    return [copies[id(w)] for w in _weights(model)]
 
 
 def distance_from_init(model: nn.Module, initial: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -212,7 +212,7 @@ class Trainer:
             warmup = 0 if config.method == "lifecycle-nowarmup" else 10
             swap_in_lifecycle(self.model, lifespan=(1_000, 5_000), recovery=(100, 500), warmup=warmup, revival=revival)
         self.initial = [p.detach().clone() for p in self.model.parameters()]  # regen's anchor
-        self.initial_weights = initial_weights(self.model)  # distance_from_init measures from here
+        self.initial_weights = initial_weights(self.model, self.initial)  # distance_from_init measures from here
         self.shadow = None  # EMA / tortoise network used for evaluation
         if config.method in ("ema", "hare-tortoise"):
             self.shadow = copy.deepcopy(self.model).requires_grad_(False)
