@@ -92,41 +92,23 @@ def random_replay(replay: FrameReplay, num_actions: int, steps: int = 2_000) -> 
     return replay
 
 
-def time_updates(args: drq.Args, device: torch.device, num_actions: int, updates: int) -> float:
+def time_updates(args: drq.Args, device: torch.device, num_actions: int, updates: int, graph: bool = False) -> float:
+    """Seconds per DrQ update on a filled replay; graph=True: the same update captured once in a
+    CUDA graph (rlplastic.cuda_graphs) and replayed."""
     generator = device_generator(device, 0)
     replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=device, generator=generator)
     random_replay(replay, num_actions)
-    learner = drq.build_learner(args, num_actions, device)
-    for _ in range(5):  # warm-up: allocator, kernels, optimizer state
-        drq.update(args, *learner, replay, generator)
+    learner = drq.build_learner(replace(args, cuda_graph=graph), num_actions, device)
+    step = lambda: drq.update(args, *learner, replay, generator)[0]  # noqa: E731
+    if graph:
+        step = CapturedStep(step, generators=[generator])
+    for _ in range(5):  # warm-up: allocator, kernels, optimizer state (graph: 3 eager steps, capture, replay)
+        step()
     synchronize(device)
     start = time.perf_counter()
     for _ in range(updates):
-        loss, _ = drq.update(args, *learner, replay, generator)
+        loss = step()
     loss.item()  # wait for the queued kernels
-    return (time.perf_counter() - start) / updates
-
-
-def time_captured_updates(args: drq.Args, device: torch.device, num_actions: int, updates: int) -> float:
-    """The same update captured once in a CUDA graph (rlplastic.cuda_graphs) and replayed."""
-    generator = device_generator(device, 0)
-    replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=device, generator=generator)
-    random_replay(replay, num_actions)
-    learner = drq.build_learner(replace(args, cuda_graph=True), num_actions, device)
-    loss_sum = torch.zeros((), device=device)
-
-    def step() -> None:
-        loss, _ = drq.update(args, *learner, replay, generator)
-        loss_sum.add_(loss)
-
-    captured = CapturedStep(step, generators=[generator])
-    for _ in range(5):  # 3 eager warm-up steps, the capture, one replay
-        captured()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(updates):
-        captured()
-    loss_sum.item()
     return (time.perf_counter() - start) / updates
 
 
@@ -151,11 +133,11 @@ def main(bench: BenchArgs) -> None:
 
     args = drq.Args(env_id=game, device=bench.device)
     num_actions = int(make_atari100k_env(game, seed=0).action_space.n)
-    update_time = time_updates(replace(args, cuda_graph=False), device, num_actions, bench.updates)
+    update_time = time_updates(args, device, num_actions, bench.updates)
     print(f"updates/s alone (batch {args.batch_size}, eager):       {1 / update_time:8.1f}  "
           f"({update_time * 1e3:.2f} ms)")  # fmt: skip
     if graph_capture_available(device):
-        graph_time = time_captured_updates(args, device, num_actions, bench.updates)
+        graph_time = time_updates(args, device, num_actions, bench.updates, graph=True)
         print(f"updates/s alone (batch {args.batch_size}, CUDA graph):  {1 / graph_time:8.1f}  "
               f"({graph_time * 1e3:.2f} ms, {update_time / graph_time:.2f}x eager)")  # fmt: skip
         update_time = graph_time  # what the loop uses on CUDA by default
