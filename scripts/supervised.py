@@ -136,6 +136,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--ht-momentum", type=float, default=d.ht_momentum, help="Hare & Tortoise / EMA momentum")
     r.add_argument("--ht-reset-epochs", type=int, default=d.ht_reset_epochs,
                    help="Hare & Tortoise: epochs (of the data trained on) between hare <- tortoise resets")  # fmt: skip
+    r.add_argument("--ht-horizon", type=float, default=d.ht_horizon,
+                   help="Hare & Tortoise / EMA: EMA horizon 1/(1-momentum) as a share of each phase's steps "
+                   "(0 = use --ht-momentum)")  # fmt: skip
+    r.add_argument("--ht-reset-share", type=float, default=d.ht_reset_share,
+                   help="Hare & Tortoise: reset period as a share of each phase's steps "
+                   "(0 = --ht-reset-epochs)")  # fmt: skip
     r.add_argument("--redo-tau", type=float, default=d.redo_tau, help="ReDo: dormancy threshold tau")
     r.add_argument("--redo-every-epochs", type=int, default=d.redo_every_epochs,
                    help="ReDo: epochs (of the data trained on) between recycling passes (paper: 5)")  # fmt: skip

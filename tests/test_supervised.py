@@ -334,3 +334,25 @@ def test_vit_tiny_runs_with_its_diagnostics_and_hessian(tmp_path):
     config = replace(TINY, model="vit-tiny", protocol="fresh", epochs=1, hessian=True)
     result = run(config, out=tmp_path / "r.jsonl", log=lambda s: None)
     assert np.isfinite(result["hessian"]) and result["diagnostics"]["end"]["effective_rank/all"] > 0
+
+
+def test_hare_tortoise_horizon_and_reset_share_scale_with_each_phase():
+    """--ht-horizon / --ht-reset-share: the tortoise's EMA horizon 1/(1-momentum) and the reset
+    period are shares of the phase's steps, so a short phase gets a short horizon."""
+    from rlplastic.interventions import HareTortoise
+    from rlplastic.supervised.data import load_dataset
+    from rlplastic.supervised.train import Trainer
+
+    data = load_dataset("digits", None)
+    x, y = torch.as_tensor(data.x_train), torch.as_tensor(data.y_train)
+    config = replace(TINY, method="hare-tortoise", ht_horizon=0.1, ht_reset_share=0.25, batch_size=64)
+    trainer = Trainer(config, data, torch.device("cpu"))
+    trainer.test_x, trainer.test_y = torch.as_tensor(data.x_test), torch.as_tensor(data.y_test)
+    for epochs in (4, 8):
+        trainer.new_optimizer()
+        trainer.train(x, y, epochs, "phase", [], None, lambda s: None)
+        (ht,) = [i for i in trainer.interventions if isinstance(i, HareTortoise)]
+        steps = epochs * math.ceil(len(x) / 64)
+        assert 1 / (1 - ht.momentum) == pytest.approx(0.1 * steps)
+        assert ht.due.period == round(0.25 * steps) and ht.resets == 4
+    assert any("--ht-horizon 2" in p for p in validate(replace(config, ht_horizon=2.0)))

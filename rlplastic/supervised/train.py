@@ -77,6 +77,10 @@ class RunConfig:
     strength: float | None = None  # regularizer weight of l2 / spectral-decoupling / regen / neuronal-decay
     ht_momentum: float = 0.999  # Hare & Tortoise and EMA
     ht_reset_epochs: int = 10  # epochs of the data being trained on (a subset epoch in warm-start phase 1)
+    # The same two knobs relative to the length of each phase (0 = off, use the two above): the
+    # tortoise's EMA horizon 1 / (1 - momentum) and the reset period as shares of the phase's steps.
+    ht_horizon: float = 0.0
+    ht_reset_share: float = 0.0
     redo_tau: float = 0.1
     redo_every_epochs: int = 5  # Lee et al. 2024 appendix: ReDo applied every 5 epochs
     topk_min: float = 0.1  # top-k: smallest keep ratio
@@ -102,6 +106,9 @@ def validate(config: RunConfig) -> list[str]:
         problems.append(f"--method crelu is implemented for --model mlp, not {config.model}")
     if not 0 < config.subset <= 1 or not 0 <= config.noise <= 1:
         problems.append(f"--subset {config.subset} / --noise {config.noise}: need 0 < subset <= 1, 0 <= noise <= 1")
+    if not 0 <= config.ht_horizon <= 1 or not 0 <= config.ht_reset_share <= 1:
+        problems.append(f"--ht-horizon {config.ht_horizon} / --ht-reset-share {config.ht_reset_share}: "
+                        "shares of a phase's steps, need 0 (off) or a value in (0, 1]")  # fmt: skip
     for name in ("epochs", "batch_size", "chunks", "ht_reset_epochs", "redo_every_epochs", "topk_cycle"):
         if getattr(config, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} {getattr(config, name)}: must be a positive integer")
@@ -242,13 +249,23 @@ class Trainer:
             self.interventions.append(ReDo(self.model, self.optimizer, self.redo_batch, tau=self.config.redo_tau,
                                            every=0, init_fn=torch_default_init))  # fmt: skip
 
-    def schedule_interventions(self, n: int) -> None:
+    def schedule_interventions(self, n: int, epochs: int) -> None:
         """Set the periods of Hare & Tortoise (--ht-reset-epochs) and ReDo (--redo-every-epochs) in
-        epochs of the n samples trained on now (Lee et al. 2024: a reset every 10 epochs of the
-        phase's data, so 10 subset epochs in warm-start phase 1), the counts starting afresh."""
+        epochs of the n samples trained on now for `epochs` epochs (Lee et al. 2024, section 4: a
+        reset every 10 epochs of the phase's data, so 10 subset epochs in warm-start phase 1), the
+        counts starting afresh. With --ht-horizon / --ht-reset-share the tortoise's momentum and the
+        reset period are instead fixed shares of this phase's steps, so they scale with the run."""
+        config, phase_steps = self.config, epochs * self.steps_per_epoch(n)
         for intervention in self.interventions:
-            if isinstance(intervention, HareTortoise) and self.config.method == "hare-tortoise":
-                intervention.due = Every(self.config.ht_reset_epochs * self.steps_per_epoch(n))
+            if isinstance(intervention, HareTortoise):
+                if config.ht_horizon:
+                    intervention.momentum = 1.0 - 1.0 / max(1.0, config.ht_horizon * phase_steps)
+                if config.method != "hare-tortoise":
+                    continue  # EMA: no resets
+                period = config.ht_reset_epochs * self.steps_per_epoch(n)
+                if config.ht_reset_share:
+                    period = max(1, round(config.ht_reset_share * phase_steps))
+                intervention.due = Every(period)
             elif isinstance(intervention, ReDo):
                 intervention.due = Every(self.config.redo_every_epochs * self.steps_per_epoch(n))
 
@@ -292,7 +309,7 @@ class Trainer:
         """`epochs` passes over (x, y), a fresh warm-up of the learning rate, progress per epoch."""
         self.data_x = x
         n = len(x)
-        self.schedule_interventions(n)
+        self.schedule_interventions(n, epochs)
         steps = epochs * self.steps_per_epoch(n)
         warmup_steps = int(self.config.warmup * steps)
         cosine = self.config.schedule == "cosine"
