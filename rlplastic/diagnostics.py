@@ -15,17 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlplastic.interventions.base import hidden_activations, hidden_layers
+from rlplastic.interventions.base import hidden_layers, output_layers, received_features
 from rlplastic.interventions.redo import neuron_scores
 
 DORMANT_TAUS = (0.0, 0.025, 0.1)
 
 
 def as_unit_matrix(h: torch.Tensor) -> torch.Tensor:
-    """(N, units) stays; (N, C, H, W) -> (N*H*W, C): each spatial position is a sample of each channel."""
-    if h.dim() == 4:
-        return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
-    return h.reshape(h.shape[0], -1)
+    """(N, units) stays; (N, C, positions...) -> (N * positions, C): each position is a sample of each
+    channel."""
+    if h.dim() > 2:
+        return h.movedim(1, -1).reshape(-1, h.shape[1])
+    return h
 
 
 # Unit statistics
@@ -117,6 +118,23 @@ def initial_weights(model: nn.Module, snapshot: Sequence[torch.Tensor] | None = 
 def distance_from_init(model: nn.Module, initial: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sum over layers of the mean squared difference from the initial weights."""
     return sum(((w.detach() - w0) ** 2).mean() for w, w0 in zip(_weights(model), initial, strict=True))
+
+
+def saturated_fraction(h: torch.Tensor, g: torch.Tensor, tau: float = 1e-4, share: float = 0.99,
+                       eps: float = 1e-8) -> torch.Tensor:  # fmt: skip
+    """Fraction of units whose feature gradient is negligible against their activation (Joudaki et
+    al., appendix B): |G_ij| / max(mean_i |H_ij|, eps) < tau on more than `share` of the samples i.
+    h: the units' outputs, g: the per-sample loss gradient with respect to them, same shape. The
+    probe takes both at the layer's output (the unit's pre-activation), where a unit whose
+    activation has zero slope (a dead ReLU, a saturated tanh) gets zero gradient."""
+    h, g = as_unit_matrix(h), as_unit_matrix(g)
+    scale = h.abs().mean(0).clamp_min(eps)
+    return ((g.abs() / scale < tau).float().mean(0) > share).float().mean()
+
+
+def zero_feature_gradient_ratio(g: torch.Tensor) -> torch.Tensor:
+    """Fraction of exactly-zero entries of the feature gradients (units that pass no gradient back)."""
+    return (g == 0).float().mean()
 
 
 def zero_gradient_ratio(model: nn.Module) -> torch.Tensor:
@@ -212,35 +230,79 @@ class PlasticityProbe:
     """Hooks a model's hidden layers and measures them on a fixed probe batch.
 
         probe = PlasticityProbe(q_network, probe_states)
-        metrics = probe.measure()   # {"dormant_0.1/encoder.4.1": ..., "effective_rank/all": ...}
+        metrics = probe.measure()   # {"dormant_0.1/encoder.4": ..., "effective_rank/all": ...}
 
-    Per hidden layer (after `activation`): dormant ratios (tau 0, 0.025, 0.1), dead and duplicate
-    fractions, effective rank, srank, stable rank, zero-activation ratio; for the whole network
-    ("/all": units of all hidden layers pooled for the unit ratios, the penultimate features for the
-    ranks): the same, plus weight magnitude, distance from the weights at construction, and the
-    gradient norm and zero-gradient ratio of the gradients present. One host sync per call.
-    probe_batch may be set later (an agent takes it from replay once there is one).
+    Per hidden layer, on what its units deliver to the next layer (the input the next layer
+    receives: after norm and activation): dormant ratios (tau 0, 0.025, 0.1), dead and duplicate
+    fractions, effective rank, srank, stable rank, zero-activation ratio. For the whole network
+    ("/all"): the unit ratios pooled over all hidden units, the ranks of the backbone's output
+    features (what the output layer receives), weight magnitude, distance from the weights at
+    construction (or `initial`), and the gradient norm and zero ratio of the parameter gradients
+    present (`zero_param_gradient`).
+
+    With `loss_fn` (model output -> loss summed over the probe batch, so each sample's gradient is
+    its own), also the feature-gradient measures of Joudaki et al. (appendix B): per layer the
+    saturated fraction and the zero ratio of the gradient at the layer's output, the units'
+    pre-activations (`saturated`, `zero_gradient`), pooled in "/all". One host sync per call. probe_batch may be
+    set later (an agent takes it from replay once there is one). Pass `layers` as (layer, [layers
+    it feeds]) pairs for models fx cannot trace.
     """
 
     def __init__(
         self,
         model: nn.Module,
         probe_batch: torch.Tensor | None,
-        activation: Callable[[torch.Tensor], torch.Tensor] = F.relu,
-        layers: Sequence[nn.Module] | None = None,
+        layers: Sequence[tuple[nn.Module, Sequence[nn.Module]]] | None = None,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        initial: Sequence[torch.Tensor] | None = None,
     ):
-        self.model, self.probe_batch, self.activation = model, probe_batch, activation
-        self.layers = list(layers) if layers is not None else [layer for layer, _ in hidden_layers(model)]
+        self.model, self.probe_batch, self.loss_fn = model, probe_batch, loss_fn
+        self.pairs = [(layer, list(following)) for layer, following in (layers or hidden_layers(model))]
         names = {module: name for name, module in model.named_modules()}
-        self.names = [names[layer] for layer in self.layers]
-        self.initial = initial_weights(model)
+        self.names = [names[layer] for layer, _ in self.pairs]
+        heads = output_layers(model) if layers is None else []
+        self.output_layer = heads[0] if heads else None
+        self.initial = list(initial) if initial is not None else initial_weights(model)
 
-    def features(self) -> list[torch.Tensor]:
-        return hidden_activations(self.model, self.layers, self.probe_batch, self.activation)
+    def features(self) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor] | None]:
+        """(per hidden layer: what its units deliver, the backbone's output features, per hidden
+        layer: (its output, the loss gradient there) or None) on one eval-mode forward."""
+        received: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        hooks = []
+        for i, (layer, following) in enumerate(self.pairs):
+            hooks.append(following[0].register_forward_pre_hook(lambda _m, a, i=i: received.__setitem__(i, a[0])))
+            if self.loss_fn is not None:
+                hooks.append(layer.register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out)))
+        backbone: list[torch.Tensor] = []
+        if self.output_layer is not None:
+            hooks.append(self.output_layer.register_forward_pre_hook(lambda _m, a: backbone.append(a[0])))
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            with torch.set_grad_enabled(self.loss_fn is not None):
+                output = self.model(self.probe_batch)
+                gradients = None
+                if self.loss_fn is not None:
+                    pre = [outputs[i] for i in range(len(self.pairs))]
+                    gradients = torch.autograd.grad(self.loss_fn(output), pre, allow_unused=True)
+                    gradients = [torch.zeros_like(p) if g is None else g for p, g in zip(pre, gradients, strict=True)]
+        finally:
+            self.model.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        features = [received_features(layer, received[i].detach()) for i, (layer, _) in enumerate(self.pairs)]
+        last = backbone[0].detach().flatten(1) if backbone else features[-1]
+        if gradients is not None:
+            gradients = [
+                (received_features(layer, outputs[i].detach()), received_features(layer, g))
+                for i, ((layer, _), g) in enumerate(zip(self.pairs, gradients, strict=True))
+            ]
+        return features, last, gradients
 
     def measure(self) -> dict[str, float]:
         values: dict[str, torch.Tensor] = {}
-        features = self.features()
+        features, backbone, gradients = self.features()
         for name, h in zip(self.names, features, strict=True):
             for key, value in self._feature_stats(h).items():
                 values[f"{key}/{name}"] = value
@@ -250,14 +312,24 @@ class PlasticityProbe:
             values[f"dormant_{tau}/all"] = (scores <= tau).float().mean()
         units = torch.tensor([h.shape[1] for h in features], dtype=torch.float32, device=scores.device)
         values["dead/all"] = (torch.stack([dead_fraction(h) for h in features]) * units).sum() / units.sum()
-        # the penultimate features' ranks are the last hidden layer's, already measured
-        values["effective_rank/all"] = values[f"effective_rank/{self.names[-1]}"]
-        values["srank/all"] = values[f"srank/{self.names[-1]}"]
+        if gradients is not None:
+            saturated = torch.stack([saturated_fraction(out, g) for out, g in gradients])
+            zero = torch.stack([zero_feature_gradient_ratio(g) for _, g in gradients])
+            for name, sat, zer in zip(self.names, saturated, zero, strict=True):
+                values[f"saturated/{name}"], values[f"zero_gradient/{name}"] = sat, zer
+            grad_units = torch.tensor([float(g.shape[1]) for _, g in gradients], device=zero.device)
+            values["saturated/all"] = (saturated * grad_units).sum() / grad_units.sum()
+            entries = torch.tensor([float(g.numel()) for _, g in gradients], device=zero.device)
+            values["zero_gradient/all"] = (zero * entries).sum() / entries.sum()
+        s = singular_values(backbone)
+        values["effective_rank/all"] = effective_rank(backbone, s=s)
+        values["srank/all"] = srank(backbone, s=s).float()
+        values["stable_rank/all"] = stable_rank(backbone)
         values["weight_magnitude/all"] = weight_magnitude(self.model)
         values["distance_from_init/all"] = distance_from_init(self.model, self.initial)
         if any(p.grad is not None for p in self.model.parameters()):
             values["gradient_norm/all"] = gradient_norm(self.model)
-            values["zero_gradient/all"] = zero_gradient_ratio(self.model)
+            values["zero_param_gradient/all"] = zero_gradient_ratio(self.model)
         stacked = torch.stack([v.float().reshape(()) for v in values.values()]).cpu()  # the one sync
         return dict(zip(values, stacked.tolist(), strict=True))
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import defaultdict
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,11 @@ LIFECYCLE_COLUMNS = (("ACC", "test_acc", 100), ("mCA", "mca", 100), ("ECE", "ece
                      ("Lipschitz", "lipschitz", 1))  # fmt: skip
 
 
+GROUP_KEYS = ("dataset", "model", "protocol", "subset", "noise")
+# config fields that do not change what a run measures
+NOT_SETTINGS = {"seed", "data_dir", "device", "log_every", "tb_dir", "hessian", "method", *GROUP_KEYS}
+
+
 def mean_std(values: list[float], scale: float = 1.0) -> str:
     values = [v * scale for v in values if v is not None]
     if not values:
@@ -32,39 +36,60 @@ def mean_std(values: list[float], scale: float = 1.0) -> str:
     return f"{np.mean(values):.2f} ± {std:.2f} ({len(values)})"
 
 
+def group_name(row: dict) -> str:
+    name = f"{row['dataset']} / {row['model']} — {row['protocol']}"
+    if row["protocol"] == "warm-start":
+        name += f", subset {row['subset']}, label noise {row['noise']}"
+    elif row["protocol"] == "continual":
+        name += f", label noise from {row['noise']}"
+    return name
+
+
 def row_label(row: dict) -> str:
-    return row["method"] if row["protocol"] == "warm-start" else f"{row['method']} ({row['protocol']})"
+    """The method, with every setting in which the run differs from the runner's defaults (so two
+    settings of one method are two rows, never averaged together)."""
+    defaults = asdict(RunConfig())
+    config = row.get("config", {})
+    changed = [f"{k}={_short(v)}" for k, v in config.items() if k not in NOT_SETTINGS and k in defaults
+               and _short(v) != _short(defaults[k])]  # fmt: skip
+    return row["method"] + (f" ({', '.join(changed)})" if changed else "")
+
+
+def _short(value):
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def grouped(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """{group: {row label: runs}}, in first-seen order; a group is one (dataset, model, protocol,
+    subset, noise)."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for row in rows:
+        groups.setdefault(group_name(row), {}).setdefault(row_label(row), []).append(row)
+    return groups
 
 
 def warm_start_table(rows: list[dict]) -> str:
-    """Rows: method (protocol when not warm-start); columns: dataset / model; cells: final test
-    accuracy in %, mean ± std over seeds (n)."""
-    columns = sorted({f"{r['dataset']} / {r['model']}" for r in rows})
-    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
-    labels: list[str] = []
-    for r in rows:
-        label = row_label(r)
-        if label not in labels:
-            labels.append(label)
-        cells[(label, f"{r['dataset']} / {r['model']}")].append(r["test_acc"])
-    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for label in labels:
-        lines.append(f"| {label} | " + " | ".join(mean_std(cells[(label, c)], 100) for c in columns) + " |")
-    return "Final test accuracy (%), mean ± std over seeds (n)\n\n" + "\n".join(lines)
+    """One table per (dataset, model, protocol, subset, noise); rows: method and its settings;
+    cells: final test and train accuracy in %, mean ± std over seeds (n)."""
+    out = []
+    for group, runs_by_label in grouped(rows).items():
+        lines = [f"### {group}", "", "| method | test accuracy (%) | train accuracy (%) |", "|---|---|---|"]
+        for label, runs in runs_by_label.items():
+            test, train = mean_std([r["test_acc"] for r in runs], 100), mean_std([r["train_acc"] for r in runs], 100)
+            lines.append(f"| {label} | {test} | {train} |")
+        out.append("\n".join(lines))
+    return "Final accuracy, mean ± std over seeds (n)\n\n" + "\n\n".join(out)
 
 
 def lifecycle_table(rows: list[dict]) -> str:
-    """One table per dataset / model: rows method, columns ACC, mCA, ECE (in %), Hessian top
-    eigenvalue, Lipschitz bound; mean ± std over seeds (n)."""
+    """One table per (dataset, model, protocol, subset, noise): rows method, columns ACC, mCA, ECE
+    (in %), Hessian top eigenvalue, Lipschitz bound; mean ± std over seeds (n)."""
     out = []
-    for group in sorted({(r["dataset"], r["model"]) for r in rows}):
-        subset = [r for r in rows if (r["dataset"], r["model"]) == group]
-        labels = list(dict.fromkeys(row_label(r) for r in subset))
-        lines = [f"### {group[0]} / {group[1]}", "", "| method | " + " | ".join(c for c, _, _ in LIFECYCLE_COLUMNS)
-                 + " |", "|---|" + "---|" * len(LIFECYCLE_COLUMNS)]  # fmt: skip
-        for label in labels:
-            mine = [r for r in subset if row_label(r) == label]
-            cells = [mean_std([r.get(key) for r in mine], scale) for _, key, scale in LIFECYCLE_COLUMNS]
+    for group, runs_by_label in grouped(rows).items():
+        lines = [f"### {group}", "", "| method | " + " | ".join(c for c, _, _ in LIFECYCLE_COLUMNS) + " |",
+                 "|---|" + "---|" * len(LIFECYCLE_COLUMNS)]  # fmt: skip
+        for label, runs in runs_by_label.items():
+            cells = [mean_std([r.get(key) for r in runs], scale) for _, key, scale in LIFECYCLE_COLUMNS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
@@ -147,7 +172,17 @@ def parser() -> argparse.ArgumentParser:
                    help="ReDo: epochs (of the data trained on) between recycling passes (paper: 5)")  # fmt: skip
     r.add_argument("--topk-min", type=float, default=d.topk_min)
     r.add_argument("--topk-decay", type=float, default=d.topk_decay)
-    r.add_argument("--topk-cycle", type=int, default=d.topk_cycle)
+    r.add_argument("--topk-cycle", type=int, default=d.topk_cycle, help="topk-cycle: epochs between resets to dense")
+    r.add_argument("--topk-tolerance", type=float, default=d.topk_tolerance,
+                   help="topk-accuracy: allowed training-accuracy drop; topk-plateau: relative loss improvement "
+                   "below which the loss counts as flat")  # fmt: skip
+    r.add_argument("--lc-layers", default=d.lc_layers, help="lifecycle: fc (the paper), conv or all hidden layers")
+    r.add_argument("--lc-lifespan", type=int, nargs=2, default=d.lc_lifespan, metavar=("LOW", "HIGH"),
+                   help="lifecycle: range of the units' lifespans in steps")  # fmt: skip
+    r.add_argument("--lc-recovery", type=int, nargs=2, default=d.lc_recovery, metavar=("LOW", "HIGH"),
+                   help="lifecycle: range of the recovery times in steps")  # fmt: skip
+    r.add_argument("--lc-warmup", type=int, default=d.lc_warmup, help="lifecycle: warm-up steps of a revived unit")
+    r.add_argument("--lc-revival", default=d.lc_revival, help="lifecycle: memory, he or xavier")
     r.add_argument("--no-hessian", dest="hessian", action="store_false", help="skip the Hessian eigenvalue")
     r.add_argument("--log-every", type=int, default=0, help="epochs between progress lines (0 = ~10 per phase)")
     r.add_argument("--tb-dir", default=None, help="tensorboard folder for this run's scalars")

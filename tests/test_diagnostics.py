@@ -15,6 +15,7 @@ from rlplastic.diagnostics import (
     hessian_top_eigenvalue,
     initial_weights,
     lipschitz_bound,
+    saturated_fraction,
     spectral_norm_ratio,
     srank,
     stable_rank,
@@ -154,3 +155,44 @@ def test_probe_reports_every_layer_and_the_network():
     assert metrics["dead/all"] == pytest.approx((2 + 8 * metrics["dead/2"]) / 16)
     assert metrics["distance_from_init/all"] == 0.0
     assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_probe_measures_after_batchnorm_and_activation_and_the_backbone_output():
+    """Measured on the layer's own output, a unit that BN + ReLU silence looks alive; the probe
+    reads what the next layer receives. '/all' ranks are those of the features the output layer
+    receives (here pooled channels), not of the last conv's maps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():
+        model[0].bias.fill_(5.0)  # every pre-BN output positive and varied ...
+        model[1].bias[:3] = -100.0  # ... but units 0-2 are silenced after BN + ReLU
+    model.eval()  # running stats (0, 1): BN is an affine map here
+    metrics = PlasticityProbe(model, torch.randn(64, 4)).measure()
+    assert metrics["dead/0"] == pytest.approx(0.5) and metrics["dormant_0.0/0"] == pytest.approx(0.5)
+
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 2))  # fmt: skip
+    probe = PlasticityProbe(conv, torch.randn(32, 1, 6, 6))
+    metrics = probe.measure()
+    pooled = conv[3](conv[2](conv[1](conv[0](probe.probe_batch)))).detach()
+    assert metrics["effective_rank/all"] == pytest.approx(effective_rank(pooled).item(), rel=1e-5)
+    maps = conv[1](conv[0](probe.probe_batch)).detach()  # the last conv's maps: what '/all' used to read
+    assert metrics["effective_rank/all"] != pytest.approx(effective_rank(maps).item(), rel=1e-3)
+
+
+def test_saturated_units_and_zero_feature_gradients_follow_the_papers_definition():
+    """Joudaki et al., appendix B: unit j is saturated when |G_ij| / max(mean_i |H_ij|, eps) < 1e-4
+    on more than 99% of the samples, G the loss gradient at its pre-activation."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].bias[:2] = -100.0  # units 0 and 1 never fire: zero gradient, saturated
+    x, y = torch.randn(128, 4), torch.randint(0, 3, (128,))
+    probe = PlasticityProbe(model, x, loss_fn=lambda out: nn.functional.cross_entropy(out, y, reduction="sum"))
+    metrics = probe.measure()
+    assert metrics["saturated/0"] == pytest.approx(2 / 8) and metrics["saturated/all"] == pytest.approx(2 / 8)
+    assert metrics["zero_gradient/0"] >= 2 / 8
+    assert all(p.grad is None for p in model.parameters())  # the probe's backward leaves no gradients
+    h = torch.ones(100, 2)
+    g = torch.stack([torch.full((100,), 1e-6), torch.full((100,), 1e-2)], 1)
+    assert saturated_fraction(h, g).item() == pytest.approx(0.5)

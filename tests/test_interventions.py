@@ -438,3 +438,42 @@ def test_cbp_redraws_units_with_the_networks_own_init():
         cbp.step()  # every mature unit of the first layer is due: all are replaced, in one draw
         replaced = (layer.weight != before).any(1)
         assert replaced.any() and torch.equal(layer.weight[replaced], expected[replaced])
+
+
+class _ResidualNet(nn.Module):
+    """stem -> block (conv1 -> relu -> conv2, + identity) -> relu -> pooled head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_redo_never_recycles_across_a_residual_shortcut():
+    """The stem's and conv2's channels join the identity path: zeroing the next layer's weights on
+    such a channel would cut the whole residual channel, so only conv1 (whose units reach conv2 one
+    to one) is recyclable; the probe still measures all three."""
+    from rlplastic.interventions.base import recyclable_layers
+
+    torch.manual_seed(0)
+    model = _ResidualNet()
+    assert [layer for layer, _ in hidden_layers(model)] == [model.stem, model.conv1, model.conv2]
+    assert [layer for layer, _ in recyclable_layers(model)] == [model.conv1]
+    with torch.no_grad():
+        for layer in (model.stem, model.conv1, model.conv2):
+            layer.bias[0] = -100.0  # channel 0 of every layer is dead
+    head_before, conv2_before = model.head.weight.clone(), model.conv2.weight.clone()
+    redo = ReDo(model, None, batch_fn=lambda: torch.randn(16, 1, 6, 6), tau=0.0, every=1)
+    redo.step()
+    assert redo.recycled == [1]  # conv1's channel 0 only
+    assert torch.equal(model.head.weight, head_before)  # the residual stream's channels are untouched
+    assert not model.conv2.weight[:, 0].any() and torch.equal(model.conv2.weight[:, 1:], conv2_before[:, 1:])
+    cbp = ContinualBackprop(model, None)
+    assert [layer for layer, _ in cbp.layers] == [model.conv1]

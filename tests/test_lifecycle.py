@@ -200,3 +200,57 @@ def test_bad_ranges_are_refused():
         LifecycleLinear(2, 2, lifespan=(5, 2))
     with pytest.raises(ValueError, match="revival 'zero'"):
         LifecycleLinear(2, 2, revival="zero")
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_lysed_unit_outputs_zero_after_batchnorm_and_ramps_up_there(conv):
+    """Gated before BatchNorm, a lysed unit's zeros become BN's shift beta after normalization (it
+    keeps outputting and training) and the warm-up ramp is normalized away. The gate sits after
+    the norm: exactly 0 after BN + ReLU, no gradient to the unit or its BN affine, and 1/k of the
+    normalized output right after revival."""
+    torch.manual_seed(0)
+    if conv:
+        model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+        x = torch.randn(8, 2, 6, 6)
+    else:
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+        x = torch.randn(8, 3)
+    with torch.no_grad():
+        model[1].bias.fill_(1.0)  # a positive shift: what a gate before the norm would let through
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    (layer,) = swap_in_lifecycle(model, optimizer=optimizer, lifespan=(1, 1), recovery=(2, 2), warmup=4)
+    assert layer.gated_after == type(model[1]).__name__
+    with torch.no_grad():
+        layer.lifespan.copy_(torch.tensor([1, 9, 9, 9]))
+        layer.life.copy_(layer.lifespan)
+    layer.refresh_counters()
+    model.train()
+    layer.lifecycle_step()  # unit 0 dies
+    hidden = model[2](model[1](model[0](x)))
+    assert not hidden[:, 0].any() and hidden[:, 1:].abs().sum() > 0
+    model(x).pow(2).sum().backward()
+    assert not layer.weight.grad[0].any() and model[1].weight.grad[0] == 0 and model[1].bias.grad[0] == 0
+    layer.lifecycle_step(), layer.lifecycle_step()  # recovery 2: unit 0 revives with scaler 1/4
+    assert layer.active.all() and layer.scaler[0].item() == pytest.approx(0.25)
+    normalized = model[1](model[0](x))
+    with torch.no_grad():
+        ungated = nn.functional.batch_norm(
+            model[0](x), None, None, model[1].weight, model[1].bias, training=True, eps=model[1].eps
+        )
+    assert torch.allclose(normalized[:, 0], 0.25 * ungated[:, 0], atol=1e-5)
+    assert torch.allclose(normalized[:, 1:], ungated[:, 1:], atol=1e-5)
+
+
+def test_a_layer_gated_after_its_norm_keeps_the_gate_in_deep_copies():
+    """A copy (an EMA tortoise, a target) gates its own norm by its own layer."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    swap_in_lifecycle(model, lifespan=(1, 1), recovery=(5, 5))
+    twin = copy.deepcopy(model).train()
+    twin[0].lifecycle_step()  # every unit of the copy dies; the original's stay alive
+    x = torch.randn(8, 3)
+    with torch.no_grad():  # unbound layers tick on forwards that build a graph: keep the clocks still
+        assert not twin[2](twin[1](twin[0](x))).any()
+        assert model.train()[2](model[1](model[0](x))).abs().sum() > 0
+    plain = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    (layer,) = swap_in_lifecycle(plain, names=["0"], norms={})
+    assert layer.gated_after is None  # {}: the gate stays on the layer's output

@@ -17,8 +17,8 @@ from rlplastic.supervised.models import build_model
 from rlplastic.supervised.train import (
     METHODS,
     RunConfig,
+    TopKActivation,
     TopKController,
-    TopKReLU,
     append_jsonl,
     crop_flip,
     read_jsonl,
@@ -190,7 +190,7 @@ def test_crop_flip_moves_pixels_within_the_padding():
 
 def test_topk_keeps_the_largest_share_and_cycles():
     controller = TopKController(minimum=0.25, decay=0.5, cycle=3)
-    layer = TopKReLU(controller)
+    layer = TopKActivation(torch.nn.ReLU(), controller)
     x = torch.tensor([[4.0, -1.0, 3.0, 2.0, 1.0, 0.5, 6.0, 5.0]])
     assert torch.equal(layer(x), torch.relu(x))
     controller.next_epoch()  # keep 0.5: 4 of 8 units
@@ -199,6 +199,28 @@ def test_topk_keeps_the_largest_share_and_cycles():
     assert layer(x).tolist() == [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 6.0, 5.0]]
     controller.next_epoch()  # epoch 3: back to dense
     assert controller.keep == 1.0
+
+
+def test_adaptive_topk_controllers_compress_and_reset():
+    """The accuracy controller compresses while training accuracy holds within the tolerance of the
+    last dense epoch's and resets when it drops; the plateau controller compresses only while the
+    loss is flat, holds while it falls, and resets at the minimum."""
+    from rlplastic.supervised.train import AdaptiveTopKController
+
+    acc = AdaptiveTopKController("accuracy", minimum=0.1, decay=0.5, tolerance=0.02)
+    keeps = []
+    for train_acc in (0.90, 0.89, 0.89, 0.80, 0.91):
+        acc.next_epoch(train_acc=train_acc)
+        keeps.append(acc.keep)
+    assert keeps == [0.5, 0.25, 0.125, 1.0, 0.5] and acc.resets == 1  # 0.80 < 0.90 - 0.02: back to dense
+    plateau = AdaptiveTopKController("plateau", minimum=0.2, decay=0.5, tolerance=0.01)
+    keeps = []
+    for loss in (1.0, 0.5, 0.499, 0.4985, 0.30, 0.2999, 0.2999):
+        plateau.next_epoch(loss=loss)
+        keeps.append(plateau.keep)
+    assert keeps == [1.0, 1.0, 0.5, 0.25, 0.25, 1.0, 0.5] and plateau.resets == 1
+    with pytest.raises(ValueError, match="strategy 'magic'"):
+        AdaptiveTopKController("magic", 0.1, 0.5, 0.0)
 
 
 def test_validate_names_bad_values():
@@ -356,3 +378,65 @@ def test_hare_tortoise_horizon_and_reset_share_scale_with_each_phase():
         assert 1 / (1 - ht.momentum) == pytest.approx(0.1 * steps)
         assert ht.due.period == round(0.25 * steps) and ht.resets == 4
     assert any("--ht-horizon 2" in p for p in validate(replace(config, ht_horizon=2.0)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["mlp", "resnet18", "vgg16", "vit-tiny", "wrn-28-4"])
+def test_every_model_runs_every_method_for_an_epoch(model, tmp_path):
+    """Each (model, method) the runner accepts trains, evaluates and measures its diagnostics on
+    tiny CIFAR-10 files; the one it refuses (crelu beyond the MLP) is refused before any work."""
+    write_cifar(tmp_path, 10)
+    base = RunConfig(dataset="cifar10", data_dir=str(tmp_path), model=model, epochs=1, subset=0.5, batch_size=8,
+                     device="cpu", hessian=False)  # fmt: skip
+    for method in METHODS:
+        config = replace(base, method=method)
+        if method.startswith("lifecycle") and model in ("resnet18", "wrn-28-4"):
+            config = replace(config, lc_layers="conv")  # no hidden fully connected layer
+        if method == "crelu" and model != "mlp":
+            assert any("crelu" in p for p in validate(config))
+            continue
+        result = run(config, out=tmp_path / "r.jsonl", log=lambda s: None)
+        assert 0 <= result["test_acc"] <= 1 and np.isfinite(result["lipschitz"]), (model, method)
+        end = result["diagnostics"]["end"]
+        assert end["effective_rank/all"] > 0 and 0 <= end["saturated/all"] <= 1, (model, method)
+
+
+def test_lifecycle_methods_flags_and_placement():
+    """Lifecycle on the hidden fully connected layers by default (Yang 2025), gated after their
+    BatchNorm; conv channels only on request; the paper's five ablations as presets of the
+    revival / warm-up flags; contradictions and models without hidden FC layers refused."""
+    from rlplastic.interventions import LifecycleConv2d, LifecycleLinear
+    from rlplastic.supervised.data import load_dataset
+    from rlplastic.supervised.train import LIFECYCLE_ABLATIONS, Trainer, lifecycle_settings
+
+    data = load_dataset("digits", None)
+    trainer = Trainer(replace(TINY, method="lifecycle-xavier-nowarmup", lc_lifespan=(7, 9)), data, torch.device("cpu"))
+    layers = [m for m in trainer.model.modules() if isinstance(m, LifecycleLinear)]
+    assert len(layers) == 2 and all(m.gated_after == "BatchNorm1d" for m in layers)
+    assert all(m.revival == "xavier" and m.warmup == 1 and 7 <= m.lifespan.min() <= m.lifespan.max() <= 9
+               for m in layers)  # fmt: skip
+    assert lifecycle_settings(replace(TINY, method="lifecycle", lc_revival="he", lc_warmup=3)) == ("he", 3)
+    assert set(LIFECYCLE_ABLATIONS) >= {"lifecycle-he-nowarmup", "lifecycle-xavier-nowarmup"}
+    conv = Trainer(replace(TINY, model="resnet18", method="lifecycle", lc_layers="conv"), data, torch.device("cpu"))
+    convs = [m for m in conv.model.modules() if isinstance(m, LifecycleConv2d)]
+    assert len(convs) == 20 and all(m.gated_after == "BatchNorm2d" for m in convs)
+    assert any("no hidden fully connected" in p for p in validate(replace(TINY, model="resnet18", method="lifecycle")))
+    assert any("contradicts" in p for p in validate(replace(TINY, method="lifecycle-he", lc_revival="xavier")))
+    assert any("--lc-lifespan 5 2" in p for p in validate(replace(TINY, method="lifecycle", lc_lifespan=(5, 2))))
+
+
+def test_neuronal_decay_records_training_activations_only():
+    """Evaluation forwards keep nothing (on ResNet-18 / CIFAR they used to pile up ~100 GB)."""
+    from rlplastic.supervised.data import load_dataset
+    from rlplastic.supervised.train import Trainer
+
+    data = load_dataset("digits", None)
+    trainer = Trainer(replace(TINY, method="neuronal-decay"), data, torch.device("cpu"))
+    x = torch.as_tensor(data.x_train[:32])
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.model(x)
+    assert trainer.activations == []
+    trainer.model.train()
+    trainer.loss(x, torch.as_tensor(data.y_train[:32]))
+    assert len(trainer.activations) == 2  # the MLP's two hidden ReLUs, once

@@ -1,25 +1,23 @@
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rlplastic.init import torch_default_init
 from rlplastic.interventions.base import (
     InitFn,
     Intervention,
-    hidden_layers,
     num_units,
+    received_features,
+    recyclable_layers,
     recycle_units,
 )
 from rlplastic.interventions.redo import LayerPairs
 
 
 def _unit_reduce(x: torch.Tensor) -> torch.Tensor:
-    """(N, units[, H, W]) -> (units,): mean over the batch and spatial positions."""
+    """(N, units[, positions]) -> (units,): mean over the batch and positions."""
     return x.mean(dim=[0, *range(2, x.dim())])
 
 
@@ -47,8 +45,10 @@ class ContinualBackprop(Intervention):
     reset, and their mean contribution w_out * mean(h) is added to the next layer's bias so the
     network's output does not jump. Optimizer moments at the touched entries are zeroed.
 
-    Activations are captured by forward hooks on forwards that build a graph in training mode (the
-    update's forward, not target or acting forwards); call step() after optimizer.step().
+    h is what the unit delivers to the next layer (after its norm and activation), captured by a
+    forward pre-hook on the first following layer on forwards that build a graph in training mode
+    (the update's forward, not target or acting forwards); call step() after optimizer.step().
+    Layers whose output joins a residual stream are not replaced (base.recyclable_layers).
     """
 
     graph_safe = False  # decides on the host every step
@@ -63,7 +63,6 @@ class ContinualBackprop(Intervention):
         decay: float = 0.99,
         maturity: int = 100,
         init_fn: InitFn = torch_default_init,
-        activation: Callable[[torch.Tensor], torch.Tensor] = F.relu,
         layers: LayerPairs | None = None,
     ):
         if not 0 <= replacement_rate <= 1:
@@ -72,8 +71,8 @@ class ContinualBackprop(Intervention):
             raise ValueError(f"decay {decay}: must lie in [0, 1)")
         self.model, self.optimizer = model, optimizer
         self.replacement_rate, self.decay, self.maturity = replacement_rate, decay, maturity
-        self.init_fn, self.activation = init_fn, activation
-        self.layers = [(layer, list(following)) for layer, following in (layers or hidden_layers(model))]
+        self.init_fn = init_fn
+        self.layers = [(layer, list(following)) for layer, following in (layers or recyclable_layers(model))]
         self.state = []
         for layer, _ in self.layers:
             units, device = num_units(layer), layer.weight.device
@@ -88,15 +87,17 @@ class ContinualBackprop(Intervention):
                     "batch_mean": None,
                 }
             )
-        self._hooks = [layer.register_forward_hook(self._capture) for layer, _ in self.layers]
-        self._index = {layer: i for i, (layer, _) in enumerate(self.layers)}
+        self._hooks = [
+            following[0].register_forward_pre_hook(lambda m, args, i=i: self._capture(i, m, args[0]))
+            for i, (_, following) in enumerate(self.layers)
+        ]
         self.replaced = 0
 
-    def _capture(self, module: nn.Module, _inputs, output: torch.Tensor) -> None:
-        if not (module.training and torch.is_grad_enabled()):
+    def _capture(self, index: int, receiver: nn.Module, received: torch.Tensor) -> None:
+        if not (receiver.training and torch.is_grad_enabled()):
             return
-        h = self.activation(output.detach())
-        state = self.state[self._index[module]]
+        h = received_features(self.layers[index][0], received.detach())
+        state = self.state[index]
         state["batch_abs"], state["batch_mean"] = _unit_reduce(h.abs()), _unit_reduce(h)
 
     def remove(self) -> None:

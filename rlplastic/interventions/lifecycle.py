@@ -38,6 +38,12 @@ class _Lifecycle:
     warm-up off. Revival also zeroes the bound optimizer's moments of the revived rows: Algorithm 1
     does not say so; it is our choice, so that a revived unit does not resume the stale momentum it
     had when it died.
+
+    Followed by BatchNorm, a gate on the layer's own output would do nothing: BN would turn a lysed
+    unit's zeros into its shift beta (the unit keeps outputting and training) and normalize the
+    warm-up ramp away. gate_after(norm) moves the gate behind the norm (a forward hook on it), so a
+    lysed unit outputs exactly 0 after normalization and activation and a reviving one ramps up
+    there; swap_in_lifecycle does this by itself for the BatchNorm registered right after a layer.
     The counters are mirrored on the host, so deaths and revivals are decided without a device sync
     and only the affected rows are touched.
     """
@@ -59,6 +65,7 @@ class _Lifecycle:
         self._optimizer_ref = None
         self._clock_hook = None
         self._host = None
+        self.gated_after = None  # the norm module whose output carries the gate, if any
         draw = lambda lo, hi: torch.randint(lo, hi + 1, (units,), device=device)  # noqa: E731
         self.register_buffer("active", torch.ones(units, dtype=torch.bool, device=device))
         self.register_buffer("scaler", torch.ones(units, device=device))
@@ -84,6 +91,19 @@ class _Lifecycle:
                 bound.lifecycle_step()
 
         self._clock_hook = optimizer.register_step_post_hook(tick)
+
+    def gate_after(self, norm: nn.Module) -> None:
+        """Apply this layer's gate to the output of `norm` (a per-unit norm such as BatchNorm that
+        follows the layer) instead of to the layer's own output."""
+        if self.gated_after is not None:
+            raise ValueError("this lifecycle layer is already gated after a norm")
+        norm.register_forward_hook(_GateAfterNorm(self))
+        self.gated_after = type(norm).__name__
+
+    def _gated(self, out: torch.Tensor, unit_dim: int) -> torch.Tensor:
+        if self.gated_after is not None:
+            return out  # the norm's hook applies the gate
+        return out * _along(self.gate(), out, unit_dim)
 
     def _ticks_on_forward(self) -> bool:
         return self._clock_hook is None and self.training and torch.is_grad_enabled()
@@ -203,7 +223,7 @@ class LifecycleLinear(_Lifecycle, nn.Linear):
             self.lifecycle_step()
         # (W * d) x + b * d = d * (W x + b): gating the output costs O(batch * units), not O(weights),
         # and still gives dead units no gradient.
-        return F.linear(x, self.weight, self.bias) * self.gate()
+        return self._gated(F.linear(x, self.weight, self.bias), -1)
 
 
 class LifecycleConv2d(_Lifecycle, nn.Conv2d):
@@ -236,7 +256,41 @@ class LifecycleConv2d(_Lifecycle, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._ticks_on_forward():
             self.lifecycle_step()
-        return self._conv_forward(x, self.weight, self.bias) * self.gate()[:, None, None]
+        return self._gated(self._conv_forward(x, self.weight, self.bias), 1)
+
+
+class _GateAfterNorm:
+    """Forward hook of the norm after a lifecycle layer: multiplies the norm's output by the layer's
+    gate. An object rather than a closure so that deep copies of the model (targets, EMA copies)
+    gate by their own copy of the layer."""
+
+    def __init__(self, layer: _Lifecycle):
+        self.layer = layer
+
+    def __call__(self, _norm: nn.Module, _inputs, out: torch.Tensor) -> torch.Tensor:
+        return out * _along(self.layer.gate(), out, 1)  # BatchNorm: units on dim 1
+
+
+def _along(gate: torch.Tensor, out: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """The per-unit gate shaped to broadcast over `out`, whose units lie on `unit_dim`."""
+    shape = [1] * out.dim()
+    shape[unit_dim] = -1
+    return gate.view(shape)
+
+
+def _norm_after(model: nn.Module, name: str) -> str | None:
+    """The name of the BatchNorm registered right after `name` in its parent (Sequential order, or a
+    block's attribute order such as conv1, bn1), if it normalizes this layer's units."""
+    parent_name, _, child = name.rpartition(".")
+    siblings = list(model.get_submodule(parent_name).named_children())
+    position = [key for key, _ in siblings].index(child)
+    if position + 1 == len(siblings):
+        return None
+    key, module = siblings[position + 1]
+    units = model.get_submodule(name).weight.shape[0]
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_features == units:
+        return f"{parent_name}.{key}" if parent_name else key
+    return None
 
 
 @torch.no_grad()
@@ -244,10 +298,15 @@ def swap_in_lifecycle(
     model: nn.Module,
     names: Sequence[str] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    norms: dict[str, str] | None = None,
     **lifecycle_kwargs,
 ) -> list[_Lifecycle]:
     """Replace the named nn.Linear / nn.Conv2d submodules of `model` by lifecycle versions that keep
     their weights. names=None takes every hidden layer (never an output layer).
+
+    A layer followed by BatchNorm is gated after it (see _Lifecycle): `norms` maps layer names to
+    the name of their norm; None finds them (the BatchNorm registered right after a layer in its
+    parent, with as many features as the layer has units); {} gates every layer on its own output.
 
     With `optimizer` (already built on the model), the optimizer is handed the new layers'
     parameters in place of the old ones (state carried over) and bound: the clock then ticks once
@@ -274,8 +333,11 @@ def swap_in_lifecycle(
         if old.bias is not None:
             new.bias.copy_(old.bias)
             new.memory_bias.copy_(old.bias)
+        norm = _norm_after(model, name) if norms is None else norms.get(name)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
+        if norm is not None:
+            new.gate_after(model.get_submodule(norm))
         if optimizer is not None:
             _replace_parameters(optimizer, {old.weight: new.weight, old.bias: new.bias} if old.bias is not None
                                 else {old.weight: new.weight})  # fmt: skip

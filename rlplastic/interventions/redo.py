@@ -3,7 +3,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rlplastic.init import xavier_uniform_zero_bias
@@ -11,8 +10,8 @@ from rlplastic.interventions.base import (
     Every,
     InitFn,
     Intervention,
-    hidden_activations,
-    hidden_layers,
+    hidden_features,
+    recyclable_layers,
     recycle_units,
 )
 
@@ -34,10 +33,12 @@ class ReDo(Intervention):
     dormant when its score (see neuron_scores) is <= tau. A dormant unit gets fresh incoming
     weights (from `init_fn`, the network's scheme), a zero bias and zero outgoing weights; the
     optimizer's moments at those entries are zeroed, its step count is kept. Output layers are never
-    recycled. Scores are taken after `activation` (ReLU in the paper's networks).
+    recycled. Scores are taken on what the units deliver to the next layer (after their norm and
+    activation, as the paper scores post-activation outputs).
 
-    Hidden layers are found by tracing the model (base.hidden_layers); pass `layers` as
-    (layer, [layers it feeds]) pairs for models fx cannot trace.
+    Layers are found by tracing the model (base.recyclable_layers): a layer whose output joins a
+    residual stream is not recycled (zeroing its outgoing weights would cut the identity path's
+    channel too). Pass `layers` as (layer, [layers it feeds]) pairs for models fx cannot trace.
     """
 
     state_keys = ("due", "recycled")
@@ -50,14 +51,13 @@ class ReDo(Intervention):
         tau: float = 0.1,
         every: int = 1_000,
         init_fn: InitFn = xavier_uniform_zero_bias,
-        activation: Callable[[torch.Tensor], torch.Tensor] = F.relu,
         layers: LayerPairs | None = None,
     ):
         if tau < 0:
             raise ValueError(f"tau {tau}: must be >= 0")
         self.model, self.optimizer, self.batch_fn = model, optimizer, batch_fn
-        self.tau, self.init_fn, self.activation = tau, init_fn, activation
-        self.layers = [(layer, list(following)) for layer, following in (layers or hidden_layers(model))]
+        self.tau, self.init_fn = tau, init_fn
+        self.layers = [(layer, list(following)) for layer, following in (layers or recyclable_layers(model))]
         self.due = Every(every)
         self.recycled: list[int] = []  # units recycled at each application, for logging
 
@@ -67,8 +67,7 @@ class ReDo(Intervention):
 
     def dormant_masks(self, inputs: torch.Tensor) -> list[torch.Tensor]:
         """One boolean mask of dormant units per hidden layer, scored on `inputs`."""
-        layers = [layer for layer, _ in self.layers]
-        return [neuron_scores(h) <= self.tau for h in hidden_activations(self.model, layers, inputs, self.activation)]
+        return [neuron_scores(h) <= self.tau for h in hidden_features(self.model, self.layers, inputs)]
 
     @torch.no_grad()
     def apply(self, inputs: torch.Tensor) -> int:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MODELS = ("mlp", "resnet18", "vgg16", "vit-tiny", "wrn-28-4")
+MODELS_WITH_HIDDEN_FC = ("mlp", "vgg16", "vit-tiny")  # resnet18 and wrn-28-4: convs, then the output layer
 
 
 class Classifier(nn.Module):
@@ -97,7 +98,8 @@ class ViTEncoder(nn.Module):
         self.patches = nn.Conv2d(in_channels, dim, patch, patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.02)
-        block = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True,
+        # a GELU module (not the "gelu" string): one module per block that hooks can see (neuronal decay)
+        block = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation=nn.GELU(), batch_first=True,
                                            norm_first=True)  # fmt: skip
         self.blocks = nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)

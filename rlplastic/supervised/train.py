@@ -37,17 +37,25 @@ from rlplastic.interventions import (
     ShrinkPerturb,
     swap_in_lifecycle,
 )
-from rlplastic.interventions.base import Every
+from rlplastic.interventions.base import Every, hidden_layers
+from rlplastic.interventions.lifecycle import REVIVALS
 from rlplastic.runs import atomic_write, git_commit, resolve_device, seed_everything
 from rlplastic.supervised.data import DATASETS, Dataset, load_dataset, subset_with_noise
-from rlplastic.supervised.models import MODELS, Classifier, build_model
+from rlplastic.supervised.models import MODELS, MODELS_WITH_HIDDEN_FC, Classifier, CReLU, build_model
 
 PROTOCOLS = ("fresh", "warm-start", "continual")
 METHODS = (
     "baseline", "l2", "augment", "spectral-decoupling", "regen", "crelu", "redo", "head-reset", "shrink-perturb",
     "ema", "hare-tortoise", "lifecycle", "lifecycle-he", "lifecycle-xavier", "lifecycle-nowarmup",
-    "neuronal-decay", "topk-cycle",
+    "lifecycle-he-nowarmup", "lifecycle-xavier-nowarmup", "neuronal-decay", "topk-cycle", "topk-accuracy",
+    "topk-plateau",
 )  # fmt: skip
+# Yang 2025, section 4.2: the ablations of LCL, as (revival, warm-up) presets of --lc-revival / --lc-warmup
+LIFECYCLE_ABLATIONS = {
+    "lifecycle": (None, None), "lifecycle-he": ("he", None), "lifecycle-xavier": ("xavier", None),
+    "lifecycle-nowarmup": ("memory", 0), "lifecycle-he-nowarmup": ("he", 0), "lifecycle-xavier-nowarmup": ("xavier", 0),
+}  # fmt: skip
+LIFECYCLE_LAYERS = ("fc", "conv", "all")
 BOUNDARY_METHODS = ("head-reset", "shrink-perturb")  # act when the data changes: need warm-start or continual
 # learning rate and weight decay of each model's reference setting (the papers' appendices)
 MODEL_DEFAULTS = {"mlp": (1e-3, 1e-4), "resnet18": (1e-3, 1e-5), "vit-tiny": (3e-3, 0.05), "vgg16": (1e-3, 1e-4),
@@ -81,11 +89,17 @@ class RunConfig:
     # tortoise's EMA horizon 1 / (1 - momentum) and the reset period as shares of the phase's steps.
     ht_horizon: float = 0.0
     ht_reset_share: float = 0.0
+    lc_layers: str = "fc"  # lifecycle on hidden fully connected layers (the paper), conv channels, or both
+    lc_lifespan: tuple[int, int] = (1_000, 5_000)  # lifecycle: range of the units' lifespans, in steps
+    lc_recovery: tuple[int, int] = (100, 500)  # lifecycle: range of the recovery times, in steps
+    lc_warmup: int = 10  # lifecycle: warm-up steps k of a revived unit (the -nowarmup ablations: 0)
+    lc_revival: str = "memory"  # lifecycle: memory, he or xavier (the -he / -xavier ablations)
     redo_tau: float = 0.1
     redo_every_epochs: int = 5  # Lee et al. 2024 appendix: ReDo applied every 5 epochs
     topk_min: float = 0.1  # top-k: smallest keep ratio
     topk_decay: float = 0.9  # top-k: keep ratio multiplier per epoch
     topk_cycle: int = 10  # top-k: epochs between returns to dense
+    topk_tolerance: float = 0.02  # adaptive top-k: accuracy drop / relative loss improvement threshold
     device: str = "auto"
     log_every: int = 0  # epochs between progress lines (accuracies are recorded every epoch); 0 = ~10 per phase
     hessian: bool = True  # compute the Hessian top eigenvalue at the end (double backprop)
@@ -120,6 +134,7 @@ def validate(config: RunConfig) -> list[str]:
         problems.append("augmentation (crop + flip) needs images; mnist1d holds 1-D signals")
     if not 0 <= config.warmup < 1 or config.grad_clip < 0:
         problems.append(f"--warmup {config.warmup} / --grad-clip {config.grad_clip}: need warmup in [0, 1), clip >= 0")
+    problems += validate_lifecycle(config)
     if not 0 < config.topk_min <= 1 or not 0 < config.topk_decay <= 1:
         problems.append(f"--topk-min {config.topk_min} / --topk-decay {config.topk_decay}: must lie in (0, 1]")
     try:
@@ -129,17 +144,122 @@ def validate(config: RunConfig) -> list[str]:
     return problems
 
 
+def lifecycle_settings(config: RunConfig) -> tuple[str, int]:
+    """(revival, warm-up) of a lifecycle method: the ablation's preset where it sets one."""
+    revival, warmup = LIFECYCLE_ABLATIONS[config.method]
+    return revival or config.lc_revival, config.lc_warmup if warmup is None else warmup
+
+
+def validate_lifecycle(config: RunConfig) -> list[str]:
+    problems = []
+    if config.lc_layers not in LIFECYCLE_LAYERS:
+        problems.append(f"--lc-layers {config.lc_layers}: allowed {', '.join(LIFECYCLE_LAYERS)}")
+    for name in ("lc_lifespan", "lc_recovery"):
+        lo, hi = getattr(config, name)
+        if not 1 <= lo <= hi:
+            problems.append(f"--{name.replace('_', '-')} {lo} {hi}: need 1 <= low <= high")
+    if config.lc_warmup < 0 or config.lc_revival not in REVIVALS:
+        problems.append(f"--lc-warmup {config.lc_warmup} / --lc-revival {config.lc_revival}: need warm-up >= 0, "
+                        f"revival one of {', '.join(REVIVALS)}")  # fmt: skip
+    if config.method in LIFECYCLE_ABLATIONS:
+        if config.lc_layers == "fc" and config.model not in MODELS_WITH_HIDDEN_FC:
+            problems.append(f"--model {config.model} has no hidden fully connected layer (its only Linear is the "
+                            "output layer): use --lc-layers conv or all")  # fmt: skip
+        revival, warmup = LIFECYCLE_ABLATIONS[config.method]
+        if revival is not None and config.lc_revival not in ("memory", revival):
+            problems.append(f"--lc-revival {config.lc_revival} contradicts --method {config.method}: "
+                            "use --method lifecycle with --lc-revival")  # fmt: skip
+        if warmup is not None and config.lc_warmup not in (10, warmup):
+            problems.append(f"--lc-warmup {config.lc_warmup} contradicts --method {config.method} (no warm-up)")
+    return problems
+
+
+def lifecycle_layer_names(model: nn.Module, layers: str) -> list[str]:
+    """The hidden layers lifecycle applies to: "fc" the hidden fully connected layers (Yang 2025
+    applies it to those; a transformer block's MLP hidden layer counts), "conv" the hidden conv
+    layers (the paper's future work), "all" both. Output layers never."""
+    names = {module: name for name, module in model.named_modules()}
+    hidden = [layer for layer, _ in hidden_layers(model)]
+    fc = [names[m] for m in hidden if isinstance(m, nn.Linear)]
+    # fx keeps transformer blocks whole; their feed-forward hidden layer is linear1 (linear2 feeds the
+    # residual stream). vit-tiny's 3 heads keep PyTorch's fused inference path (which would bypass
+    # the gate) off: it needs an even head count.
+    fc += [f"{name}.linear1" for name, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    conv = [names[m] for m in hidden if isinstance(m, nn.Conv2d)]
+    return {"fc": fc, "conv": conv, "all": fc + conv}[layers]
+
+
+ACTIVATIONS = (nn.ReLU, nn.GELU, CReLU)
+
+
+def record_hidden_activations(model: nn.Module, store: list[torch.Tensor]) -> None:
+    """Append every hidden activation module's output to `store`, on training forwards that build
+    a graph only (neuronal decay's penalty; evaluation forwards keep nothing)."""
+
+    def record(module: nn.Module, _inputs, out: torch.Tensor) -> None:
+        if module.training and torch.is_grad_enabled():
+            store.append(out)
+
+    modules = [m for m in model.modules() if isinstance(m, ACTIVATIONS)]
+    if not modules:
+        raise ValueError(f"neuronal decay: {type(model).__name__} has no activation modules ({ACTIVATIONS})")
+    for m in modules:
+        m.register_forward_hook(record)
+
+
 class TopKController:
-    """Keep ratio of the top-k activation sparsity: shrinks by `decay` every epoch down to
-    `minimum`, and returns to dense (1.0) every `cycle` epochs."""
+    """Keep ratio of the top-k activation sparsity on a fixed schedule: shrinks by `decay` every
+    epoch down to `minimum`, and returns to dense (1.0) every `cycle` epochs."""
 
     def __init__(self, minimum: float, decay: float, cycle: int):
         self.minimum, self.decay, self.cycle = minimum, decay, cycle
         self.keep, self.epoch = 1.0, 0
 
-    def next_epoch(self) -> None:
+    def next_epoch(self, train_acc: float = 0.0, loss: float = 0.0) -> None:
         self.epoch += 1
         self.keep = 1.0 if self.epoch % self.cycle == 0 else max(self.minimum, self.keep * self.decay)
+
+
+class AdaptiveTopKController(TopKController):
+    """The two adaptive controllers of the activation-sparsity study, which compress the keep ratio
+    step by step and reset it to dense. The study names them without giving their rules; these are
+    our reading, one epoch a step:
+
+    - "accuracy": each dense epoch sets the reference training accuracy; the keep ratio shrinks by
+      `decay` while the epoch's training accuracy stays within `tolerance` of it, and returns to
+      dense when it falls further or the ratio would pass `minimum`.
+    - "plateau": the keep ratio shrinks by `decay` whenever the training loss has stopped falling
+      (relative improvement over the previous epoch below `tolerance`), holds while it falls, and
+      returns to dense once it would pass `minimum`.
+    """
+
+    STRATEGIES = ("accuracy", "plateau")
+
+    def __init__(self, strategy: str, minimum: float, decay: float, tolerance: float):
+        if strategy not in self.STRATEGIES:
+            raise ValueError(f"strategy {strategy!r}: allowed {', '.join(self.STRATEGIES)}")
+        super().__init__(minimum, decay, cycle=0)
+        self.strategy, self.tolerance = strategy, tolerance
+        self.reference, self.previous_loss, self.resets = None, None, 0
+
+    def next_epoch(self, train_acc: float = 0.0, loss: float = 0.0) -> None:
+        self.epoch += 1
+        if self.strategy == "accuracy":
+            if self.keep >= 1.0:
+                self.reference = train_acc
+                compress = True
+            else:
+                compress = train_acc >= self.reference - self.tolerance
+        else:
+            previous, self.previous_loss = self.previous_loss, loss
+            compress = previous is not None and (previous - loss) < self.tolerance * abs(previous)
+            if not compress:
+                return
+        if compress and self.keep * self.decay >= self.minimum:
+            self.keep *= self.decay
+        else:
+            self.keep = 1.0
+            self.resets += 1
 
 
 def keep_top(x: torch.Tensor, keep: float) -> torch.Tensor:
@@ -155,25 +275,26 @@ def keep_top(x: torch.Tensor, keep: float) -> torch.Tensor:
 torch.fx.wrap("keep_top")  # one opaque call when the diagnostics trace the model
 
 
-class TopKReLU(nn.Module):
-    """ReLU, then keep each sample's largest `controller.keep` share of units."""
+class TopKActivation(nn.Module):
+    """The activation, then keep each sample's largest `controller.keep` share of units."""
 
-    def __init__(self, controller: TopKController):
+    def __init__(self, activation: nn.Module, controller: TopKController):
         super().__init__()
-        self.controller = controller
+        self.activation, self.controller = activation, controller
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return keep_top(F.relu(x), self.controller.keep)
+        return keep_top(self.activation(x), self.controller.keep)
 
 
-def swap_relus(module: nn.Module, make: callable) -> int:
+def swap_activations(module: nn.Module, controller: TopKController) -> int:
+    """Wrap every ReLU / GELU module of `module` in a TopKActivation; returns how many."""
     count = 0
     for name, child in module.named_children():
-        if isinstance(child, nn.ReLU):
-            setattr(module, name, make())
+        if isinstance(child, nn.ReLU | nn.GELU):
+            setattr(module, name, TopKActivation(child, controller))
             count += 1
         else:
-            count += swap_relus(child, make)
+            count += swap_activations(child, controller)
     return count
 
 
@@ -213,11 +334,19 @@ class Trainer:
         self.topk = None
         if config.method == "topk-cycle":
             self.topk = TopKController(config.topk_min, config.topk_decay, config.topk_cycle)
-            swap_relus(self.model, lambda: TopKReLU(self.topk))
-        if config.method.startswith("lifecycle"):
-            revival = {"lifecycle-he": "he", "lifecycle-xavier": "xavier"}.get(config.method, "memory")
-            warmup = 0 if config.method == "lifecycle-nowarmup" else 10
-            swap_in_lifecycle(self.model, lifespan=(1_000, 5_000), recovery=(100, 500), warmup=warmup, revival=revival)
+        elif config.method in ("topk-accuracy", "topk-plateau"):
+            strategy = config.method.removeprefix("topk-")
+            self.topk = AdaptiveTopKController(strategy, config.topk_min, config.topk_decay, config.topk_tolerance)
+        if self.topk is not None and not swap_activations(self.model, self.topk):
+            raise ValueError(f"top-k sparsity: {config.model} has no ReLU / GELU modules")
+        if config.method in LIFECYCLE_ABLATIONS:
+            revival, warmup = lifecycle_settings(config)
+            names = lifecycle_layer_names(self.model, config.lc_layers)
+            if not names:  # validate() refuses these before any work; a model built outside it may land here
+                raise ValueError(f"--model {config.model} has no hidden {config.lc_layers} layers for lifecycle")
+            # a layer followed by BatchNorm is gated after the norm (swap_in_lifecycle finds it)
+            swap_in_lifecycle(self.model, names, lifespan=tuple(config.lc_lifespan),
+                              recovery=tuple(config.lc_recovery), warmup=warmup, revival=revival)  # fmt: skip
         self.initial = [p.detach().clone() for p in self.model.parameters()]  # regen's anchor
         self.initial_weights = initial_weights(self.model, self.initial)  # distance_from_init measures from here
         self.shadow = None  # EMA / tortoise network used for evaluation
@@ -225,9 +354,7 @@ class Trainer:
             self.shadow = copy.deepcopy(self.model).requires_grad_(False)
         self.activations: list[torch.Tensor] = []
         if config.method == "neuronal-decay":
-            for m in self.model.modules():
-                if isinstance(m, nn.ReLU):
-                    m.register_forward_hook(lambda _m, _i, out: self.activations.append(out))
+            record_hidden_activations(self.model, self.activations)
         if config.method == "shrink-perturb":  # the warm-start study: 0.2 theta + 0.8 theta_init
             self.shrink_perturb = ShrinkPerturb(self.model, {"": (0.2, 0.8)}, toward="initial")
         self.steps = 0
@@ -346,13 +473,14 @@ class Trainer:
                     intervention.step()
                 loss_sum += loss.detach()
                 self.steps += 1
-            if self.topk is not None:
-                self.topk.next_epoch()
             # accuracies every epoch (history, tensorboard); a progress line every log_every epochs
             train_acc, _ = accuracy_and_logits(self.evaluated, x, y)
             test_acc, _ = accuracy_and_logits(self.evaluated, self.test_x, self.test_y)
             row = {"phase": phase, "epoch": epoch, "loss": loss_sum.item() / self.steps_per_epoch(n),
                    "train_acc": train_acc.item(), "test_acc": test_acc.item()}  # fmt: skip
+            if self.topk is not None:  # the epoch's keep ratio, then the controller's step
+                row["keep"] = self.topk.keep
+                self.topk.next_epoch(row["train_acc"], row["loss"])
             history.append(row)
             if writer:
                 for key in ("loss", "train_acc", "test_acc"):
@@ -361,9 +489,12 @@ class Trainer:
                 log(f"{phase} epoch {epoch}/{epochs} loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
                     f"test_acc {row['test_acc']:.4f}")  # fmt: skip
 
-    def diagnostics(self, x: torch.Tensor) -> dict[str, float]:
-        probe = PlasticityProbe(self.model, x[:256])
-        probe.initial = self.initial_weights  # the weights at the start of training, not now
+    def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """The probe's measures on 256 training samples; the feature-gradient ones (saturated units,
+        zero feature gradients) from their summed cross-entropy, distances from the start of training."""
+        labels = y[:256]
+        probe = PlasticityProbe(self.model, x[:256], initial=self.initial_weights,
+                                loss_fn=lambda logits: F.cross_entropy(logits, labels, reduction="sum"))  # fmt: skip
         return probe.measure()
 
 
@@ -400,7 +531,7 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
         x1, y1 = x_train[torch.as_tensor(idx, device=device)], torch.as_tensor(noisy, device=device)
         phase1_epochs = max(1, round(config.epochs / config.subset))  # equal gradient updates in both phases
         trainer.train(x1, y1, phase1_epochs, "phase1", history, writer, log)
-        diagnostics["phase1"] = trainer.diagnostics(x_train)
+        diagnostics["phase1"] = trainer.diagnostics(x_train, y_train)
         trainer.boundary()
         trainer.new_optimizer()  # the optimizer is re-created between phases
         trainer.train(x_train, y_train, config.epochs, "phase2", history, writer, log)
@@ -436,7 +567,7 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
     model.eval()
     test_acc, test_logits = accuracy_and_logits(model, x_test, y_test)
     train_acc, _ = accuracy_and_logits(model, final_x, final_y)
-    diagnostics["end"] = trainer.diagnostics(x_train)
+    diagnostics["end"] = trainer.diagnostics(x_train, y_train)
     result = {
         "dataset": config.dataset, "model": config.model, "protocol": config.protocol, "method": config.method,
         "seed": config.seed, "subset": config.subset, "noise": config.noise, "epochs": config.epochs,

@@ -1,0 +1,24 @@
+"""The cloning experiment of Joudaki et al. (section 2, Fig. 2.1)."""
+
+import pytest
+import torch
+
+from rlplastic.cloning import MLP, CloningConfig, clone_mlp, cloning_r2, run_cloning
+
+
+def test_cloning_sgd_stays_on_the_manifold_noise_and_dropout_leave_it(tmp_path):
+    """Joudaki et al., Fig. 2.1: exact clones stay exact under SGD (so the clone's 16 features never
+    hold more than the base's 8 directions), while noisy SGD and dropout break the symmetry."""
+    base = MLP(5, 3, 2)
+    wide = clone_mlp(base, 4)
+    x = torch.randn(16, 5)
+    assert torch.allclose(wide(x), base(x), atol=1e-6)
+    h = torch.randn(10, 3).repeat_interleave(4, 1)
+    assert cloning_r2(h, 4) == pytest.approx(1.0) and cloning_r2(torch.randn(10, 12), 4) < 0.6
+
+    config = CloningConfig(hidden=8, factor=2, base_steps=200, steps=300, measure_every=100)
+    histories = run_cloning(config)["histories"]
+    sgd = histories["sgd"][-1]
+    assert sgd["cloning_r2"] == pytest.approx(1.0, abs=1e-6) and sgd["effective_rank"] <= 8 + 1e-3
+    assert all(histories[v][-1]["effective_rank"] > sgd["effective_rank"] for v in ("noisy-sgd", "dropout"))
+    assert histories["noisy-sgd"][-1]["cloning_r2"] < 0.9999 and histories["dropout"][-1]["cloning_r2"] < 0.9999
