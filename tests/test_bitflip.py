@@ -64,4 +64,3 @@ def test_script_writes_json_table_and_plot(tmp_path, monkeypatch):
     assert all(r["step"] == [500, 1000, 1500, 2000] for r in saved["runs"].values())
     assert (tmp_path / "bitflip.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "effective rank" in (tmp_path / "bitflip.md").read_text()
-
