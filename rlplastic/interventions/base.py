@@ -93,13 +93,18 @@ def layer_links(model: nn.Module) -> list[LayerLink]:
     torch.fx and following each layer's output through activations, norms, pooling, flattening
     and arithmetic to the next layers (so branching heads such as dueling streams are handled).
     Output layers are left out."""
+    return _trace_layers(model)[0]
+
+
+def _trace_layers(model: nn.Module) -> tuple[list[LayerLink], list[nn.Module]]:
+    """(the hidden layers' links, the output layers) of the model's forward."""
     graph = _LayerLeafTracer().trace(model)
     modules = dict(model.named_modules())
 
     def is_layer(node: fx.Node) -> bool:
         return node.op == "call_module" and isinstance(modules[node.target], LAYER_TYPES)
 
-    links = []
+    links, outputs = [], []
     for node in graph.nodes:
         if not is_layer(node):
             continue
@@ -114,6 +119,7 @@ def layer_links(model: nn.Module) -> list[LayerLink]:
             else:
                 frontier.extend(user.users)
         if not following:
+            outputs.append(modules[node.target])
             continue
         unitwise = True
         for user in path - {node} - {n for n in path if is_layer(n)}:
@@ -124,7 +130,7 @@ def layer_links(model: nn.Module) -> list[LayerLink]:
             elif user.target in _JOINS and any(arg not in path and arg.op != "get_attr" for arg in _node_args(user)):
                 unitwise = False  # joined with a tensor that does not come from this layer
         links.append(LayerLink(modules[node.target], following, unitwise))
-    return links
+    return links, outputs
 
 
 def _node_args(node: fx.Node) -> list[fx.Node]:
@@ -150,9 +156,8 @@ def recyclable_layers(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]
 
 
 def output_layers(model: nn.Module) -> list[nn.Module]:
-    """The Linear / Conv2d layers whose output reaches no other layer (the heads)."""
-    hidden = {id(link.layer) for link in layer_links(model)}
-    return [m for m in model.modules() if isinstance(m, LAYER_TYPES) and id(m) not in hidden]
+    """The Linear / Conv2d layers of the forward whose output reaches no other layer (the heads)."""
+    return _trace_layers(model)[1]
 
 
 def received_features(layer: nn.Module, received: torch.Tensor) -> torch.Tensor:
