@@ -60,19 +60,22 @@ from rlplastic.augment import drq_augment
 from rlplastic.diagnostics import PlasticityProbe
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import ContinualBackprop, GradientNoise, HareTortoise, ReDo, ShrinkPerturb
-from rlplastic.replay import PrioritizedFrameReplay
+from rlplastic.replay import FrameReplay, PrioritizedFrameReplay
 from rlplastic.rollout import evaluate_episodes
 from rlplastic.runs import (
     Progress,
-    atomic_torch_save,
     atomic_write_json,
     device_generator,
     git_commit,
+    hold_run_folder,
     hparams_markdown,
     load_checkpoint,
+    memory_problem,
+    output_dir_problems,
     random_states,
     resolve_device,
     restore_random_states,
+    save_checkpoint,
     seed_everything,
     stop_if_not_finite,
 )
@@ -269,11 +272,13 @@ def validate(args: Args) -> list[str]:
         device = None
     if args.amp == "bf16" and device is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         problems.append("--amp bf16: this GPU does not support bfloat16; use --amp fp32")
-    if args.output_dir is not None and (Path(args.output_dir) / "results.json").exists():
-        problems.append(
-            f"--output-dir {args.output_dir}: already holds a finished run (results.json); "
-            "choose another folder or remove it"
-        )
+    problems += output_dir_problems(args.output_dir)
+    if args.batch_size > args.buffer_size:
+        problems.append(f"--batch-size {args.batch_size}: larger than the replay (--buffer-size {args.buffer_size})")
+    if device is not None and args.buffer_size > 0:
+        needed = FrameReplay.memory_bytes(args.buffer_size, prioritized=True)
+        problem = memory_problem(needed, device, f"--buffer-size {args.buffer_size} (the replay)")
+        problems += [problem] if problem else []
     return problems
 
 
@@ -590,7 +595,7 @@ def main(args: Args) -> dict:
     device = resolve_device(args.device)
     method = method_label(args)
     run_dir = Path(args.output_dir or Path("runs") / f"{game}__{method}__{args.seed}__{int(time.time())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    hold_run_folder(run_dir, "bbf")  # one writer per folder, released by the OS if this process dies
     config = asdict(args) | {"env_id": game, "device": str(device)}
     code_commit = git_commit(__file__)  # the code that runs, read now: HEAD may move while it runs
     checkpoint_path = run_dir / "checkpoint.pt"
@@ -722,7 +727,7 @@ def main(args: Args) -> dict:
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.total_steps:
             # never replace the last good checkpoint by a diverged one (one read per checkpoint)
             stop_if_not_finite("bbf", {key: value.item() for key, value in sums.items()}, step, checkpoint_path)
-            atomic_torch_save(
+            save_checkpoint(
                 checkpoint_path,
                 {
                     "step": step, "config": config, "online": online.state_dict(), "target": target.state_dict(),

@@ -76,11 +76,15 @@ from rlplastic.runs import (
     atomic_write_json,
     device_generator,
     git_commit,
+    hold_run_folder,
     hparams_markdown,
     load_checkpoint,
+    memory_problem,
+    output_dir_problems,
     random_states,
     resolve_device,
     restore_random_states,
+    save_checkpoint,
     seed_everything,
     stop_if_not_finite,
 )
@@ -254,15 +258,18 @@ def validate(args: Args) -> list[str]:
     if not args.learning_rate > 0 or not args.adam_eps > 0:
         problems.append(f"--learning-rate {args.learning_rate} / --adam-eps {args.adam_eps}: must be > 0")
     try:
-        resolve_device(args.device)
+        device = resolve_device(args.device)
     except ValueError as e:
         problems.append(str(e))
+        device = None
     problems += validate_interventions(args)
-    if args.output_dir is not None and (Path(args.output_dir) / "results.json").exists():
-        problems.append(
-            f"--output-dir {args.output_dir}: already holds a finished run (results.json); "
-            "choose another folder or remove it"
-        )
+    problems += output_dir_problems(args.output_dir)
+    if args.batch_size > args.buffer_size:
+        problems.append(f"--batch-size {args.batch_size}: larger than the replay (--buffer-size {args.buffer_size})")
+    if device is not None and args.buffer_size > 0:
+        needed = FrameReplay.memory_bytes(args.buffer_size)
+        problem = memory_problem(needed, device, f"--buffer-size {args.buffer_size} (the replay)")
+        problems += [problem] if problem else []
     return problems
 
 
@@ -473,7 +480,7 @@ def main(args: Args) -> dict:
     method = method_label(args)
     run_name = f"{game}__{method}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.output_dir or Path("runs") / run_name)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    hold_run_folder(run_dir, "drq")  # one writer per folder, released by the OS if this process dies
     config = asdict(args) | {"env_id": game, "device": str(device)}
     code_commit = git_commit(__file__)  # the code that runs, read now: HEAD may move while it runs
     checkpoint_path = run_dir / "checkpoint.pt"
@@ -626,7 +633,7 @@ def main(args: Args) -> dict:
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.total_steps:
             # never replace the last good checkpoint by a diverged one (one read per checkpoint)
             stop_if_not_finite("drq", {"td_loss": loss_sum.item(), "q": q_sum.item()}, step, checkpoint_path)
-            atomic_torch_save(
+            save_checkpoint(
                 checkpoint_path,
                 {
                     "step": step,

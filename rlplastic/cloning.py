@@ -136,10 +136,11 @@ def train(model: MLP, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torc
 
 def run_cloning(config: CloningConfig) -> dict:
     """Train the base, clone it, train base and clones on; histories of every variant."""
-    unknown = [v for v in config.variants if v not in VARIANTS]
-    if unknown or config.factor < 2 or config.hidden < 1:
-        raise ValueError(f"variants {unknown} / factor {config.factor} / hidden {config.hidden}: "
-                         f"allowed variants {', '.join(VARIANTS)}, factor >= 2, hidden >= 1")  # fmt: skip
+    problems = [f"variant {v!r}: allowed {', '.join(VARIANTS)}" for v in config.variants if v not in VARIANTS]
+    problems += [f"--config.factor {config.factor}: need >= 2 clones per unit"] if config.factor < 2 else []
+    problems += [f"--config.hidden {config.hidden}: need >= 1 unit"] if config.hidden < 1 else []
+    if problems:
+        raise ValueError("; ".join(problems))
     torch.manual_seed(config.seed)
     x, y, _, _ = load_digits_tensors(config.seed)
     probe_x, probe_y = x[:512], y[:512]

@@ -32,6 +32,13 @@ class Batch:
 
 
 class FrameReplay:
+    @staticmethod
+    def memory_bytes(capacity: int, frame_shape: tuple[int, int] = (84, 84), prioritized: bool = False) -> int:
+        """What a replay of `capacity` slots holds on its device: a uint8 frame plus action, reward,
+        terminal, segment position and sampleable flag per slot (and a priority when prioritized)."""
+        per_slot = frame_shape[0] * frame_shape[1] + 8 + 4 + 4 + 8 + 4 + (4 if prioritized else 0)
+        return capacity * per_slot
+
     def __init__(
         self,
         capacity: int,

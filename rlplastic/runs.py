@@ -78,6 +78,8 @@ def to_plain(obj: Any) -> Any:
         return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(obj))}
     if isinstance(obj, np.generic):
         return obj.item()
+    if isinstance(obj, str) and type(obj) is not str:  # e.g. torch.__version__, a TorchVersion
+        return str(obj)
     if isinstance(obj, dict):
         return {key: to_plain(value) for key, value in obj.items()}
     if isinstance(obj, list | tuple):
@@ -101,10 +103,94 @@ def atomic_torch_save(path: str | os.PathLike, payload: Any) -> None:
     atomic_write(path, lambda f: torch.save(to_plain(payload), f))
 
 
+class UnsafeFileError(ValueError):
+    """A file that is not plain data: loading it would need to run code from it."""
+
+
 def safe_torch_load(path: str | os.PathLike, device: torch.device | str = "cpu") -> Any:
     """Read a file written by atomic_torch_save. torch.load(weights_only=True) refuses any pickled
-    object that is not plain data instead of running it."""
-    return from_plain(torch.load(path, map_location=device, weights_only=True))
+    object that is not plain data instead of running it; that refusal is re-worded so that it never
+    suggests loading the file with weights_only=False."""
+    import pickle
+
+    try:
+        return from_plain(torch.load(path, map_location=device, weights_only=True))
+    except pickle.UnpicklingError:
+        raise UnsafeFileError(
+            f"{path} holds more than plain tensors and numbers (or is no torch file at all): it is not loaded, "
+            "since reading it could run code"
+        ) from None
+
+
+def output_dir_problems(output_dir: str | None) -> list[str]:
+    """--output-dir must be a folder (or not exist yet) and must not hold a finished run."""
+    if output_dir is None:
+        return []
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        return [f"--output-dir {output_dir}: is a file, not a folder; choose a folder for the run"]
+    if (path / "results.json").exists():
+        return [f"--output-dir {output_dir}: already holds a finished run (results.json); choose another folder "
+                "or remove it"]  # fmt: skip
+    return []
+
+
+_HELD_FOLDERS: dict[Path, Any] = {}  # folder -> its open lock file, for the life of this process
+
+
+def hold_run_folder(folder: Path, agent: str) -> None:
+    """One writer per run folder: an exclusive flock on `<folder>/.lock`, held until this process
+    ends. The OS releases it when the holder dies however it dies (kill -9 included), so a folder
+    whose run was killed can be resumed at once; a second process is refused with the live
+    holder's PID. Re-entrant within one process (a resumed main() in the same interpreter)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = folder.resolve()
+    if key in _HELD_FOLDERS:
+        return
+    lock_file = open(folder / ".lock", "a+")  # noqa: SIM115 (kept open: the lock lives as long as the file)
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        sys.exit(f"{agent}: {folder} is in use by a live run (PID {holder}); wait for it to end or choose "
+                 "another --output-dir")  # fmt: skip
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(str(os.getpid()))
+    lock_file.flush()
+    _HELD_FOLDERS[key] = lock_file
+
+
+def save_checkpoint(path: Path, payload: Any, agent: str) -> None:
+    """atomic_torch_save, and if the write fails (disk full, I/O error) stop with a message: the
+    previous checkpoint is untouched, since the new one was written beside it."""
+    try:
+        atomic_torch_save(path, payload)
+    except OSError as e:
+        kept = f"the previous checkpoint {path} is kept" if path.exists() else "no earlier checkpoint exists"
+        sys.exit(f"{agent}: could not write the checkpoint {path} ({e.strerror or e}); {kept}; free space and run "
+                 "the same command again to resume")  # fmt: skip
+
+
+def memory_problem(needed_bytes: int, device: torch.device, what: str) -> str | None:
+    """A refusal when `needed_bytes` will not fit in the free memory of `device` (the host's
+    available RAM for the CPU, torch.cuda.mem_get_info for a GPU), else None."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+            free = int(next(line for line in meminfo.splitlines() if line.startswith("MemAvailable")).split()[1]) * 1024
+        except (OSError, StopIteration, ValueError):
+            return None  # no way to tell on this system: do not refuse
+    if needed_bytes > free:
+        return (f"{what} needs {needed_bytes / 2**30:.2f} GiB but {device} has {free / 2**30:.2f} GiB free; "
+                "make it smaller")  # fmt: skip
+    return None
 
 
 def load_checkpoint(

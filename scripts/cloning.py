@@ -38,7 +38,10 @@ class Args:
 
 
 def main(args: Args) -> dict:
-    result = run_cloning(args.config)
+    try:
+        result = run_cloning(args.config)
+    except ValueError as e:
+        raise SystemExit(f"cloning: {e}") from None
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "cloning.json", {"config": asdict(args.config), **result})
     rows = [{"variant": name, **row} for name, history in result["histories"].items() for row in history]

@@ -49,9 +49,13 @@ def main(args: EvalArgs) -> dict:
         if not 0 <= args.epsilon <= 1 or args.episodes <= 0 or args.envs <= 0:
             raise ValueError(f"--epsilon {args.epsilon} / --episodes {args.episodes} / --envs {args.envs}: "
                              "need epsilon in [0, 1] and positive counts")  # fmt: skip
-        weights = safe_torch_load(args.model)
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"drq_evaluate: {e}")
+    try:
+        weights = safe_torch_load(args.model)
+    except Exception as e:  # any reading failure is the file's fault: name it (plain data only, never code)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        sys.exit(f"drq_evaluate: {args.model} is not a saved DrQ network ({type(e).__name__}: {reason[:200]})")
     num_actions = int(make_atari100k_env(game, 0).action_space.n)
     q_network = drq.QNetwork(num_actions).to(device)
     try:

@@ -24,8 +24,9 @@ LIFECYCLE_COLUMNS = (("ACC", "test_acc", 100), ("mCA", "mca", 100), ("ECE", "ece
 
 
 GROUP_KEYS = ("dataset", "model", "protocol", "subset", "noise")
+REQUIRED_KEYS = {*GROUP_KEYS, "method", "test_acc", "train_acc"}
 # config fields that do not change what a run measures
-NOT_SETTINGS = {"seed", "data_dir", "device", "log_every", "tb_dir", "hessian", "method", *GROUP_KEYS}
+NOT_SETTINGS = {"seed", "data_dir", "device", "log_every", "tb_dir", "hessian", "method", "checkpoint_dir", *GROUP_KEYS}
 
 
 def mean_std(values: list[float], scale: float = 1.0) -> str:
@@ -101,7 +102,17 @@ def table(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             print(f"supervised table: error: {path}: no such file", file=sys.stderr)
             return 2
-        rows += read_jsonl(path)
+        try:
+            lines = read_jsonl(path)
+        except (ValueError, UnicodeDecodeError) as e:
+            print(f"supervised table: error: {e}; fix or remove that line", file=sys.stderr)
+            return 2
+        bad = [i for i, row in enumerate(lines, 1) if not isinstance(row, dict) or not REQUIRED_KEYS <= set(row)]
+        rows += lines
+        if bad:
+            print(f"supervised table: error: {path}: result {bad[0]} lacks {', '.join(sorted(REQUIRED_KEYS))}: "
+                  "not a line written by supervised.py run", file=sys.stderr)  # fmt: skip
+            return 2
     if not rows:
         print("supervised table: error: no result lines", file=sys.stderr)
         return 2
@@ -119,11 +130,18 @@ def run_command(args: argparse.Namespace) -> int:
     if problems:
         print("supervised run: invalid arguments:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
+    if Path(args.out).is_dir():
+        print(f"supervised run: error: --out {args.out}: is a folder; give the JSON-lines file to append to",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         run(config, out=args.out)
-    except DataError as e:
+    except (DataError, ValueError) as e:
         print(f"supervised run: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # a diverged run or an unreadable checkpoint: one line, non-zero
+        print(e.code, file=sys.stderr)
+        return 1
     return 0
 
 
@@ -186,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-hessian", dest="hessian", action="store_false", help="skip the Hessian eigenvalue")
     r.add_argument("--log-every", type=int, default=0, help="epochs between progress lines (0 = ~10 per phase)")
     r.add_argument("--tb-dir", default=None, help="tensorboard folder for this run's scalars")
+    r.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoint every epoch in this folder; the same command again resumes the run")  # fmt: skip
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--out", default="results.jsonl", help="JSON-lines file the result line is appended to")
     r.set_defaults(func=run_command)

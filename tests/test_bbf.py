@@ -291,16 +291,16 @@ def test_smoke_run_on_a_real_game_then_resume_identically(bbf, tmp_path, monkeyp
     # reset at step 132 (131 > 130 steps taken) restarted it: round(10 * 0.3^0.56) = 5 (without it: n = 3)
     assert [e.value for e in events.Scalars("charts/n_step")][-2:] == [6, 5]
 
-    real_save = bbf.atomic_torch_save
+    real_save = bbf.save_checkpoint
 
-    def save_then_die(path, payload):
-        real_save(path, payload)
+    def save_then_die(path, payload, agent):
+        real_save(path, payload, agent)
         raise Interrupted
 
-    monkeypatch.setattr(bbf, "atomic_torch_save", save_then_die)
+    monkeypatch.setattr(bbf, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
         bbf.main(replace(args, output_dir=str(tmp_path / "resumed")))
-    monkeypatch.setattr(bbf, "atomic_torch_save", real_save)
+    monkeypatch.setattr(bbf, "save_checkpoint", real_save)
     resumed = bbf.main(replace(args, output_dir=str(tmp_path / "resumed")))
     for key in ("eval_returns", "train_episodes", "train_log", "diagnostics", "grad_steps", "resets"):
         assert resumed[key] == straight[key]

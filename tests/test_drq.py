@@ -144,19 +144,19 @@ def test_interrupted_run_resumes_to_identical_results(drq, tmp_path, monkeypatch
     assert [p["step"] for p in straight["eval_curve"]] == [100, 200, 240]  # the final evaluation last
     assert not (tmp_path / "straight" / "checkpoint.pt").exists()  # removed once results exist
 
-    real_save = drq.atomic_torch_save
+    real_save = drq.save_checkpoint
 
-    def save_then_die(path, payload):
-        real_save(path, payload)
+    def save_then_die(path, payload, agent):
+        real_save(path, payload, agent)
         raise Interrupted  # as if killed right after the checkpoint at step 120
 
-    monkeypatch.setattr(drq, "atomic_torch_save", save_then_die)
+    monkeypatch.setattr(drq, "save_checkpoint", save_then_die)
     resumed_args = replace(args, output_dir=str(tmp_path / "resumed"))
     with pytest.raises(Interrupted):
         drq.main(resumed_args)
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
     assert not (tmp_path / "resumed" / "results.json").exists()
-    monkeypatch.setattr(drq, "atomic_torch_save", real_save)
+    monkeypatch.setattr(drq, "save_checkpoint", real_save)
 
     with pytest.raises(SystemExit, match="other arguments.*learning_rate"):
         drq.main(replace(resumed_args, learning_rate=3e-4))

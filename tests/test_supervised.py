@@ -285,14 +285,21 @@ def test_continual_chunks_with_falling_noise_and_a_buffer():
 
 
 def test_jsonl_append_keeps_earlier_lines_and_table_formats(tmp_path):
+    """The table groups by (dataset, model, protocol, subset, noise) and by each method's settings:
+    different settings are never averaged together."""
     path = tmp_path / "r.jsonl"
+    common = {"dataset": "mnist1d", "model": "mlp", "subset": 0.1, "noise": 0.5, "mca": None}
     rows = [
-        {"dataset": "mnist1d", "model": "mlp", "protocol": "warm-start", "method": "baseline", "test_acc": 0.5,
-         "ece": 0.1, "mca": None, "hessian": 2.0, "lipschitz": 10.0},
-        {"dataset": "mnist1d", "model": "mlp", "protocol": "warm-start", "method": "baseline", "test_acc": 0.7,
-         "ece": 0.2, "mca": None, "hessian": 4.0, "lipschitz": 30.0},
-        {"dataset": "mnist1d", "model": "mlp", "protocol": "fresh", "method": "baseline", "test_acc": 0.8,
-         "ece": 0.1, "mca": None, "hessian": 1.0, "lipschitz": 5.0},
+        common | {"protocol": "warm-start", "method": "baseline", "test_acc": 0.5, "train_acc": 1.0, "ece": 0.1,
+                  "hessian": 2.0, "lipschitz": 10.0, "config": {"lr": None}},
+        common | {"protocol": "warm-start", "method": "baseline", "test_acc": 0.7, "train_acc": 0.9, "ece": 0.2,
+                  "hessian": 4.0, "lipschitz": 30.0, "config": {"lr": None}},
+        common | {"protocol": "warm-start", "method": "baseline", "test_acc": 0.9, "train_acc": 0.9, "ece": 0.2,
+                  "hessian": 4.0, "lipschitz": 30.0, "config": {"lr": 0.01}},
+        common | {"protocol": "warm-start", "method": "baseline", "test_acc": 0.2, "train_acc": 0.9, "ece": 0.2,
+                  "hessian": 4.0, "lipschitz": 30.0, "subset": 0.5, "config": {}},
+        common | {"protocol": "fresh", "method": "baseline", "test_acc": 0.8, "train_acc": 1.0, "ece": 0.1,
+                  "hessian": 1.0, "lipschitz": 5.0},
     ]  # fmt: skip
     for row in rows:
         append_jsonl(path, row)
@@ -300,13 +307,21 @@ def test_jsonl_append_keeps_earlier_lines_and_table_formats(tmp_path):
     script = str(ROOT / "scripts" / "supervised.py")
     table = subprocess.run([sys.executable, script, "table", str(path)], capture_output=True, text=True)
     assert table.returncode == 0, table.stderr
-    assert "| baseline | 60.00 ± 14.14 (2) |" in table.stdout
-    assert "| baseline (fresh) | 80.00 ± 0.00 (1) |" in table.stdout
+    out = table.stdout
+    assert "### mnist1d / mlp — warm-start, subset 0.1, label noise 0.5" in out
+    assert "| baseline | 60.00 ± 14.14 (2) | 95.00 ± 7.07 (2) |" in out
+    assert "| baseline (lr=0.01) | 90.00 ± 0.00 (1) |" in out  # another setting: its own row
+    assert "### mnist1d / mlp — warm-start, subset 0.5, label noise 0.5" in out  # another subset: its own table
+    assert "### mnist1d / mlp — fresh" in out and "| baseline | 80.00 ± 0.00 (1) | 100.00 ± 0.00 (1) |" in out
     life = subprocess.run([sys.executable, script, "table", str(path), "--kind", "lifecycle"], capture_output=True,
                           text=True)  # fmt: skip
     assert (
         "| baseline | 60.00 ± 14.14 (2) | — | 15.00 ± 7.07 (2) | 3.00 ± 1.41 (2) | 20.00 ± 14.14 (2) |" in life.stdout
     )
+    with open(path, "a") as f:
+        f.write('{"dataset": "mnist1d", "trunc\n')
+    broken = subprocess.run([sys.executable, script, "table", str(path)], capture_output=True, text=True)
+    assert broken.returncode == 2 and f"{path}:6: not a JSON line" in broken.stderr and "Traceback" not in broken.stderr
 
 
 def test_cli_rejects_bad_input_before_work(tmp_path):
@@ -440,3 +455,53 @@ def test_neuronal_decay_records_training_activations_only():
     trainer.model.train()
     trainer.loss(x, torch.as_tensor(data.y_train[:32]))
     assert len(trainer.activations) == 2  # the MLP's two hidden ReLUs, once
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("protocol", ["warm-start", "continual"])
+def test_supervised_run_resumes_from_any_epoch_to_identical_results(protocol, tmp_path, monkeypatch):
+    """Checkpoints every epoch; a run killed after any of them (or after its result reached the
+    checkpoint but not the results file) finishes, run again, with the uninterrupted run's numbers
+    and exactly one result line."""
+    from rlplastic.supervised import train as strain
+
+    config = replace(TINY, protocol=protocol, method="hare-tortoise", epochs=2, subset=0.5, chunks=2,
+                     ht_reset_epochs=1, checkpoint_dir=str(tmp_path / "ckpt"))  # fmt: skip
+    straight = run(replace(config, checkpoint_dir=None), out=tmp_path / "straight.jsonl", log=lambda s: None)
+    real_save = strain.save_checkpoint
+    saves = 7 if protocol == "warm-start" else 5  # epochs (4 + 2, or 2 + 2) and the finished result
+    for kill_after in range(1, saves + 1):
+        calls = []
+
+        def save_then_die(path, payload, agent, calls=calls, kill_after=kill_after):
+            real_save(path, payload, agent)
+            calls.append(1)
+            if len(calls) == kill_after:
+                raise Killed
+
+        out = tmp_path / f"out{kill_after}.jsonl"
+        monkeypatch.setattr(strain, "save_checkpoint", save_then_die)
+        with pytest.raises(Killed):
+            run(config, out=out, log=lambda s: None)
+        monkeypatch.setattr(strain, "save_checkpoint", real_save)
+        resumed = run(config, out=out, log=lambda s: None)
+        for key in ("test_acc", "train_acc", "history", "diagnostics", "ece"):
+            assert resumed[key] == straight[key], (kill_after, key)
+        assert len(read_jsonl(out)) == 1 and not list((tmp_path / "ckpt").glob("*.pt"))
+
+
+def test_supervised_nan_stops_the_run_without_a_result(tmp_path, monkeypatch):
+    from rlplastic.supervised.train import Trainer
+
+    real_loss = Trainer.loss
+    monkeypatch.setattr(Trainer, "loss", lambda self, x, y: real_loss(self, x, y) * float("nan"))
+    config = replace(TINY, protocol="fresh", checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(SystemExit, match="diverged in fresh epoch 1"):
+        run(config, out=tmp_path / "r.jsonl", log=lambda s: None)
+    assert not (tmp_path / "r.jsonl").exists()
+    assert any("batch" in p for p in validate(config)) is False
+    with pytest.raises(ValueError, match="--batch-size 5000: larger than the 1437 training samples"):
+        run(replace(TINY, protocol="fresh", batch_size=5000), log=lambda s: None)

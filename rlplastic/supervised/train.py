@@ -9,9 +9,11 @@ batched crop + flip there, so the hot loop runs no per-sample Python.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +41,7 @@ from rlplastic.interventions import (
 )
 from rlplastic.interventions.base import Every, hidden_layers
 from rlplastic.interventions.lifecycle import REVIVALS
-from rlplastic.runs import atomic_write, git_commit, resolve_device, seed_everything
+from rlplastic.runs import atomic_write, git_commit, resolve_device, safe_torch_load, save_checkpoint, seed_everything
 from rlplastic.supervised.data import DATASETS, Dataset, load_dataset, subset_with_noise
 from rlplastic.supervised.models import MODELS, MODELS_WITH_HIDDEN_FC, Classifier, CReLU, build_model
 
@@ -104,6 +106,7 @@ class RunConfig:
     log_every: int = 0  # epochs between progress lines (accuracies are recorded every epoch); 0 = ~10 per phase
     hessian: bool = True  # compute the Hessian top eigenvalue at the end (double backprop)
     tb_dir: str | None = None
+    checkpoint_dir: str | None = None  # checkpoint every epoch here; the same command again resumes
 
 
 STRENGTHS = {"l2": 1e-4, "spectral-decoupling": 1e-2, "regen": 1e-2, "neuronal-decay": 1e-3}
@@ -432,8 +435,12 @@ class Trainer:
             loss = loss + strength * torch.stack([a.pow(2).mean() for a in self.activations]).mean()
         return loss
 
-    def train(self, x: torch.Tensor, y: torch.Tensor, epochs: int, phase: str, history: list, writer, log) -> None:
-        """`epochs` passes over (x, y), a fresh warm-up of the learning rate, progress per epoch."""
+    def train(self, x: torch.Tensor, y: torch.Tensor, epochs: int, phase: str, history: list, writer, log,
+              start_epoch: int = 0, restore: dict | None = None, on_epoch_end=None) -> None:  # fmt: skip
+        """`epochs` passes over (x, y), a fresh warm-up of the learning rate, progress per epoch.
+        Resuming: start after `start_epoch` finished epochs with the `restore` state of
+        state_dict(); on_epoch_end(epoch, schedule) runs after each epoch (checkpoints). A
+        non-finite epoch loss stops the run (SystemExit naming the phase and epoch)."""
         self.data_x = x
         n = len(x)
         self.schedule_interventions(n, epochs)
@@ -449,10 +456,12 @@ class Trainer:
             return 0.5 * (1 + math.cos(math.pi * (s - warmup_steps) / max(1, steps - warmup_steps)))
 
         schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        if restore is not None:
+            self.load_state_dict(restore, schedule)
         augment = self.config.augment or self.config.method == "augment"
         log_every = self.config.log_every or max(1, epochs // 10)
         self.model.train()
-        for epoch in range(1, epochs + 1):
+        for epoch in range(start_epoch + 1, epochs + 1):
             order = torch.randperm(n, device=self.device, generator=self.generator)
             loss_sum = torch.zeros((), device=self.device)
             for start in range(0, n, self.config.batch_size):
@@ -478,6 +487,9 @@ class Trainer:
             test_acc, _ = accuracy_and_logits(self.evaluated, self.test_x, self.test_y)
             row = {"phase": phase, "epoch": epoch, "loss": loss_sum.item() / self.steps_per_epoch(n),
                    "train_acc": train_acc.item(), "test_acc": test_acc.item()}  # fmt: skip
+            if not math.isfinite(row["loss"]):  # read here anyway: no extra sync
+                raise SystemExit(f"supervised: training diverged in {phase} epoch {epoch} (loss {row['loss']}); "
+                                 "no result line written; the last good checkpoint, if any, is kept")  # fmt: skip
             if self.topk is not None:  # the epoch's keep ratio, then the controller's step
                 row["keep"] = self.topk.keep
                 self.topk.next_epoch(row["train_acc"], row["loss"])
@@ -488,11 +500,43 @@ class Trainer:
             if epoch % log_every == 0 or epoch == epochs:
                 log(f"{phase} epoch {epoch}/{epochs} loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
                     f"test_acc {row['test_acc']:.4f}")  # fmt: skip
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, schedule)
+
+    def state_dict(self, schedule) -> dict:
+        """Everything training changes, for a checkpoint at the end of an epoch (plain data)."""
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "shadow": self.shadow.state_dict() if self.shadow is not None else None,
+            "schedule": schedule.state_dict(), "interventions": [i.state_dict() for i in self.interventions],
+            "topk": dict(vars(self.topk)) if self.topk is not None else None, "steps": self.steps,
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict, schedule=None) -> None:
+        """Restore state_dict(); without `schedule` (between stages: each stage has its own) the
+        learning-rate schedule is left alone."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.shadow is not None:
+            self.shadow.load_state_dict(state["shadow"])
+        if schedule is not None:
+            schedule.load_state_dict(state["schedule"])
+        for intervention, saved in zip(self.interventions, state["interventions"], strict=True):
+            intervention.load_state_dict(saved)
+        if self.topk is not None:
+            vars(self.topk).update(state["topk"])
+        self.steps = state["steps"]
+        self.generator.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
 
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """The probe's measures on 256 training samples; the feature-gradient ones (saturated units,
         zero feature gradients) from their summed cross-entropy, distances from the start of training."""
         labels = y[:256]
+        # the last batch's parameter gradients are transient (a resumed run has none): the feature
+        # gradients of the probe's own loss replace them
+        self.optimizer.zero_grad(set_to_none=True)
         probe = PlasticityProbe(self.model, x[:256], initial=self.initial_weights,
                                 loss_fn=lambda logits: F.cross_entropy(logits, labels, reduction="sum"))  # fmt: skip
         return probe.measure()
@@ -507,6 +551,12 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
     code_commit = git_commit(__file__)  # the code that runs, read now: HEAD may move while it runs
     device = resolve_device(config.device)
     data = load_dataset(config.dataset, config.data_dir)
+    smallest = len(data.y_train) if config.protocol != "warm-start" else round(config.subset * len(data.y_train))
+    if config.protocol == "continual":
+        smallest = len(data.y_train) // config.chunks
+    if config.batch_size > smallest:
+        raise ValueError(f"--batch-size {config.batch_size}: larger than the {smallest} training samples of the "
+                         f"smallest {config.protocol} stage of {config.dataset}; use a smaller batch")  # fmt: skip
     seed_everything(config.seed)
     trainer = Trainer(config, data, device)
     x_train, y_train, x_test, y_test = (torch.as_tensor(a).to(device) for a in
@@ -519,49 +569,48 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
         writer = SummaryWriter(config.tb_dir)
     history: list[dict] = []
     diagnostics: dict[str, dict] = {}
-    records: list[dict] = []
     log(f"supervised: {config.dataset} {config.model} {config.protocol} {config.method} seed {config.seed} on {device}")
 
-    if config.protocol == "fresh":
-        trainer.train(x_train, y_train, config.epochs, "fresh", history, writer, log)
-        final_x, final_y = x_train, y_train
-    elif config.protocol == "warm-start":
-        idx, noisy, record = subset_with_noise(data.y_train, config.subset, config.noise, data.num_classes, config.seed)
-        records.append(record)
-        x1, y1 = x_train[torch.as_tensor(idx, device=device)], torch.as_tensor(noisy, device=device)
-        phase1_epochs = max(1, round(config.epochs / config.subset))  # equal gradient updates in both phases
-        trainer.train(x1, y1, phase1_epochs, "phase1", history, writer, log)
-        diagnostics["phase1"] = trainer.diagnostics(x_train, y_train)
-        trainer.boundary()
-        trainer.new_optimizer()  # the optimizer is re-created between phases
-        trainer.train(x_train, y_train, config.epochs, "phase2", history, writer, log)
-        final_x, final_y = x_train, y_train
-    else:
-        order = np.random.default_rng(config.seed).permutation(len(data.y_train))
-        chunks = np.array_split(order, config.chunks)
-        seen_idx: list[np.ndarray] = []
-        seen_labels: list[np.ndarray] = []
-        buffer_rng = np.random.default_rng(config.seed + 1)
-        for i, chunk in enumerate(chunks):
-            noise = config.noise * (1 - i / max(1, config.chunks - 1))  # falls linearly to 0
-            rng = np.random.default_rng(config.seed * 1000 + i)
-            labels = data.y_train[chunk].copy()
-            replaced = rng.random(len(chunk)) < noise
-            labels[replaced] = rng.integers(0, data.num_classes, replaced.sum())
-            records.append({"chunk": i, "noise": noise, "size": len(chunk), "replaced": int(replaced.sum())})
-            if config.buffer and seen_idx:
-                pool_idx, pool_labels = np.concatenate(seen_idx), np.concatenate(seen_labels)
-                keep = buffer_rng.permutation(len(pool_idx))[: config.buffer]
-                idx, lab = np.concatenate([pool_idx[keep], chunk]), np.concatenate([pool_labels[keep], labels])
-            else:
-                idx, lab = np.concatenate([*seen_idx, chunk]), np.concatenate([*seen_labels, labels])
-            seen_idx.append(chunk)
-            seen_labels.append(labels)
-            if i > 0:
+    stages, records = protocol_stages(config, data, x_train, y_train, device)
+    checkpoint_path = checkpoint_file(config)
+    saved = load_run_checkpoint(checkpoint_path, config) if checkpoint_path else None
+    if saved and saved.get("result") is not None:  # killed between its checkpoint and its result line
+        return finish(saved["result"], out, checkpoint_path, log)
+    resume_stage, resume_epoch = (saved["stage"], saved["epoch"]) if saved else (0, 0)
+    stage_done = saved is not None and resume_epoch == stages[resume_stage].epochs
+    if saved:
+        history, diagnostics = saved["history"], saved["diagnostics"]
+        log(f"supervised: resumed from {checkpoint_path} after {stages[resume_stage].name} epoch {resume_epoch}")
+        if stage_done:  # killed between stages: the state at the end of the finished one
+            if stages[resume_stage].new_optimizer:
+                trainer.new_optimizer()  # that stage's optimizer, whose state the checkpoint holds
+            trainer.load_state_dict(saved["trainer"])
+    for k, stage in enumerate(stages):
+        if k < resume_stage or (k == resume_stage and stage_done):
+            continue
+        restore = None
+        if k == resume_stage and saved:
+            restore = saved["trainer"]
+            if stage.new_optimizer:
+                trainer.new_optimizer()  # the structure of this stage; its state comes from the checkpoint
+        else:
+            if stage.boundary:
                 trainer.boundary()
-            xc, yc = x_train[torch.as_tensor(idx, device=device)], torch.as_tensor(lab, device=device)
-            trainer.train(xc, yc, config.epochs, f"chunk{i}", history, writer, log)
-        final_x, final_y = xc, yc
+            if stage.new_optimizer:
+                trainer.new_optimizer()  # warm-start: the optimizer is re-created between phases
+
+        def end_of_epoch(epoch: int, schedule, k=k, stage=stage) -> None:
+            if epoch == stage.epochs and stage.diagnose:
+                diagnostics[stage.name] = trainer.diagnostics(x_train, y_train)
+            if checkpoint_path:
+                state = {"config": asdict(config), "stage": k, "epoch": epoch, "trainer": trainer.state_dict(schedule),
+                         "history": history, "diagnostics": diagnostics, "result": None}  # fmt: skip
+                save_checkpoint(checkpoint_path, state, "supervised")
+
+        trainer.train(stage.x, stage.y, stage.epochs, stage.name, history, writer, log,
+                      start_epoch=resume_epoch if restore is not None else 0, restore=restore,
+                      on_epoch_end=end_of_epoch)  # fmt: skip
+    final_x, final_y = stages[-1].x, stages[-1].y
 
     model = trainer.evaluated
     model.eval()
@@ -591,18 +640,109 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
                 for pair in data.corruptions.values()]  # fmt: skip
         result["mca"] = float(np.mean(accs))
     result |= {
+        "run_id": f"{checkpoint_path.stem if checkpoint_path else 'run'}-{uuid.uuid4().hex[:8]}",
         "history": history, "diagnostics": diagnostics, "data": records, "config": asdict(config),
         "device": str(device), "wall_time_s": time.time() - start, "git_commit": code_commit,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }  # fmt: skip
     if writer:
         writer.add_scalar("final/test_acc", result["test_acc"], 0)
         writer.close()
-    if out is not None:
+    if checkpoint_path:  # the result first joins the checkpoint: a kill from here on loses nothing
+        save_checkpoint(checkpoint_path, {"config": asdict(config), "result": result}, "supervised")
+    return finish(result, out, checkpoint_path, log)
+
+
+def finish(result: dict, out, checkpoint_path: Path | None, log) -> dict:
+    """Append the result line once (a line with this run's id already there is not written again),
+    then drop the checkpoint."""
+    if out is not None and not any(row.get("run_id") == result["run_id"] for row in _rows_if_any(out)):
         append_jsonl(out, result)
+    if checkpoint_path:
+        checkpoint_path.unlink(missing_ok=True)
     log(f"supervised: test_acc {result['test_acc']:.4f} train_acc {result['train_acc']:.4f} "
         f"ece {result['ece']:.4f} in {result['wall_time_s']:.0f}s")  # fmt: skip
     return result
+
+
+def _rows_if_any(path: str | Path) -> list[dict]:
+    return read_jsonl(path) if Path(path).exists() else []
+
+
+@dataclass
+class Stage:
+    """One phase (warm-start) or chunk (continual) of a protocol: its data and epochs, and what
+    happens when it starts."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    epochs: int
+    boundary: bool = False  # boundary methods act (head reset, Shrink & Perturb) as the data changes
+    new_optimizer: bool = False  # the optimizer is re-created
+    diagnose: bool = False  # probe at the stage's end
+
+
+def protocol_stages(config: RunConfig, data: Dataset, x_train, y_train, device) -> tuple[list[Stage], list[dict]]:
+    """The stages of the protocol and the record of the data each sees (subset, noise)."""
+    if config.protocol == "fresh":
+        return [Stage("fresh", x_train, y_train, config.epochs)], []
+    if config.protocol == "warm-start":
+        idx, noisy, record = subset_with_noise(data.y_train, config.subset, config.noise, data.num_classes, config.seed)
+        x1, y1 = x_train[torch.as_tensor(idx, device=device)], torch.as_tensor(noisy, device=device)
+        phase1_epochs = max(1, round(config.epochs / config.subset))  # equal gradient updates in both phases
+        phase2 = Stage("phase2", x_train, y_train, config.epochs, boundary=True, new_optimizer=True)
+        return [Stage("phase1", x1, y1, phase1_epochs, diagnose=True), phase2], [record]
+    order = np.random.default_rng(config.seed).permutation(len(data.y_train))
+    seen_idx: list[np.ndarray] = []
+    seen_labels: list[np.ndarray] = []
+    buffer_rng = np.random.default_rng(config.seed + 1)
+    stages, records = [], []
+    for i, chunk in enumerate(np.array_split(order, config.chunks)):
+        noise = config.noise * (1 - i / max(1, config.chunks - 1))  # falls linearly to 0
+        rng = np.random.default_rng(config.seed * 1000 + i)
+        labels = data.y_train[chunk].copy()
+        replaced = rng.random(len(chunk)) < noise
+        labels[replaced] = rng.integers(0, data.num_classes, replaced.sum())
+        records.append({"chunk": i, "noise": noise, "size": len(chunk), "replaced": int(replaced.sum())})
+        if config.buffer and seen_idx:
+            pool_idx, pool_labels = np.concatenate(seen_idx), np.concatenate(seen_labels)
+            keep = buffer_rng.permutation(len(pool_idx))[: config.buffer]
+            idx, lab = np.concatenate([pool_idx[keep], chunk]), np.concatenate([pool_labels[keep], labels])
+        else:
+            idx, lab = np.concatenate([*seen_idx, chunk]), np.concatenate([*seen_labels, labels])
+        seen_idx.append(chunk)
+        seen_labels.append(labels)
+        x, y = x_train[torch.as_tensor(idx, device=device)], torch.as_tensor(lab, device=device)
+        stages.append(Stage(f"chunk{i}", x, y, config.epochs, boundary=i > 0))
+    return stages, records
+
+
+def checkpoint_file(config: RunConfig) -> Path | None:
+    """<checkpoint_dir>/<dataset>_<model>_<protocol>_<method>_seed<seed>_<hash of the config>.pt"""
+    if not config.checkpoint_dir:
+        return None
+    ignored = ("checkpoint_dir", "log_every", "tb_dir", "device")
+    settings = {k: v for k, v in asdict(config).items() if k not in ignored}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    name = f"{config.dataset}_{config.model}_{config.protocol}_{config.method}_seed{config.seed}_{digest}.pt"
+    return Path(config.checkpoint_dir) / name
+
+
+def load_run_checkpoint(path: Path, config: RunConfig) -> dict | None:
+    """The checkpoint of an interrupted run of this config, or None. A file that is not one (truncated,
+    corrupt, foreign, or carrying code: it loads as plain data only) stops the run with its name."""
+    if not path.exists():
+        return None
+    try:
+        saved = safe_torch_load(path)
+        if not isinstance(saved, dict) or "config" not in saved:
+            raise ValueError("no run configuration in it")
+    except Exception as e:  # any reading failure is the file's fault: name it, never a traceback
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SystemExit(f"supervised: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{reason[:200]}); move it away to start the run over") from None  # fmt: skip
+    return saved
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
