@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from queue import Queue
 from typing import TextIO
 
 from rlplastic.envs.atari import ATARI100K_GAMES, canonical_game
+from rlplastic.runs import atomic_write
 
 AGENTS_DIR = Path(__file__).resolve().parents[1] / "agents"
 # Flags a sweep sets itself for every run: the grid may not touch them.
@@ -299,11 +301,66 @@ def slurm_executor(
     return executor
 
 
-def run_slurm(specs: Sequence[RunSpec], executor, wait: bool = False, stream: TextIO = sys.stdout) -> list[Outcome]:
-    """Submit the specs as one job array. With wait, block until the jobs end and return their
-    outcomes; otherwise return none (re-run the sweep once they end to see what finished)."""
+JOBS_FILE = "jobs.json"  # in the sweep folder: run folder -> its last slurm job
+# slurm states of a job that is still queued or running (sacct's State column)
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}  # fmt: skip
+
+
+def read_jobs(out: str | Path) -> dict[str, dict]:
+    path = Path(out) / JOBS_FILE
+    if not path.exists():
+        return {}
+    try:
+        jobs = json.loads(path.read_text())
+        if not isinstance(jobs, dict) or not all(isinstance(v, dict) and "job_id" in v for v in jobs.values()):
+            raise ValueError("not a map of run folders to jobs")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SweepError(f"{path} is not this sweep's job record ({e}); move it away to submit every run "
+                         "again") from None
+    return jobs
+
+
+def record_jobs(out: str | Path, specs: Sequence[RunSpec], jobs, folder: str | Path) -> None:
+    """Remember each run's job (id, submitit folder, log) so that a re-run asks slurm before it
+    submits the run again."""
+    record = read_jobs(out)
+    for spec, job in zip(specs, jobs, strict=True):
+        record[str(spec.run_dir)] = {"job_id": str(job.job_id), "folder": str(folder), "log": str(spec.log_path)}
+    atomic_write(Path(out) / JOBS_FILE, lambda f: f.write(json.dumps(record, indent=2).encode()))
+
+
+def job_state(job_id: str, folder: str) -> str:
+    """slurm's state of a job (sacct, through submitit); UNKNOWN when slurm cannot tell."""
+    try:
+        import submitit
+
+        return str(submitit.SlurmJob(folder=folder, job_id=job_id).state).split()[0]
+    except Exception:  # no sacct, an id slurm forgot: it cannot be shown to be active
+        return "UNKNOWN"
+
+
+def active_jobs(out: str | Path, run_dirs: Sequence[Path]) -> dict[str, str]:
+    """{run folder: 'job <id> <STATE>'} for the runs whose recorded job is still queued or running."""
+    record = read_jobs(out)
+    active = {}
+    for run_dir in map(str, run_dirs):
+        if run_dir in record:
+            state = job_state(record[run_dir]["job_id"], record[run_dir]["folder"])
+            if state in ACTIVE_STATES:
+                active[run_dir] = f"job {record[run_dir]['job_id']} {state}"
+    return active
+
+
+def run_slurm(specs: Sequence[RunSpec], executor, wait: bool = False, stream: TextIO = sys.stdout,
+              out: str | Path | None = None) -> list[Outcome]:  # fmt: skip
+    """Submit the specs as one job array and record their job ids in `out` (the sweep folder). With
+    wait, block until the jobs end and return their outcomes; otherwise return none (re-run the sweep
+    once they end: finished runs are skipped, queued or running ones are not submitted again)."""
     start = time.time()
     jobs = executor.map_array(run_logged, [spec.command() for spec in specs], [str(spec.log_path) for spec in specs])
+    if out is not None:
+        record_jobs(out, specs, jobs, executor.folder)
     for spec, job in zip(specs, jobs, strict=True):
         print(f"submitted {spec.method} {spec.game} seed {spec.seed}: job {job.job_id}, log {spec.log_path}",
               file=stream, flush=True)  # fmt: skip

@@ -79,17 +79,32 @@ def run_sweep(args: argparse.Namespace) -> int:
                                         "command": s.command(), "run_dir": str(s.run_dir)} for s in specs]},
     )  # fmt: skip
     todo = [s for s in specs if status[s] != "finished"]
+    if args.launcher == "slurm":  # never submit a run again while its job is queued or running
+        active = sweep.active_jobs(args.out, [s.run_dir for s in todo])
+        for spec in todo:
+            if str(spec.run_dir) in active:
+                print(f"  still in slurm: {spec.method} {spec.game} seed {spec.seed} ({active[str(spec.run_dir)]}), "
+                      "not submitted again", flush=True)  # fmt: skip
+        record = sweep.read_jobs(args.out)
+        for spec in todo:
+            if str(spec.run_dir) in record and str(spec.run_dir) not in active:
+                print(f"  failed before: {spec.method} {spec.game} seed {spec.seed}, log {spec.log_path}: retried",
+                      flush=True)  # fmt: skip
+        todo = [s for s in todo if str(s.run_dir) not in active]
     if args.dry_run:
         for spec in specs:
             print(f"  {status[spec]:10s} {' '.join(spec.command())}")
         return 0
     if not todo:
-        print("sweep: every run is finished; report with: python scripts/atari100k.py report", args.out)
+        if all(status[s] == "finished" for s in specs):
+            print("sweep: every run is finished; report with: python scripts/atari100k.py report", args.out)
+        else:
+            print("sweep: nothing to submit: the unfinished runs are still in slurm; run again once they end")
         return 0
     if args.launcher == "local":
         outcomes = sweep.run_local(todo, workers=args.workers, gpus=args.gpus.split(",") if args.gpus else ())
     else:
-        outcomes = sweep.run_slurm(todo, executor, wait=args.wait)
+        outcomes = sweep.run_slurm(todo, executor, wait=args.wait, out=args.out)
         if not args.wait:
             print("sweep: submitted; once the jobs end, run the same command again: finished runs are "
                   "skipped and the rest restart", flush=True)  # fmt: skip

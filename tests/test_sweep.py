@@ -157,3 +157,32 @@ def test_local_workers_take_gpus_in_turn_and_share_the_cores(tmp_path, monkeypat
     lines = [s.log_path.read_text().splitlines()[-1] for s in specs]
     threads = max(1, (os.cpu_count() or 1) // 2)
     assert set(lines) == {f"gpu 3 threads {threads}", f"gpu 5 threads {threads}"}
+
+
+def test_a_slurm_sweep_run_again_never_resubmits_queued_or_running_jobs(tmp_path, monkeypatch):
+    """Job ids go to <sweep>/jobs.json; the next run of the sweep asks slurm (sacct, through
+    submitit) and submits again only the runs whose job ended without results, naming their logs."""
+    bin_dir = fake_slurm(tmp_path)
+    sacct = bin_dir / "sacct"
+    sacct.write_text("#!/bin/sh\nprintf 'JobID|State|NodeList\\n4242_0|RUNNING|n1\\n4242_1|PENDING|\\n"
+                     "4242_2|FAILED|n2\\n4242_3|TIMEOUT|n3\\n'\n")  # fmt: skip
+    sacct.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "sweep"
+    args = ["sweep", "--agent", "drq", "--games", "Pong,Breakout", "--seeds", "0,1", "--out", str(out),
+            "--launcher", "slurm", "--set", "total-steps=300", "--set", "learning-starts=100"]  # fmt: skip
+    first = sweep_cli(*args)
+    assert first.returncode == 0, first.stderr
+    jobs = json.loads((out / "jobs.json").read_text())
+    assert sorted(j["job_id"] for j in jobs.values()) == ["4242_0", "4242_1", "4242_2", "4242_3"]
+    (tmp_path / "submitted.sh").unlink()
+    second = sweep_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("not submitted again") == 2 and second.stdout.count("failed before") == 2
+    assert "4242_0 RUNNING" in second.stdout and "4242_1 PENDING" in second.stdout
+    assert "#SBATCH --array=0-1" in (tmp_path / "submitted.sh").read_text()  # the two failed runs only
+    assert all("log.txt" in line for line in second.stdout.splitlines() if "failed before" in line)
+    (out / "jobs.json").write_text("{oops")
+    broken = sweep_cli(*args)
+    assert broken.returncode != 0 and "jobs.json is not this sweep's job record" in broken.stderr
+    assert "Traceback" not in broken.stderr
