@@ -740,7 +740,7 @@ def main(args: Args) -> dict:
                     "probe_initial": probe.initial, "probe_batch": probe.probe_batch, "sums": sums,
                     "counters": (updates_since_log, grad_steps, cycle_step),
                     "train_time_s": elapsed_before + time.time() - start_time,
-                },
+                }, "bbf"
             )  # fmt: skip
     train_time = elapsed_before + time.time() - start_time
 

@@ -657,6 +657,7 @@ def main(args: Args) -> dict:
                     "updates_since_log": updates_since_log,
                     "train_time_s": elapsed_before + time.time() - start_time,
                 },
+                "drq",
             )
     train_time = elapsed_before + time.time() - start_time
     if args.save_model:
