@@ -203,12 +203,18 @@ def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_results(tmp
 
     drq = str(ROOT / "agents" / "drq.py")
     env = os.environ | {"OMP_NUM_THREADS": "1"}
+    straight_dir = tmp_path / "straight"
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, drq, *KILL_RUN, "--output-dir", str(tmp_path / "straight")],
-                          capture_output=True, text=True, env=env)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    duration = time.perf_counter() - started
-    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+    process = subprocess.Popen([sys.executable, drq, *KILL_RUN, "--output-dir", str(straight_dir)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)  # fmt: skip
+    while not (straight_dir / "checkpoint.pt").exists() and process.poll() is None:
+        time.sleep(0.05)
+    startup = time.perf_counter() - started  # imports, emulator, first 25 steps
+    assert process.wait() == 0, process.stderr.read()[-2000:]
+    training = time.perf_counter() - started - startup
+    straight = json.loads((straight_dir / "results.json").read_text())
+    # Kill moments from the middle of the start-up (nothing saved yet) to an eighth of the training in:
+    # each life gains little, so the run is killed many times before it can finish.
     chooser = random.Random(0)
     kills = 0
     folder = tmp_path / "killed"
@@ -216,7 +222,7 @@ def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_results(tmp
         process = subprocess.Popen([sys.executable, drq, *KILL_RUN, "--output-dir", str(folder)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)  # fmt: skip
         try:
-            process.wait(timeout=chooser.uniform(2.0, duration))
+            process.wait(timeout=chooser.uniform(0.5 * startup, startup + training / 8))
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.wait()
