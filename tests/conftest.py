@@ -7,6 +7,17 @@ from rlplastic import sweep
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class Planted:
+    """Unpickling this runs code (it touches a file): what a doctored checkpoint or data file would
+    carry. Tests check that loading refuses it and the file never appears."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 def load_agent(name: str):
     """Import agents/<name>.py as a module (agents are scripts, not a package), as sweeps do."""
     return sweep.load_agent(name)

@@ -3,12 +3,11 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, Planted
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlplastic.replay import FrameReplay
@@ -268,23 +267,13 @@ def test_unit_replacing_interventions_act_on_the_drq_network(drq):
     assert any((layer.scaler < 1).any() or not layer.active.all() for layer in lifecycle_layers)
 
 
-class _Planted:
-    """Unpickling this runs code (it touches a file): what a doctored checkpoint would carry."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 @pytest.mark.parametrize("kind", ["code", "truncated", "foreign"])
 def test_a_bad_checkpoint_is_refused_by_name_and_never_runs_code(drq, tmp_path, kind):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     marker = tmp_path / "code_ran"
     if kind == "code":
-        torch.save({"config": {}, "payload": _Planted(marker)}, run_dir / "checkpoint.pt")
+        torch.save({"config": {}, "payload": Planted(marker)}, run_dir / "checkpoint.pt")
     elif kind == "truncated":
         torch.save({"config": {}, "weights": torch.zeros(1000)}, run_dir / "checkpoint.pt")
         data = (run_dir / "checkpoint.pt").read_bytes()

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, Planted
 
 from rlplastic.supervised import data as sdata
 from rlplastic.supervised.models import build_model
@@ -58,20 +58,12 @@ def test_cifar_pickle_batches_read_back(tmp_path, classes):
     assert y_test.tolist() == [int(v) for v in test[1]]
 
 
-class _Planted:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))  # unpickling this would create a file
-
-
 def test_a_doctored_cifar_batch_cannot_run_code(tmp_path):
     write_cifar(tmp_path, 100)
     marker = tmp_path / "code_ran"
     with open(tmp_path / "cifar-100-python" / "train", "wb") as f:
-        pickle.dump({b"data": _Planted(marker), b"fine_labels": [1]}, f)
-    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load (io|builtins)\.open"):
+        pickle.dump({b"data": Planted(marker), b"fine_labels": [1]}, f)
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load pathlib.*touch"):
         sdata.read_cifar(tmp_path, 100)
     assert not marker.exists()
 
@@ -505,3 +497,16 @@ def test_supervised_nan_stops_the_run_without_a_result(tmp_path, monkeypatch):
     assert any("batch" in p for p in validate(config)) is False
     with pytest.raises(ValueError, match="--batch-size 5000: larger than the 1437 training samples"):
         run(replace(TINY, protocol="fresh", batch_size=5000), log=lambda s: None)
+
+
+def test_a_supervised_checkpoint_carrying_code_is_refused_and_never_runs_it(tmp_path):
+    from rlplastic.supervised.train import checkpoint_file
+
+    config = replace(TINY, protocol="fresh", checkpoint_dir=str(tmp_path / "ckpt"))
+    path = checkpoint_file(config)
+    path.parent.mkdir()
+    marker = tmp_path / "code_ran"
+    torch.save({"config": {}, "payload": Planted(marker)}, path)
+    with pytest.raises(SystemExit, match="is not a readable checkpoint.*move it away"):
+        run(config, out=tmp_path / "r.jsonl", log=lambda s: None)
+    assert not marker.exists() and not (tmp_path / "r.jsonl").exists()
