@@ -316,8 +316,9 @@ def read_jobs(out: str | Path) -> dict[str, dict]:
         if not isinstance(jobs, dict) or not all(isinstance(v, dict) and "job_id" in v for v in jobs.values()):
             raise ValueError("not a map of run folders to jobs")
     except (ValueError, UnicodeDecodeError) as e:
-        raise SweepError(f"{path} is not this sweep's job record ({e}); move it away to submit every run "
-                         "again") from None
+        raise SweepError(
+            f"{path} is not this sweep's job record ({e}); move it away to submit every run again"
+        ) from None
     return jobs
 
 

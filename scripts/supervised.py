@@ -8,16 +8,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+import tyro
 
-from rlplastic.supervised.data import DATASETS, DataError
-from rlplastic.supervised.models import MODELS
-from rlplastic.supervised.train import METHODS, PROTOCOLS, RunConfig, read_jsonl, run, validate
+from rlplastic.supervised.data import DataError
+from rlplastic.supervised.train import RunConfig, read_jsonl, run, validate
 
 LIFECYCLE_COLUMNS = (("ACC", "test_acc", 100), ("mCA", "mca", 100), ("ECE", "ece", 100), ("Hessian", "hessian", 1),
                      ("Lipschitz", "lipschitz", 1))  # fmt: skip
@@ -96,7 +96,7 @@ def lifecycle_table(rows: list[dict]) -> str:
     return "\n\n".join(out)
 
 
-def table(args: argparse.Namespace) -> int:
+def table(args: Table) -> int:
     rows = []
     for path in args.results:
         if not Path(path).is_file():
@@ -123,9 +123,27 @@ def table(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_command(args: argparse.Namespace) -> int:
-    names = {f.name for f in fields(RunConfig)}
-    config = RunConfig(**{k: v for k, v in vars(args).items() if k in names})
+@dataclass
+class Run:
+    """Train one dataset / model / protocol / method / seed and append its result line to --out."""
+
+    config: Annotated[RunConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=RunConfig)
+    out: str = "results.jsonl"
+    """JSON-lines file the result line is appended to"""
+
+
+@dataclass
+class Table:
+    """Markdown tables of result lines, one per (dataset, model, protocol, subset, noise)."""
+
+    results: tyro.conf.Positional[list[str]]
+    """JSON-lines files written by run"""
+    kind: Literal["auto", "warm-start", "lifecycle"] = "auto"
+    """warm-start: test and train accuracy; lifecycle: ACC, mCA, ECE, Hessian, Lipschitz"""
+
+
+def run_command(args: Run) -> int:
+    config = args.config
     problems = validate(config)
     if problems:
         print("supervised run: invalid arguments:\n  " + "\n  ".join(problems), file=sys.stderr)
@@ -145,80 +163,9 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train one dataset / model / protocol / method / seed")
-    d = RunConfig()
-    r.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)}")
-    r.add_argument("--data-dir", default=None, help="folder with the data set's files (not for mnist1d, digits)")
-    r.add_argument("--model", default=d.model, help=f"one of {', '.join(MODELS)}")
-    r.add_argument("--protocol", default=d.protocol, help=f"one of {', '.join(PROTOCOLS)}")
-    r.add_argument("--method", default=d.method, help=f"one of {', '.join(METHODS)}")
-    r.add_argument("--subset", type=float, default=d.subset, help="warm-start: share of the data in phase 1")
-    r.add_argument("--noise", type=float, default=d.noise, help="label noise of phase 1 / the first chunk")
-    r.add_argument(
-        "--epochs",
-        type=int,
-        default=d.epochs,
-        help="fresh: all; warm-start: phase 2 (phase 1: epochs / subset); continual: per chunk",
-    )
-    r.add_argument("--seed", type=int, default=d.seed)
-    r.add_argument("--batch-size", type=int, default=d.batch_size)
-    r.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the model's)")
-    r.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the model's)")
-    r.add_argument("--warmup", type=float, default=d.warmup, help="share of each phase's steps warming up from lr 0")
-    r.add_argument("--schedule", default=d.schedule, help="after the warm-up: constant or cosine (to 0)")
-    r.add_argument("--augment", action="store_true", help="crop + flip with any method (lifecycle tables)")
-    r.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip (0 = none)")
-    r.add_argument("--chunks", type=int, default=d.chunks, help="continual: number of chunks")
-    r.add_argument("--buffer", type=int, default=d.buffer, help="continual: sample buffer size (0 = full access)")
-    r.add_argument(
-        "--strength", type=float, default=None, help="weight of l2 / spectral-decoupling / regen / neuronal-decay"
-    )
-    r.add_argument("--ht-momentum", type=float, default=d.ht_momentum, help="Hare & Tortoise / EMA momentum")
-    r.add_argument("--ht-reset-epochs", type=int, default=d.ht_reset_epochs,
-                   help="Hare & Tortoise: epochs (of the data trained on) between hare <- tortoise resets")  # fmt: skip
-    r.add_argument("--ht-horizon", type=float, default=d.ht_horizon,
-                   help="Hare & Tortoise / EMA: EMA horizon 1/(1-momentum) as a share of each phase's steps "
-                   "(0 = use --ht-momentum)")  # fmt: skip
-    r.add_argument("--ht-reset-share", type=float, default=d.ht_reset_share,
-                   help="Hare & Tortoise: reset period as a share of each phase's steps "
-                   "(0 = --ht-reset-epochs)")  # fmt: skip
-    r.add_argument("--redo-tau", type=float, default=d.redo_tau, help="ReDo: dormancy threshold tau")
-    r.add_argument("--redo-every-epochs", type=int, default=d.redo_every_epochs,
-                   help="ReDo: epochs (of the data trained on) between recycling passes (paper: 5)")  # fmt: skip
-    r.add_argument("--topk-min", type=float, default=d.topk_min)
-    r.add_argument("--topk-decay", type=float, default=d.topk_decay)
-    r.add_argument("--topk-cycle", type=int, default=d.topk_cycle, help="topk-cycle: epochs between resets to dense")
-    r.add_argument("--topk-tolerance", type=float, default=d.topk_tolerance,
-                   help="topk-accuracy: allowed training-accuracy drop; topk-plateau: relative loss improvement "
-                   "below which the loss counts as flat")  # fmt: skip
-    r.add_argument("--lc-layers", default=d.lc_layers, help="lifecycle: fc (the paper), conv or all hidden layers")
-    r.add_argument("--lc-lifespan", type=int, nargs=2, default=d.lc_lifespan, metavar=("LOW", "HIGH"),
-                   help="lifecycle: range of the units' lifespans in steps")  # fmt: skip
-    r.add_argument("--lc-recovery", type=int, nargs=2, default=d.lc_recovery, metavar=("LOW", "HIGH"),
-                   help="lifecycle: range of the recovery times in steps")  # fmt: skip
-    r.add_argument("--lc-warmup", type=int, default=d.lc_warmup, help="lifecycle: warm-up steps of a revived unit")
-    r.add_argument("--lc-revival", default=d.lc_revival, help="lifecycle: memory, he or xavier")
-    r.add_argument("--no-hessian", dest="hessian", action="store_false", help="skip the Hessian eigenvalue")
-    r.add_argument("--log-every", type=int, default=0, help="epochs between progress lines (0 = ~10 per phase)")
-    r.add_argument("--tb-dir", default=None, help="tensorboard folder for this run's scalars")
-    r.add_argument("--checkpoint-dir", default=None,
-                   help="checkpoint every epoch in this folder; the same command again resumes the run")  # fmt: skip
-    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    r.add_argument("--out", default="results.jsonl", help="JSON-lines file the result line is appended to")
-    r.set_defaults(func=run_command)
-    t = sub.add_parser("table", help="Markdown tables of result lines")
-    t.add_argument("results", nargs="+", help="JSON-lines files written by run")
-    t.add_argument("--kind", choices=("auto", "warm-start", "lifecycle"), default="auto")
-    t.set_defaults(func=table)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    return args.func(args)
+    args = tyro.extras.subcommand_cli_from_dict({"run": Run, "table": Table}, args=argv, description=__doc__)
+    return run_command(args) if isinstance(args, Run) else table(args)
 
 
 if __name__ == "__main__":

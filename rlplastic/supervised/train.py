@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -66,47 +67,80 @@ MODEL_DEFAULTS = {"mlp": (1e-3, 1e-4), "resnet18": (1e-3, 1e-5), "vit-tiny": (3e
 
 @dataclass
 class RunConfig:
-    dataset: str = "mnist1d"
+    """One supervised run: data, model, protocol, method and their settings."""
+
+    dataset: Literal[DATASETS] = "mnist1d"
+    """data set (mnist1d and digits need no files; the others read --data-dir)"""
     data_dir: str | None = None
-    model: str = "mlp"
-    protocol: str = "warm-start"
-    method: str = "baseline"
-    subset: float = 0.1  # warm-start: share of the training set in phase 1
-    noise: float = 0.5  # warm-start: label noise in phase 1; continual: noise of the first chunk
-    epochs: int = 100  # fresh: all; warm-start: phase 2 (phase 1 gets epochs / subset); continual: per chunk
+    """folder with the data set's files (CIFAR pickle batches, MNIST IDX, Tiny-ImageNet)"""
+    model: Literal[MODELS] = "mlp"
+    protocol: Literal[PROTOCOLS] = "warm-start"
+    method: Literal[METHODS] = "baseline"
+    subset: float = 0.1
+    """warm-start: share of the training set in phase 1"""
+    noise: float = 0.5
+    """warm-start: label noise in phase 1; continual: noise of the first chunk (falls to 0)"""
+    epochs: int = 100
+    """fresh: all; warm-start: phase 2 (phase 1 gets epochs / subset, equal updates); continual: per chunk"""
     seed: int = 0
     batch_size: int = 256
-    lr: float | None = None  # default per model (MODEL_DEFAULTS)
+    lr: float | None = None
+    """AdamW learning rate (default: the model's, from the papers' appendices)"""
     weight_decay: float | None = None
-    warmup: float = 0.1  # share of each phase's steps with the learning rate rising from 0
-    schedule: str = "constant"  # after the warm-up: constant, or cosine to 0 (the lifecycle tables)
-    augment: bool = False  # crop + flip with any method (the lifecycle tables); --method augment = baseline + this
+    """AdamW weight decay (default: the model's)"""
+    warmup: float = 0.1
+    """share of each phase's steps with the learning rate rising from 0"""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """after the warm-up: constant, or cosine to 0 (the lifecycle tables)"""
+    augment: bool = False
+    """crop + flip with any method (the lifecycle tables); --method augment is baseline + this"""
     grad_clip: float = 0.5
-    chunks: int = 10  # continual
-    buffer: int = 0  # continual: 0 = full access to earlier chunks, else a sample buffer of this size
-    strength: float | None = None  # regularizer weight of l2 / spectral-decoupling / regen / neuronal-decay
-    ht_momentum: float = 0.999  # Hare & Tortoise and EMA
-    ht_reset_epochs: int = 10  # epochs of the data being trained on (a subset epoch in warm-start phase 1)
-    # The same two knobs relative to the length of each phase (0 = off, use the two above): the
-    # tortoise's EMA horizon 1 / (1 - momentum) and the reset period as shares of the phase's steps.
+    """gradient norm clip (0 = none)"""
+    chunks: int = 10
+    """continual: number of chunks"""
+    buffer: int = 0
+    """continual: 0 = full access to earlier chunks, else a sample buffer of this size"""
+    strength: float | None = None
+    """regularizer weight of l2 / spectral-decoupling / regen / neuronal-decay (default per method)"""
+    ht_momentum: float = 0.999
+    """Hare & Tortoise and EMA: momentum of the tortoise"""
+    ht_reset_epochs: int = 10
+    """Hare & Tortoise: epochs of the data being trained on between resets (a subset epoch in phase 1)"""
     ht_horizon: float = 0.0
+    """Hare & Tortoise / EMA: EMA horizon 1/(1-momentum) as a share of each phase's steps (0: --ht-momentum)"""
     ht_reset_share: float = 0.0
-    lc_layers: str = "fc"  # lifecycle on hidden fully connected layers (the paper), conv channels, or both
-    lc_lifespan: tuple[int, int] = (1_000, 5_000)  # lifecycle: range of the units' lifespans, in steps
-    lc_recovery: tuple[int, int] = (100, 500)  # lifecycle: range of the recovery times, in steps
-    lc_warmup: int = 10  # lifecycle: warm-up steps k of a revived unit (the -nowarmup ablations: 0)
-    lc_revival: str = "memory"  # lifecycle: memory, he or xavier (the -he / -xavier ablations)
+    """Hare & Tortoise: reset period as a share of each phase's steps (0: --ht-reset-epochs)"""
+    lc_layers: Literal[LIFECYCLE_LAYERS] = "fc"
+    """lifecycle on the hidden fully connected layers (the paper), conv channels, or both"""
+    lc_lifespan: tuple[int, int] = (1_000, 5_000)
+    """lifecycle: range of the units' lifespans, in steps"""
+    lc_recovery: tuple[int, int] = (100, 500)
+    """lifecycle: range of the recovery times, in steps"""
+    lc_warmup: int = 10
+    """lifecycle: warm-up steps k of a revived unit (the -nowarmup ablations: 0)"""
+    lc_revival: Literal[REVIVALS] = "memory"
+    """lifecycle: revival from memory, or a fresh He / Xavier draw (the -he / -xavier ablations)"""
     redo_tau: float = 0.1
-    redo_every_epochs: int = 5  # Lee et al. 2024 appendix: ReDo applied every 5 epochs
-    topk_min: float = 0.1  # top-k: smallest keep ratio
-    topk_decay: float = 0.9  # top-k: keep ratio multiplier per epoch
-    topk_cycle: int = 10  # top-k: epochs between returns to dense
-    topk_tolerance: float = 0.02  # adaptive top-k: accuracy drop / relative loss improvement threshold
-    device: str = "auto"
-    log_every: int = 0  # epochs between progress lines (accuracies are recorded every epoch); 0 = ~10 per phase
-    hessian: bool = True  # compute the Hessian top eigenvalue at the end (double backprop)
+    """ReDo: dormancy threshold tau"""
+    redo_every_epochs: int = 5
+    """ReDo: epochs of the data trained on between recycling passes (Lee et al. 2024: 5)"""
+    topk_min: float = 0.1
+    """top-k: smallest keep ratio"""
+    topk_decay: float = 0.9
+    """top-k: keep-ratio multiplier per compression step"""
+    topk_cycle: int = 10
+    """topk-cycle: epochs between returns to dense"""
+    topk_tolerance: float = 0.02
+    """topk-accuracy: allowed training-accuracy drop; topk-plateau: relative loss improvement counted as flat"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 0
+    """epochs between progress lines (accuracies are recorded every epoch); 0 = about 10 per phase"""
+    hessian: bool = True
+    """compute the Hessian top eigenvalue at the end (double backprop)"""
     tb_dir: str | None = None
-    checkpoint_dir: str | None = None  # checkpoint every epoch here; the same command again resumes
+    """tensorboard folder for this run's scalars"""
+    checkpoint_dir: str | None = None
+    """checkpoint every epoch in this folder; the same command again resumes the run"""
 
 
 STRENGTHS = {"l2": 1e-4, "spectral-decoupling": 1e-2, "regen": 1e-2, "neuronal-decay": 1e-3}
