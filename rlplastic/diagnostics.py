@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlplastic.interventions.base import hidden_layers, output_layers, received_features
 from rlplastic.interventions.redo import neuron_scores
+from rlplastic.introspection import hidden_layers, output_layers, received_features
 
 DORMANT_TAUS = (0.0, 0.025, 0.1)
 

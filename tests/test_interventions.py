@@ -460,7 +460,7 @@ def test_redo_never_recycles_across_a_residual_shortcut():
     """The stem's and conv2's channels join the identity path: zeroing the next layer's weights on
     such a channel would cut the whole residual channel, so only conv1 (whose units reach conv2 one
     to one) is recyclable; the probe still measures all three."""
-    from rlplastic.interventions.base import recyclable_layers
+    from rlplastic.introspection import recyclable_layers
 
     torch.manual_seed(0)
     model = _ResidualNet()

@@ -11,13 +11,14 @@ optimizer's references stay valid, and the optimizer state of every touched entr
         intervention.step()
 """
 
-from rlplastic.interventions.base import clear_optimizer_state, fresh_copy, hidden_layers, zero_optimizer_state
+from rlplastic.interventions.base import clear_optimizer_state, fresh_copy, zero_optimizer_state
 from rlplastic.interventions.continual_backprop import ContinualBackprop
 from rlplastic.interventions.gradient_noise import GradientNoise
 from rlplastic.interventions.hare_tortoise import HareTortoise
 from rlplastic.interventions.lifecycle import LifecycleConv2d, LifecycleLinear, swap_in_lifecycle
 from rlplastic.interventions.redo import ReDo, neuron_scores
 from rlplastic.interventions.shrink_perturb import HeadReset, ShrinkPerturb
+from rlplastic.introspection import hidden_layers
 
 __all__ = [
     "ContinualBackprop",

@@ -5,15 +5,9 @@ import torch
 from torch import nn
 
 from rlplastic.init import torch_default_init
-from rlplastic.interventions.base import (
-    InitFn,
-    Intervention,
-    num_units,
-    received_features,
-    recyclable_layers,
-    recycle_units,
-)
+from rlplastic.interventions.base import InitFn, Intervention, recycle_units
 from rlplastic.interventions.redo import LayerPairs
+from rlplastic.introspection import num_units, received_features, recyclable_layers
 
 
 def _unit_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlplastic.interventions.base import hidden_layers, zero_optimizer_state
+from rlplastic.interventions.base import zero_optimizer_state
+from rlplastic.introspection import hidden_layers
 
 REVIVALS = ("memory", "he", "xavier")
 

@@ -6,14 +6,8 @@ import torch
 from torch import nn
 
 from rlplastic.init import xavier_uniform_zero_bias
-from rlplastic.interventions.base import (
-    Every,
-    InitFn,
-    Intervention,
-    hidden_features,
-    recyclable_layers,
-    recycle_units,
-)
+from rlplastic.interventions.base import Every, InitFn, Intervention, recycle_units
+from rlplastic.introspection import hidden_features, recyclable_layers
 
 LayerPairs = Sequence[tuple[nn.Module, Sequence[nn.Module]]]
 

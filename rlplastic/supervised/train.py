@@ -40,8 +40,9 @@ from rlplastic.interventions import (
     ShrinkPerturb,
     swap_in_lifecycle,
 )
-from rlplastic.interventions.base import Every, hidden_layers
+from rlplastic.interventions.base import Every
 from rlplastic.interventions.lifecycle import REVIVALS
+from rlplastic.introspection import hidden_layers
 from rlplastic.runs import atomic_write, git_commit, resolve_device, safe_torch_load, save_checkpoint, seed_everything
 from rlplastic.supervised.data import DATASETS, Dataset, load_dataset, subset_with_noise
 from rlplastic.supervised.models import MODELS, MODELS_WITH_HIDDEN_FC, Classifier, CReLU, build_model
