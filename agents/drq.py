@@ -79,6 +79,7 @@ from rlplastic.runs import (
     hold_run_folder,
     hparams_markdown,
     load_checkpoint,
+    log_final_evaluation,
     memory_problem,
     output_dir_problems,
     random_states,
@@ -692,8 +693,7 @@ def main(args: Args) -> dict:
         "torch_version": torch.__version__,
     }
     if writer:
-        if evaluation.returns:
-            writer.add_scalar("eval/mean_return", evaluation.mean, args.total_steps)
+        log_final_evaluation(writer, evaluation.returns, evaluation.mean, args.total_steps)
         writer.close()
     atomic_write_json(run_dir / "results.json", results)
     checkpoint_path.unlink(missing_ok=True)  # the results supersede it, and it holds the whole replay

@@ -266,6 +266,16 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def log_final_evaluation(writer, returns: list[float], mean: float, step: int) -> None:
+    """The final evaluation in tensorboard: eval/mean_return at the last step and, as CleanRL logs
+    it, every episode's return as eval/episodic_return with the episode's index as its x value."""
+    if not returns:
+        return
+    writer.add_scalar("eval/mean_return", mean, step)
+    for episode, episode_return in enumerate(returns):
+        writer.add_scalar("eval/episodic_return", episode_return, episode)
+
+
 def hparams_markdown(config: dict[str, Any]) -> str:
     """The hyperparameter table CleanRL puts in tensorboard's text tab."""
     rows = "\n".join(f"|{key}|{value}|" for key, value in config.items())

@@ -121,6 +121,8 @@ def test_smoke_run_writes_results_and_tensorboard_and_is_deterministic(tmp_path)
     assert {"losses/td_loss", "losses/q_values", "charts/SPS", "charts/episodic_return"} <= tags
     assert {"plasticity/effective_rank/all", "plasticity/dead/encoder.0.1"} <= tags
     assert [e.step for e in events.Scalars("losses/td_loss")] == [100, 200, 300]
+    episodes = events.Scalars("eval/episodic_return")  # each final evaluation episode, as CleanRL logs it
+    assert [e.step for e in episodes] == [0, 1] and [e.value for e in episodes] == first["eval_returns"]
 
     # a finished run is never overwritten
     proc = run_agent(*SMOKE, "--output-dir", str(tmp_path / "a"))
