@@ -12,23 +12,20 @@ gradient steps at the measured update rate (+ the 100-episode evaluation, not co
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 import tyro
+from rlplastic.envs.atari import canonical_game, make_atari100k_env
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agents"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bbf  # noqa: E402
-from bench_drq import random_replay, synchronize, time_env_steps  # noqa: E402
-from rlplastic.envs.atari import canonical_game, make_atari100k_env  # noqa: E402
+from rlplastic.bench import random_replay, synchronize, time_env_steps
+from rlplastic.replay import PrioritizedFrameReplay
+from rlplastic.runs import device_generator, resolve_device
+from rlplastic.sweep import load_agent
 
-from rlplastic.replay import PrioritizedFrameReplay  # noqa: E402
-from rlplastic.runs import device_generator, resolve_device  # noqa: E402
+bbf = load_agent("bbf")
 
 
 @dataclass

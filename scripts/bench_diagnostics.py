@@ -7,22 +7,19 @@ Share = probe time / (diag_every * (env step + update) time). Goal: <= 2% of tra
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agents"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import drq  # noqa: E402
-from bench_drq import synchronize, time_env_steps, time_updates  # noqa: E402
+from rlplastic.bench import drq_update_seconds, synchronize, time_env_steps
+from rlplastic.diagnostics import PlasticityProbe
+from rlplastic.runs import resolve_device
+from rlplastic.sweep import load_agent
 
-from rlplastic.diagnostics import PlasticityProbe  # noqa: E402
-from rlplastic.runs import resolve_device  # noqa: E402
+drq = load_agent("drq")
 
 
 @dataclass
@@ -48,10 +45,10 @@ def main(bench: BenchArgs) -> None:
     for _ in range(bench.calls):
         metrics = probe.measure()
     probe_time = (time.perf_counter() - start) / bench.calls
-    step_time = time_env_steps("Breakout", 2_000) + time_updates(args, device, 4, bench.updates)
+    step_time = time_env_steps("Breakout", 2_000) + drq_update_seconds(drq, args, device, 4, bench.updates)
     share = probe_time / (args.diag_every * step_time)
     print(f"bench_diagnostics on {device}, torch {torch.__version__}")
-    shape = f"{args.diag_batch} states, {len(metrics)} values, {len(probe.layers)} hidden layers"
+    shape = f"{args.diag_batch} states, {len(metrics)} values, {len(probe.pairs)} hidden layers"
     print(f"probe call ({shape}): {1000 * probe_time:.1f} ms")
     print(f"agent step (env + update): {1000 * step_time:.1f} ms")
     print(f"share of a DrQ run at --diag-every {args.diag_every}: {100 * share:.3f}%  (goal <= 2%)")

@@ -11,7 +11,6 @@ exactly (env step + update) per step and nothing else. Goal: ratio >= 0.85 on th
 from __future__ import annotations
 
 import re
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -21,14 +20,14 @@ from typing import Literal
 import numpy as np
 import torch
 import tyro
+from rlplastic.envs.atari import canonical_game, make_atari100k_env
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agents"))
-import drq  # noqa: E402
-from rlplastic.envs.atari import canonical_game, make_atari100k_env  # noqa: E402
+from rlplastic.bench import device_name, drq_update_seconds, time_env_steps
+from rlplastic.cuda_graphs import graph_capture_available
+from rlplastic.runs import resolve_device
+from rlplastic.sweep import load_agent
 
-from rlplastic.cuda_graphs import CapturedStep, graph_capture_available  # noqa: E402
-from rlplastic.replay import FrameReplay  # noqa: E402
-from rlplastic.runs import device_generator, resolve_device  # noqa: E402
+drq = load_agent("drq")
 
 
 @dataclass
@@ -45,18 +44,6 @@ class BenchArgs:
     """agent steps of the full loop (all but the first `learning_starts` do an update)"""
     learning_starts: int = 50
     """random steps before updates begin in the full loop"""
-
-
-def time_env_steps(game: str, steps: int) -> float:
-    env = make_atari100k_env(game, seed=0)
-    rng = np.random.default_rng(0)
-    env.reset()
-    start = time.perf_counter()
-    for _ in range(steps):
-        _, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
-        if terminated or truncated:
-            env.reset()
-    return (time.perf_counter() - start) / steps
 
 
 def time_vector_env_steps(game: str, steps: int, num_envs: int) -> float:
@@ -82,47 +69,10 @@ def time_vector_env_steps(game: str, steps: int, num_envs: int) -> float:
     return elapsed / (steps // num_envs * num_envs)
 
 
-def random_replay(replay: FrameReplay, num_actions: int, steps: int = 2_000) -> FrameReplay:
-    """Fill `replay` with random frames and flags: timing needs its shapes, not its contents."""
-    rng = np.random.default_rng(0)
-    for _ in range(steps):
-        frame = rng.integers(0, 255, (84, 84), dtype=np.uint8)
-        action, reward, terminal = int(rng.integers(num_actions)), float(rng.random() < 0.1), rng.random() < 0.01
-        replay.add(frame, action, reward, bool(terminal), False)
-    return replay
-
-
-def time_updates(args: drq.Args, device: torch.device, num_actions: int, updates: int, graph: bool = False) -> float:
-    """Seconds per DrQ update on a filled replay; graph=True: the same update captured once in a
-    CUDA graph (rlplastic.cuda_graphs) and replayed."""
-    generator = device_generator(device, 0)
-    replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=device, generator=generator)
-    random_replay(replay, num_actions)
-    learner = drq.build_learner(replace(args, cuda_graph=graph), num_actions, device)
-    step = lambda: drq.update(args, *learner, replay, generator)[0]  # noqa: E731
-    if graph:
-        step = CapturedStep(step, generators=[generator])
-    for _ in range(5):  # warm-up: allocator, kernels, optimizer state (graph: 3 eager steps, capture, replay)
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(updates):
-        loss = step()
-    loss.item()  # wait for the queued kernels
-    return (time.perf_counter() - start) / updates
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main(bench: BenchArgs) -> None:
     game = canonical_game(bench.env_id)
     device = resolve_device(bench.device)
-    name = f"cpu x{torch.get_num_threads()} threads"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+    name = device_name(device)
     print(f"bench_drq: {game} on {device} ({name}), torch {torch.__version__}")
 
     env_time = time_env_steps(game, bench.env_steps)
@@ -133,11 +83,11 @@ def main(bench: BenchArgs) -> None:
 
     args = drq.Args(env_id=game, device=bench.device)
     num_actions = int(make_atari100k_env(game, seed=0).action_space.n)
-    update_time = time_updates(args, device, num_actions, bench.updates)
+    update_time = drq_update_seconds(drq, args, device, num_actions, bench.updates)
     print(f"updates/s alone (batch {args.batch_size}, eager):       {1 / update_time:8.1f}  "
           f"({update_time * 1e3:.2f} ms)")  # fmt: skip
     if graph_capture_available(device):
-        graph_time = time_updates(args, device, num_actions, bench.updates, graph=True)
+        graph_time = drq_update_seconds(drq, args, device, num_actions, bench.updates, graph=True)
         print(f"updates/s alone (batch {args.batch_size}, CUDA graph):  {1 / graph_time:8.1f}  "
               f"({graph_time * 1e3:.2f} ms, {update_time / graph_time:.2f}x eager)")  # fmt: skip
         update_time = graph_time  # what the loop uses on CUDA by default

@@ -10,22 +10,19 @@ period: overhead = (per-step cost + event cost / period) / plain update time. Go
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Literal
 
 import torch
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "agents"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import drq  # noqa: E402
-from bench_drq import random_replay  # noqa: E402
+from rlplastic.bench import random_replay, synchronize
+from rlplastic.replay import FrameReplay
+from rlplastic.runs import device_generator, resolve_device
+from rlplastic.sweep import load_agent
 
-from rlplastic.replay import FrameReplay  # noqa: E402
-from rlplastic.runs import device_generator, resolve_device  # noqa: E402
+drq = load_agent("drq")
 
 
 @dataclass
@@ -52,11 +49,6 @@ CONFIGS = {
 }
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def build(args: drq.Args, device: torch.device, replay: FrameReplay):
     q, target, optimizer = drq.build_learner(args, 4, device)
     return q, target, optimizer, drq.build_interventions(args, q, target, optimizer, replay)
@@ -66,13 +58,13 @@ def time_steps(args, device, replay, generator, updates) -> float:
     q, target, optimizer, interventions = build(args, device, replay)
     for _ in range(3):
         drq.update(args, q, target, optimizer, replay, generator)
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(updates):
         drq.update(args, q, target, optimizer, replay, generator)
         for intervention in interventions:
             intervention.step()
-    sync(device)
+    synchronize(device)
     return (time.perf_counter() - start) / updates
 
 
@@ -87,10 +79,10 @@ def event_cost(args, device, replay, generator) -> tuple[float, int]:
             if hasattr(intervention, "batch_fn"):
                 action = lambda iv=intervention: iv.apply(iv.batch_fn())  # noqa: E731
             action()  # warm-up (fx trace, allocations)
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             action()
-            sync(device)
+            synchronize(device)
             return time.perf_counter() - start, period
     return 0.0, 0
 

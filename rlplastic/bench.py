@@ -1,0 +1,76 @@
+"""Timing helpers shared by the bench scripts (scripts/bench_*.py): what one env step or one update
+costs on the current device. The scripts load the agents with rlplastic.sweep.load_agent, as the
+tests and sweeps do."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from rlplastic.cuda_graphs import CapturedStep
+from rlplastic.envs.atari import make_atari100k_env
+from rlplastic.replay import FrameReplay
+from rlplastic.runs import device_generator
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+
+
+def time_env_steps(game: str, steps: int) -> float:
+    """Seconds per random-action step of the Atari-100k environment."""
+    env = make_atari100k_env(game, seed=0)
+    rng = np.random.default_rng(0)
+    env.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
+        if terminated or truncated:
+            env.reset()
+    return (time.perf_counter() - start) / steps
+
+
+def random_replay(replay: FrameReplay, num_actions: int, steps: int = 2_000) -> FrameReplay:
+    """Fill `replay` with random frames and flags: timing needs its shapes, not its contents."""
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        frame = rng.integers(0, 255, (84, 84), dtype=np.uint8)
+        action, reward, terminal = int(rng.integers(num_actions)), float(rng.random() < 0.1), rng.random() < 0.01
+        replay.add(frame, action, reward, bool(terminal), False)
+    return replay
+
+
+def time_steps(step: Callable[[], torch.Tensor], count: int, device: torch.device, warmup: int = 5) -> float:
+    """Seconds per call of `step` (which returns a tensor, e.g. the loss), after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(count):
+        out = step()
+    out.item()  # wait for the queued kernels
+    return (time.perf_counter() - start) / count
+
+
+def drq_update_seconds(drq: ModuleType, args, device: torch.device, num_actions: int, updates: int,
+                       graph: bool = False) -> float:  # fmt: skip
+    """Seconds per DrQ update (the agent module `drq`, with `args`) on a filled replay; graph=True:
+    the same update captured once in a CUDA graph and replayed."""
+    generator = device_generator(device, 0)
+    replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=device, generator=generator)
+    random_replay(replay, num_actions)
+    learner = drq.build_learner(replace(args, cuda_graph=graph), num_actions, device)
+    step = lambda: drq.update(args, *learner, replay, generator)[0]  # noqa: E731
+    if graph:
+        step = CapturedStep(step, generators=[generator])
+    return time_steps(step, updates, device)  # graph: 3 eager steps, the capture, then replays
