@@ -59,7 +59,7 @@ from torch.utils.tensorboard import SummaryWriter
 from rlplastic.augment import drq_augment
 from rlplastic.diagnostics import PlasticityProbe
 from rlplastic.init import xavier_uniform_zero_bias
-from rlplastic.interventions import ContinualBackprop, GradientNoise, HareTortoise, ReDo, ShrinkPerturb
+from rlplastic.interventions import ContinualBackprop, GradientNoise, HareTortoise, Interventions, ReDo, ShrinkPerturb
 from rlplastic.replay import FrameReplay, PrioritizedFrameReplay
 from rlplastic.rollout import evaluate_episodes
 from rlplastic.runs import (
@@ -521,7 +521,7 @@ def build_learner(args: Args, num_actions: int, device: torch.device):
     return online, target, optimizer
 
 
-def build_interventions(args: Args, online: BBFNetwork, target: BBFNetwork, optimizer, replay) -> list:
+def build_interventions(args: Args, online: BBFNetwork, target: BBFNetwork, optimizer, replay) -> Interventions:
     """Stepped after every optimizer step, in this order; the first is the EMA target."""
     every = args.ht_reset_every if "hare-tortoise" in args.reset else 0
     interventions = [HareTortoise(online, target, momentum=1.0 - args.tau, reset_every=every)]
@@ -537,7 +537,7 @@ def build_interventions(args: Args, online: BBFNetwork, target: BBFNetwork, opti
         )  # fmt: skip
     if "noise" in args.reset:
         interventions.append(GradientNoise(optimizer, args.noise_sigma, args.noise_decay))
-    return interventions
+    return Interventions(interventions)
 
 
 def update(
@@ -643,8 +643,7 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(checkpoint["optimizer"])
         resets.load_state_dict(checkpoint["resets"])
         reset_schedule.load_state_dict(checkpoint["reset_schedule"])
-        for intervention, saved in zip(interventions, checkpoint["interventions"], strict=True):
-            intervention.load_state_dict(saved)
+        interventions.load_state_dict(checkpoint["interventions"])
         replay.load_state_dict(checkpoint["replay"])
         env.set_state(checkpoint["env"])
         obs = checkpoint["obs"]
@@ -671,8 +670,7 @@ def main(args: Args) -> dict:
         if step >= args.learning_starts and replay.num_sampleable > 0:
             for _ in range(args.replay_ratio):
                 metrics = update(args, online, target, optimizer, replay, generator, support, cycle_step)
-                for intervention in interventions:
-                    intervention.step()
+                interventions.step()
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0) + value
                 updates_since_log += 1
@@ -714,6 +712,8 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/epsilon", epsilon, step)
                 writer.add_scalar("charts/n_step", fields["n"], step)
                 writer.add_scalar("charts/gamma", fields["gamma"], step)
+                for key, value in (interventions.metrics() | {"bbf_resets/resets": resets.resets}).items():
+                    writer.add_scalar(f"interventions/{key}", value, step)  # what each one has done
             progress.report(step, rate, **fields)
 
         if args.diag_every and step % args.diag_every == 0 and replay.num_sampleable > 0:
@@ -734,7 +734,7 @@ def main(args: Args) -> dict:
                     "step": step, "config": config, "online": online.state_dict(), "target": target.state_dict(),
                     "optimizer": optimizer.state_dict(), "resets": resets.state_dict(),
                     "reset_schedule": reset_schedule.state_dict(),
-                    "interventions": [intervention.state_dict() for intervention in interventions],
+                    "interventions": interventions.state_dict(),
                     "replay": replay.state_dict(), "env": env.get_state(), "obs": obs,
                     **random_states(rng, generator, device),
                     "episodes": episodes, "train_log": train_log, "diagnostics": diagnostics,

@@ -62,10 +62,12 @@ from rlplastic.interventions import (
     GradientNoise,
     HareTortoise,
     HeadReset,
+    Interventions,
     LifecycleConv2d,
     LifecycleLinear,
     ReDo,
     ShrinkPerturb,
+    lifecycle_metrics,
     swap_in_lifecycle,
 )
 from rlplastic.replay import FrameReplay
@@ -417,7 +419,7 @@ def interval(args: Args, own: int | None, default: int) -> int:
 
 def build_interventions(
     args: Args, q_network: QNetwork, target_network: QNetwork, optimizer: torch.optim.Optimizer, replay: FrameReplay
-) -> list:
+) -> Interventions:
     """The interventions stepped after every optimizer step, in this order. With --ema the EMA
     target is the first: Hare & Tortoise's tortoise, which without hare-tortoise never resets."""
     interventions = []
@@ -442,7 +444,7 @@ def build_interventions(
         )  # fmt: skip
     if "noise" in args.reset:
         interventions.append(GradientNoise(optimizer, args.noise_sigma, args.noise_decay))
-    return interventions
+    return Interventions(interventions)
 
 
 def update(
@@ -508,17 +510,11 @@ def main(args: Args) -> dict:
         """One gradient step and the interventions' per-step device work, summed into the log
         accumulators on the device: the unit a CUDA graph captures."""
         loss, q_mean = update(args, q_network, target_network, optimizer, replay, generator)
-        for intervention in interventions:
-            intervention.device_step()
+        interventions.device_step()
         loss_sum.add_(loss)
         q_sum.add_(q_mean)
 
-    use_graph = (
-        args.cuda_graph
-        and graph_capture_available(device)
-        and not args.lifecycle
-        and all(intervention.graph_safe for intervention in interventions)
-    )
+    use_graph = args.cuda_graph and graph_capture_available(device) and not args.lifecycle and interventions.graph_safe
     captured = CapturedStep(train_step, generators=[generator]) if use_graph else None
     update_mode = "cuda-graph" if captured else "eager"
     print(f"drq: update {update_mode}", flush=True)
@@ -542,8 +538,7 @@ def main(args: Args) -> dict:
         q_network.load_state_dict(checkpoint["q_network"])
         target_network.load_state_dict(checkpoint["target_network"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        for intervention, saved in zip(interventions, checkpoint["interventions"], strict=True):
-            intervention.load_state_dict(saved)
+        interventions.load_state_dict(checkpoint["interventions"])
         replay.load_state_dict(checkpoint["replay"])
         env.set_state(checkpoint["env"])
         obs = checkpoint["obs"]
@@ -578,8 +573,7 @@ def main(args: Args) -> dict:
                     captured()
                 else:
                     train_step()
-                for intervention in interventions:  # the one place interventions enter
-                    intervention.host_step()  # schedules and rare events, in place
+                interventions.host_step()  # the one place interventions enter: schedules and rare events
                 updates_since_log += 1
 
         next_obs, reward, terminated, truncated, info = env.step(action)
@@ -611,6 +605,8 @@ def main(args: Args) -> dict:
             if writer:
                 writer.add_scalar("charts/SPS", rate, step)
                 writer.add_scalar("charts/epsilon", epsilon, step)
+                for key, value in (interventions.metrics() | lifecycle_metrics(q_network)).items():
+                    writer.add_scalar(f"interventions/{key}", value, step)  # what each one has done
             progress.report(step, rate, **fields)
 
         if args.diag_every and step % args.diag_every == 0 and replay.num_sampleable > 0:
@@ -642,7 +638,7 @@ def main(args: Args) -> dict:
                     "q_network": q_network.state_dict(),
                     "target_network": target_network.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "interventions": [intervention.state_dict() for intervention in interventions],
+                    "interventions": interventions.state_dict(),
                     "replay": replay.state_dict(),
                     "env": env.get_state(),
                     "obs": obs,

@@ -239,7 +239,7 @@ def test_interventions_and_labels(bbf):
     assert type(redo).__name__ == "ReDo"
     assert bbf.method_label(args) == "bbf+hare-tortoise+redo-nospr"
     assert bbf.method_label(bbf.Args(replay_ratio=8)) == "bbf-rr8"
-    plain = bbf.build_interventions(bbf.Args(), online, target, optimizer, None)[0]
+    plain = bbf.build_interventions(bbf.Args(), online, target, optimizer, None).items[0]
     assert plain.due.period == 0  # a pure EMA target without hare-tortoise
 
 

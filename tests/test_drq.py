@@ -214,10 +214,8 @@ def run_updates(drq, args, steps, graph_order=False):
     for _ in range(steps):
         drq.update(args, q, target, optimizer, replay, generator)
         if graph_order:
-            for intervention in interventions:
-                intervention.device_step()
-            for intervention in interventions:
-                intervention.host_step()
+            interventions.device_step()  # each one's device work, as the captured graph runs it
+            interventions.host_step()
         else:
             for intervention in interventions:
                 intervention.step()
@@ -233,7 +231,7 @@ def test_the_graph_loops_order_of_intervention_work_gives_the_eager_results(drq)
     )  # fmt: skip
     eager_q, eager_target, eager = run_updates(drq, args, 10)
     graph_q, graph_target, graph = run_updates(drq, args, 10, graph_order=True)
-    assert all(i.graph_safe for i in graph) and [i.resets for i in graph[:3]] == [3, 2, 2]
+    assert all(i.graph_safe for i in graph) and [i.resets for i in graph.items[:3]] == [3, 2, 2]
     for a, b in zip([*eager_q.parameters(), *eager_target.parameters()],
                     [*graph_q.parameters(), *graph_target.parameters()], strict=True):  # fmt: skip
         assert torch.equal(a, b)
@@ -251,7 +249,7 @@ def test_flags_build_the_interventions_with_their_schedules(drq):
     assert head.models == [q, target] and set(head.groups) == {"head", "advantage", "value"}
     assert type(sp).__name__ == "ShrinkPerturb" and sp.due.period == 6 and sp.groups == {"": (0.4, 0.1)}
     plain = drq.build_interventions(replace(drq.Args(), ema=0.995), q, target, None, filled_replay())
-    assert len(plain) == 1 and plain[0].due.period == 0  # the EMA target alone never resets the hare
+    assert len(plain) == 1 and plain.items[0].due.period == 0  # the EMA target alone never resets the hare
 
 
 def test_unit_replacing_interventions_act_on_the_drq_network(drq):
@@ -264,7 +262,7 @@ def test_unit_replacing_interventions_act_on_the_drq_network(drq):
     args = replace(drq.Args(), batch_size=4, lifecycle=True, lifecycle_lifespan=(2, 4), lifecycle_recovery=(1, 2))
     q, _, interventions = run_updates(drq, args, 6)
     lifecycle_layers = [m for m in q.modules() if hasattr(m, "lifecycle_step")]
-    assert interventions == [] and len(lifecycle_layers) == 4  # 3 convs + the shared dense; outputs plain
+    assert len(interventions) == 0 and len(lifecycle_layers) == 4  # 3 convs + the shared dense; outputs plain
     assert all(layer.life.max() <= 4 for layer in lifecycle_layers)
     assert any((layer.scaler < 1).any() or not layer.active.all() for layer in lifecycle_layers)
 

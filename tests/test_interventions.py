@@ -477,3 +477,34 @@ def test_redo_never_recycles_across_a_residual_shortcut():
     assert not model.conv2.weight[:, 0].any() and torch.equal(model.conv2.weight[:, 1:], conv2_before[:, 1:])
     cbp = ContinualBackprop(model, None)
     assert [layer for layer, _ in cbp.layers] == [model.conv1]
+
+
+def test_the_interventions_container_steps_saves_and_reports_each_ones_activity():
+    """Interventions: one step() for all, state_dict round trip, metrics() under each one's name
+    (no device sync: host counters), and lifecycle_metrics for lifecycle layers."""
+    from rlplastic.interventions import Interventions, lifecycle_metrics, swap_in_lifecycle
+
+    torch.manual_seed(0)
+    model, target = MLP(), MLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = torch.randn(64, 3)
+    interventions = Interventions([
+        HareTortoise(model, target, momentum=0.9, reset_every=2),
+        ReDo(model, optimizer, batch_fn=lambda: batch, tau=0.0, every=3),
+        GradientNoise(optimizer, sigma0=0.01, decay=0.5),
+    ])  # fmt: skip
+    train_steps(model, optimizer, 6, interventions=interventions)
+    metrics = interventions.metrics()
+    assert metrics["hare_tortoise/resets"] == 3 and metrics["re_do/recycled"] >= 0
+    assert metrics["gradient_noise/sigma"] == pytest.approx(0.01 * 0.5**6)
+    assert not interventions.graph_safe  # gradient noise decides on the host every step
+    saved = interventions.state_dict()
+    fresh = Interventions([HareTortoise(model, target, 0.9, 2), ReDo(model, optimizer, lambda: batch, 0.0, every=3),
+                           GradientNoise(optimizer, 0.01, 0.5)])  # fmt: skip
+    fresh.load_state_dict(saved)
+    assert fresh.metrics() == metrics
+    with pytest.raises(ValueError, match="2 saved intervention states for 3"):
+        fresh.load_state_dict(saved[:2])
+    swap_in_lifecycle(model, optimizer=optimizer, lifespan=(1, 1), recovery=(5, 5))
+    train_steps(model, optimizer, 1)
+    assert lifecycle_metrics(model) == {"lifecycle/dead": 1.0} and lifecycle_metrics(MLP()) == {}

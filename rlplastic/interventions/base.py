@@ -117,6 +117,11 @@ class Intervention:
     def host_step(self) -> None:
         """Schedule and rare events (none by default)."""
 
+    def metrics(self) -> dict[str, float]:
+        """What the intervention has done so far (resets, units recycled, noise scale), read from
+        host-side counters: no device sync. Logged by agents as interventions/<name>/<key>."""
+        return {}
+
     def state_dict(self) -> dict:
         """Plain data only (tensors, numbers, lists, dicts): a checkpoint holding it loads with
         torch.load(weights_only=True). A schedule (Every) travels as its period and count."""
@@ -150,3 +155,56 @@ class Every:
     def __call__(self) -> bool:
         self.count += 1
         return self.period > 0 and self.count % self.period == 0
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
+class Interventions:
+    """A list of interventions used as one: device_step() then host_step() of each after every
+    optimizer step (step() does both), state_dict() / load_state_dict() for checkpoints, metrics()
+    with each one's activity under its name (hare_tortoise/resets, re_do/recycled, ...), and
+    graph_safe when every member may be captured in a CUDA graph.
+
+        interventions = Interventions([HareTortoise(q, q_target, 0.995, 4000), ReDo(q, opt, batch_fn)])
+        ...; optimizer.step(); interventions.step()
+    """
+
+    def __init__(self, items: Iterable[Intervention] = ()):
+        self.items = list(items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def graph_safe(self) -> bool:
+        return all(item.graph_safe for item in self.items)
+
+    def device_step(self) -> None:
+        for item in self.items:
+            item.device_step()
+
+    def host_step(self) -> None:
+        for item in self.items:
+            item.host_step()
+
+    def step(self) -> None:
+        self.device_step()
+        self.host_step()
+
+    def metrics(self) -> dict[str, float]:
+        return {f"{_snake(type(item).__name__)}/{key}": value for item in self.items
+                for key, value in item.metrics().items()}  # fmt: skip
+
+    def state_dict(self) -> list[dict]:
+        return [item.state_dict() for item in self.items]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        if len(states) != len(self.items):
+            raise ValueError(f"{len(states)} saved intervention states for {len(self.items)} interventions")
+        for item, state in zip(self.items, states, strict=True):
+            item.load_state_dict(state)

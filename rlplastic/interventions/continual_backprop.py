@@ -94,6 +94,9 @@ class ContinualBackprop(Intervention):
         state = self.state[index]
         state["batch_abs"], state["batch_mean"] = _unit_reduce(h.abs()), _unit_reduce(h)
 
+    def metrics(self) -> dict[str, float]:
+        return {"replaced": self.replaced}
+
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()

@@ -38,6 +38,9 @@ class GradientNoise(Intervention):
     def sigma(self) -> float:
         return self.sigma0 * self.decay**self.t
 
+    def metrics(self) -> dict[str, float]:
+        return {"sigma": self.sigma}
+
     @torch.no_grad()
     def _perturb(self) -> None:
         sigma = self.sigma

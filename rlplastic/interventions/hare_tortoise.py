@@ -48,6 +48,9 @@ class HareTortoise(Intervention):
         self.other_buffers = [(h, t) for h, t in pairs if not h.is_floating_point()]
         self.resets = 0
 
+    def metrics(self) -> dict[str, float]:
+        return {"resets": self.resets}
+
     @torch.no_grad()
     def device_step(self) -> None:
         """tortoise <- momentum * tortoise + (1 - momentum) * hare (graph-capturable)."""

@@ -354,3 +354,13 @@ def _replace_parameters(optimizer: torch.optim.Optimizer, mapping: dict[torch.Te
     for old, new in mapping.items():
         if old in optimizer.state:
             optimizer.state[new] = optimizer.state.pop(old)
+
+
+def lifecycle_metrics(model: nn.Module) -> dict[str, float]:
+    """lifecycle/dead: the share of the model's lifecycle units resting now, read from the layers'
+    host mirrors of their counters (no device sync); empty for a model without lifecycle layers."""
+    layers = [m for m in model.modules() if isinstance(m, _Lifecycle)]
+    if not layers:
+        return {}
+    active = np.concatenate([layer._host_counters()["active"] for layer in layers])
+    return {"lifecycle/dead": float((~active).mean())}

@@ -55,6 +55,10 @@ class ReDo(Intervention):
         self.due = Every(every)
         self.recycled: list[int] = []  # units recycled at each application, for logging
 
+    def metrics(self) -> dict[str, float]:
+        """Units recycled in all and at the last pass (counted when recycling: no extra sync)."""
+        return {"recycled": sum(self.recycled), "recycled_last": self.recycled[-1] if self.recycled else 0}
+
     def host_step(self) -> None:
         if self.due():
             self.apply(self.batch_fn())

@@ -71,6 +71,9 @@ class ShrinkPerturb(Intervention):
                 for name, module in snaps.items():
                     module.load_state_dict(saved[name])
 
+    def metrics(self) -> dict[str, float]:
+        return {"resets": self.resets}
+
     def host_step(self) -> None:
         if self.due():
             self.apply()
