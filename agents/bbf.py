@@ -465,7 +465,7 @@ def bbf_reset(args: Args, online: BBFNetwork, target: BBFNetwork, optimizer: tor
     keep, fresh = args.encoder_shrink, 1.0 - args.encoder_shrink
     groups = {"encoder": (keep, fresh), "transition": (keep, fresh), "projection": (0.0, 1.0),
               "predictor": (0.0, 1.0), "head": (0.0, 1.0)}  # fmt: skip
-    return ShrinkPerturb([online, target], groups, every=0, optimizer=optimizer)
+    return ShrinkPerturb([online, target], groups, every=0, optimizer=optimizer, init_fn=xavier_uniform_zero_bias)
 
 
 class ResetSchedule:
@@ -526,10 +526,18 @@ def build_interventions(args: Args, online: BBFNetwork, target: BBFNetwork, opti
     every = args.ht_reset_every if "hare-tortoise" in args.reset else 0
     interventions = [HareTortoise(online, target, momentum=1.0 - args.tau, reset_every=every)]
     if "shrink-perturb" in args.reset:
-        interventions.append(ShrinkPerturb([online], {"": (args.sp_shrink, args.sp_perturb)}, args.sp_every, optimizer))
+        interventions.append(
+            ShrinkPerturb(
+                [online], {"": (args.sp_shrink, args.sp_perturb)}, args.sp_every, optimizer, xavier_uniform_zero_bias
+            )
+        )
     if "redo" in args.reset:
         batch_fn = lambda: replay.sample(args.redo_batch).states  # noqa: E731
-        interventions.append(ReDo(online, optimizer, batch_fn, tau=args.redo_tau, every=args.redo_every))
+        interventions.append(
+            ReDo(
+                online, optimizer, batch_fn, tau=args.redo_tau, every=args.redo_every, init_fn=xavier_uniform_zero_bias
+            )
+        )
     if "cbp" in args.reset:
         interventions.append(
             ContinualBackprop(online, optimizer, args.cbp_rate, args.cbp_decay, args.cbp_maturity,

@@ -429,14 +429,18 @@ def build_interventions(
         interventions.append(HareTortoise(q_network, target_network, momentum=args.ema, reset_every=every))
     if "head" in args.reset:
         every = interval(args, args.head_reset_every, 20_000)
-        interventions.append(HeadReset(networks, list(HEAD_MODULES), every, optimizer))
+        interventions.append(HeadReset(networks, list(HEAD_MODULES), every, optimizer, xavier_uniform_zero_bias))
     if "shrink-perturb" in args.reset:
         every = interval(args, args.sp_every, 20_000)
-        interventions.append(ShrinkPerturb(networks, {"": (args.sp_shrink, args.sp_perturb)}, every, optimizer))
+        interventions.append(
+            ShrinkPerturb(networks, {"": (args.sp_shrink, args.sp_perturb)}, every, optimizer, xavier_uniform_zero_bias)
+        )
     if "redo" in args.reset:
         every = interval(args, args.redo_every, 1_000)
         batch_fn = lambda: replay.sample(args.redo_batch).states  # noqa: E731
-        interventions.append(ReDo(q_network, optimizer, batch_fn, tau=args.redo_tau, every=every))
+        interventions.append(
+            ReDo(q_network, optimizer, batch_fn, tau=args.redo_tau, every=every, init_fn=xavier_uniform_zero_bias)
+        )
     if "cbp" in args.reset:
         interventions.append(
             ContinualBackprop(q_network, optimizer, args.cbp_rate, args.cbp_decay, args.cbp_maturity,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from rlplastic.init import xavier_uniform_zero_bias
+from rlplastic.init import torch_default_init, xavier_uniform_zero_bias
 from rlplastic.interventions import (
     ContinualBackprop,
     GradientNoise,
@@ -112,10 +112,10 @@ def test_head_reset_draws_what_the_init_scheme_draws_and_clears_only_its_optimiz
 
     reset = HeadReset(model, ["head"], every=1, optimizer=optimizer)
     torch.manual_seed(123)
-    expected = fresh_copy(model.head, xavier_uniform_zero_bias)
+    expected = fresh_copy(model.head, torch_default_init)
     torch.manual_seed(123)
     reset.step()
-    assert torch.equal(model.head.weight, expected.weight) and not model.head.bias.any()
+    assert torch.equal(model.head.weight, expected.weight) and torch.equal(model.head.bias, expected.bias)
     assert model.head.weight is head_weight
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.parameters(), encoder_before, strict=True))
     assert all(fresh_state(optimizer, p) for p in model.head.parameters())
@@ -143,7 +143,7 @@ def test_shrink_perturb_mixes_with_a_fresh_draw():
     before = [p.clone() for p in model.parameters()]
     sp = ShrinkPerturb(model, {"": (0.4, 0.1)}, every=2)
     torch.manual_seed(7)
-    fresh = fresh_copy(model, xavier_uniform_zero_bias)
+    fresh = fresh_copy(model, torch_default_init)
     sp.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))  # not due yet
     torch.manual_seed(7)
@@ -171,8 +171,8 @@ def test_per_submodule_groups_express_bbf_style_resets_on_online_and_target():
     encoder_before = [p.clone() for p in online.encoder.parameters()]
     sp = ShrinkPerturb([online, target], {"encoder": (0.5, 0.5), "head": (0.0, 1.0)})
     torch.manual_seed(3)
-    fresh_encoder = fresh_copy(online.encoder, xavier_uniform_zero_bias)
-    fresh_head = fresh_copy(online.head, xavier_uniform_zero_bias)
+    fresh_encoder = fresh_copy(online.encoder, torch_default_init)
+    fresh_head = fresh_copy(online.head, torch_default_init)
     torch.manual_seed(3)
     sp.apply()
     for p, b, f in zip(online.encoder.parameters(), encoder_before, fresh_encoder.parameters(), strict=True):
@@ -226,7 +226,7 @@ def test_redo_recycles_dormant_units_and_their_adam_entries_only():
     masks = redo.dormant_masks(batch)
     assert masks[0].tolist() == [False, False, True, False]
     torch.manual_seed(11)
-    expected_row = fresh_copy(first, xavier_uniform_zero_bias).weight[2].clone()
+    expected_row = fresh_copy(first, torch_default_init).weight[2].clone()
     torch.manual_seed(11)
     redo.step()
     assert redo.recycled[-1] == masks[0].sum() + masks[1].sum()

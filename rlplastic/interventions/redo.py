@@ -5,7 +5,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from rlplastic.init import xavier_uniform_zero_bias
+from rlplastic.init import torch_default_init
 from rlplastic.interventions.base import Every, InitFn, Intervention, recycle_units
 from rlplastic.introspection import hidden_features, recyclable_layers
 
@@ -25,8 +25,9 @@ class ReDo(Intervention):
 
     Every `every` steps, on a batch from `batch_fn` (the paper uses 256 samples), a hidden unit is
     dormant when its score (see neuron_scores) is <= tau. A dormant unit gets fresh incoming
-    weights (from `init_fn`, the network's scheme), a zero bias and zero outgoing weights; the
-    optimizer's moments at those entries are zeroed, its step count is kept. Output layers are never
+    weights (from `init_fn`, the network's scheme; by default the layer's own reset_parameters), a
+    zero bias and zero outgoing weights; the optimizer's moments at those entries are zeroed, its
+    step count is kept. Output layers are never
     recycled. Scores are taken on what the units deliver to the next layer (after their norm and
     activation, as the paper scores post-activation outputs).
 
@@ -44,7 +45,7 @@ class ReDo(Intervention):
         batch_fn: Callable[[], torch.Tensor],
         tau: float = 0.1,
         every: int = 1_000,
-        init_fn: InitFn = xavier_uniform_zero_bias,
+        init_fn: InitFn = torch_default_init,
         layers: LayerPairs | None = None,
     ):
         if tau < 0:

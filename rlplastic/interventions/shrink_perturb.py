@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from rlplastic.init import xavier_uniform_zero_bias
+from rlplastic.init import torch_default_init
 from rlplastic.interventions.base import Every, InitFn, Intervention, clear_optimizer_state, fresh_copy
 
 
@@ -14,9 +14,9 @@ class ShrinkPerturb(Intervention):
     """Shrink & Perturb (Ash & Adams 2020), per submodule.
 
     Every `every` steps each listed submodule gets theta <- shrink * theta + perturb * phi, where phi
-    is a fresh draw of the submodule's own init (`init_fn`, the network's scheme) or, with
-    toward="initial", the parameters it had when this object was built. Then the optimizer state
-    of every touched parameter is cleared.
+    is a fresh draw of the submodule's own init (`init_fn`, the network's scheme; by default each
+    layer's reset_parameters) or, with toward="initial", the parameters it had when this object was
+    built. Then the optimizer state of every touched parameter is cleared.
 
     `groups` maps submodule names (as in model.named_modules(); "" is the whole model) to
     (shrink, perturb): Ash & Adams' defaults are (0.4, 0.1); the warm-start study shrinks toward the
@@ -36,7 +36,7 @@ class ShrinkPerturb(Intervention):
         groups: Mapping[str, tuple[float, float]] | None = None,
         every: int = 0,
         optimizer: torch.optim.Optimizer | None = None,
-        init_fn: InitFn = xavier_uniform_zero_bias,
+        init_fn: InitFn = torch_default_init,
         toward: str = "fresh",
     ):
         self.models = [models] if isinstance(models, nn.Module) else list(models)
@@ -105,6 +105,6 @@ class HeadReset(ShrinkPerturb):
         names: Sequence[str],
         every: int,
         optimizer: torch.optim.Optimizer | None = None,
-        init_fn: InitFn = xavier_uniform_zero_bias,
+        init_fn: InitFn = torch_default_init,
     ):
         super().__init__(models, {name: (0.0, 1.0) for name in names}, every, optimizer, init_fn)
