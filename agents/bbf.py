@@ -58,10 +58,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from rlplastic.augment import drq_augment
 from rlplastic.diagnostics import PlasticityProbe
+from rlplastic.evaluation import evaluate_episodes
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import ContinualBackprop, GradientNoise, HareTortoise, Interventions, ReDo, ShrinkPerturb
 from rlplastic.replay import FrameReplay, PrioritizedFrameReplay
-from rlplastic.rollout import evaluate_episodes
 from rlplastic.runs import (
     Progress,
     atomic_write_json,

@@ -56,6 +56,7 @@ from torch.utils.tensorboard import SummaryWriter
 from rlplastic.augment import drq_augment
 from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
 from rlplastic.diagnostics import PlasticityProbe
+from rlplastic.evaluation import evaluate_episodes
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import (
     ContinualBackprop,
@@ -71,7 +72,6 @@ from rlplastic.interventions import (
     swap_in_lifecycle,
 )
 from rlplastic.replay import FrameReplay
-from rlplastic.rollout import evaluate_episodes
 from rlplastic.runs import (
     Progress,
     atomic_torch_save,

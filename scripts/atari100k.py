@@ -16,20 +16,22 @@ import json
 import sys
 from pathlib import Path
 
-from rlplastic import evaluation, sweep
+from rlplastic import report as reporting
+from rlplastic import scores as scoring
+from rlplastic import sweep
 from rlplastic.runs import atomic_write_json
 
 
 def report(args: argparse.Namespace) -> int:
     if not args.run_dirs and not args.scores:
-        raise evaluation.ScoreError("give run folders, --scores FILE.csv, or both")
+        raise scoring.ScoreError("give run folders, --scores FILE.csv, or both")
     for name in ("reps", "profile_reps", "improvement_reps"):
         if getattr(args, name) < 1:
-            raise evaluation.ScoreError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    scores = evaluation.screen_protocol(evaluation.collect_run_scores(args.run_dirs), args.allow_short)
+            raise scoring.ScoreError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    scores = scoring.screen_protocol(scoring.collect_run_scores(args.run_dirs), args.allow_short)
     for path in args.scores:
-        scores += evaluation.read_scores_csv(path)
-    result = evaluation.build_report(
+        scores += scoring.read_scores_csv(path)
+    result = reporting.build_report(
         scores,
         args.out,
         reps=args.reps,
@@ -45,8 +47,8 @@ def report(args: argparse.Namespace) -> int:
         print(f"\nwritten: {args.out}/report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, "
               "performance_profile.png (+ curves.png, curves.csv for runs with --eval-every)",
               file=sys.stderr)  # fmt: skip
-    for method, games in evaluation.thin_games(scores).items():
-        print(f"warning: {method} has fewer than {evaluation.MIN_RUNS_PER_GAME} runs on {', '.join(games)}: "
+    for method, games in scoring.thin_games(scores).items():
+        print(f"warning: {method} has fewer than {scoring.MIN_RUNS_PER_GAME} runs on {', '.join(games)}: "
               "its confidence intervals are wide and unreliable", file=sys.stderr)  # fmt: skip
     for method in result.matrices.values():
         if method.missing_games:
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (evaluation.ScoreError, sweep.SweepError) as e:
+    except (scoring.ScoreError, sweep.SweepError) as e:
         print(f"atari100k {args.command}: error: {e}", file=sys.stderr)
         return 2
 

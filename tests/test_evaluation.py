@@ -9,8 +9,10 @@ import pytest
 from conftest import ROOT
 from rlplastic.envs.atari import ATARI100K_GAMES
 
-from rlplastic import evaluation
-from rlplastic.evaluation import Score, ScoreError
+from rlplastic import aggregates
+from rlplastic import report as reporting
+from rlplastic import scores as scoring
+from rlplastic.scores import Score, ScoreError
 
 # normalized scores, 2 runs x 4 games; by hand:
 #   pooled sorted -0.2 0 0.1 0.3 | 0.5 1.0 2.0 3.0 ... IQM drops 2 from each end: (0.1+0.3+0.5+1.0)/4 = 0.475
@@ -21,13 +23,13 @@ HAND_ANSWERS = {"iqm": 0.475, "median": 0.9, "mean": 0.8375, "og": 0.5375}
 
 
 def test_own_formulas_on_a_hand_made_matrix():
-    assert evaluation.point_estimates(HAND) == pytest.approx(HAND_ANSWERS)
+    assert aggregates.point_estimates(HAND) == pytest.approx(HAND_ANSWERS)
 
 
 def test_rliable_point_estimates_match_the_hand_answers():
-    estimates = evaluation.interval_estimates({"m": HAND}, reps=200, seed=0)["m"]
-    assert {k: estimates[k] for k in evaluation.AGGREGATES} == pytest.approx(HAND_ANSWERS)
-    for name in evaluation.AGGREGATES:
+    estimates = aggregates.interval_estimates({"m": HAND}, reps=200, seed=0)["m"]
+    assert {k: estimates[k] for k in aggregates.AGGREGATES} == pytest.approx(HAND_ANSWERS)
+    for name in aggregates.AGGREGATES:
         lo, hi = estimates["ci"][name]
         assert lo <= estimates[name] + 1e-12 and estimates[name] <= hi + 1e-12
 
@@ -36,18 +38,18 @@ def test_rliable_matches_own_formulas_on_random_matrices():
     rng = np.random.default_rng(3)
     for runs, games in ((1, 26), (5, 26), (3, 7), (10, 4)):
         scores = rng.normal(0.5, 0.8, size=(runs, games))
-        ours = evaluation.point_estimates(scores)
-        theirs = evaluation.interval_estimates({"m": scores}, reps=50, seed=0)["m"]
-        assert {k: theirs[k] for k in evaluation.AGGREGATES} == pytest.approx(ours, abs=1e-12)
+        ours = aggregates.point_estimates(scores)
+        theirs = aggregates.interval_estimates({"m": scores}, reps=50, seed=0)["m"]
+        assert {k: theirs[k] for k in aggregates.AGGREGATES} == pytest.approx(ours, abs=1e-12)
 
 
 def test_bootstrap_ci_of_two_runs_on_one_game_is_exact():
     # resampling 2 runs {0, 1}: mean in {0, 0.5, 1} with probabilities 1/4, 1/2, 1/4 -> the 2.5% and
     # 97.5% percentiles are 0 and 1
-    ci = evaluation.interval_estimates({"m": np.array([[0.0], [1.0]])}, reps=4000, seed=1)["m"]["ci"]["mean"]
+    ci = aggregates.interval_estimates({"m": np.array([[0.0], [1.0]])}, reps=4000, seed=1)["m"]["ci"]["mean"]
     assert ci == pytest.approx([0.0, 1.0])
     # identical runs: nothing to resample, the CI collapses onto the point
-    flat = evaluation.interval_estimates({"m": np.full((3, 5), 0.7)}, reps=100, seed=1)["m"]
+    flat = aggregates.interval_estimates({"m": np.full((3, 5), 0.7)}, reps=100, seed=1)["m"]
     assert flat["ci"]["iqm"] == pytest.approx([0.7, 0.7])
 
 
@@ -59,9 +61,9 @@ def own_stratified_bootstrap(scores, statistic, reps, rng):
 
 def test_rliable_cis_agree_with_an_own_stratified_bootstrap():
     scores = np.random.default_rng(0).gamma(2.0, 0.4, size=(5, 26))
-    theirs = evaluation.interval_estimates({"m": scores}, reps=4000, seed=0)["m"]["ci"]
+    theirs = aggregates.interval_estimates({"m": scores}, reps=4000, seed=0)["m"]["ci"]
     rng = np.random.default_rng(1)
-    for name, statistic in (("iqm", evaluation.iqm), ("mean", evaluation.mean), ("og", evaluation.optimality_gap)):
+    for name, statistic in (("iqm", aggregates.iqm), ("mean", aggregates.mean), ("og", aggregates.optimality_gap)):
         lo, hi = own_stratified_bootstrap(scores, statistic, 4000, rng)
         width = hi - lo
         # two independent 4,000-rep bootstraps: endpoints agree to a few percent of the width
@@ -71,21 +73,21 @@ def test_rliable_cis_agree_with_an_own_stratified_bootstrap():
 
 def test_reports_are_reproducible_with_a_seed():
     scores = np.random.default_rng(0).normal(size=(3, 6))
-    a = evaluation.interval_estimates({"m": scores}, reps=300, seed=5)
-    b = evaluation.interval_estimates({"m": scores}, reps=300, seed=5)
-    c = evaluation.interval_estimates({"m": scores}, reps=300, seed=6)
+    a = aggregates.interval_estimates({"m": scores}, reps=300, seed=5)
+    b = aggregates.interval_estimates({"m": scores}, reps=300, seed=5)
+    c = aggregates.interval_estimates({"m": scores}, reps=300, seed=6)
     assert a == b and a != c
 
 
 def test_reference_scores_are_the_published_ones():
-    reference = evaluation.reference_scores()
+    reference = scoring.reference_scores()
     assert list(reference) == list(ATARI100K_GAMES)
     assert reference["Pong"] == (-20.7, 14.6)
     assert reference["Breakout"] == (1.7, 30.5)
     assert reference["MsPacman"] == (307.3, 6951.6)
-    assert evaluation.human_normalized("Pong", -20.7, reference) == 0.0
-    assert evaluation.human_normalized("Pong", 14.6, reference) == pytest.approx(1.0)
-    assert evaluation.human_normalized("Breakout", 16.1, reference) == pytest.approx(0.5)
+    assert scoring.human_normalized("Pong", -20.7, reference) == 0.0
+    assert scoring.human_normalized("Pong", 14.6, reference) == pytest.approx(1.0)
+    assert scoring.human_normalized("Breakout", 16.1, reference) == pytest.approx(0.5)
 
 
 def write_csv(path, rows, header=("method", "game", "seed", "score")):
@@ -98,7 +100,7 @@ def write_csv(path, rows, header=("method", "game", "seed", "score")):
 
 def test_csv_rows_with_and_without_seed(tmp_path):
     path = write_csv(tmp_path / "s.csv", [["DER", "pong", "", "-19.3"], ["mine", "ALE/Pong-v5", "3", "-20"]])
-    scores = evaluation.read_scores_csv(path)
+    scores = scoring.read_scores_csv(path)
     assert scores[0] == Score("DER", "Pong", None, -19.3, f"{path}:2")
     assert (scores[1].game, scores[1].seed, scores[1].score) == ("Pong", 3, -20.0)
 
@@ -116,26 +118,26 @@ def test_csv_rows_with_and_without_seed(tmp_path):
 def test_csv_errors_name_the_file_and_line(tmp_path, row, message):
     path = write_csv(tmp_path / "bad.csv", [["m", "Breakout", "1", "3"], row])
     with pytest.raises(ScoreError, match=message) as error:
-        evaluation.read_scores_csv(path)
+        scoring.read_scores_csv(path)
     assert f"{path}:3" in str(error.value)
 
 
 def test_csv_without_the_columns_is_an_error(tmp_path):
     path = write_csv(tmp_path / "bad.csv", [["m", "Pong", "3"]], header=("method", "game", "return"))
     with pytest.raises(ScoreError, match=r"bad.csv:1: .*lacks column"):
-        evaluation.read_scores_csv(path)
+        scoring.read_scores_csv(path)
 
 
 def test_duplicate_rows_are_errors_naming_both(tmp_path):
     path = write_csv(tmp_path / "dup.csv", [["m", "Pong", "", "3"], ["m", "Breakout", "", "3"], ["m", "pong", "", "4"]])
     with pytest.raises(ScoreError, match=r"dup.csv:4: duplicate score for m / Pong / no seed.*dup.csv:2"):
-        evaluation.score_matrices(evaluation.read_scores_csv(path), evaluation.reference_scores())
+        scoring.score_matrices(scoring.read_scores_csv(path), scoring.reference_scores())
 
 
 def test_matrices_report_missing_games_and_left_out_runs():
-    reference = evaluation.reference_scores()
+    reference = scoring.reference_scores()
     scores = [Score("m", "Pong", s, -20.7 + s, "x") for s in (1, 2, 3)] + [Score("m", "Breakout", 2, 30.5, "y")]
-    m = evaluation.score_matrices(scores, reference)["m"]
+    m = scoring.score_matrices(scores, reference)["m"]
     assert m.games == ["Breakout", "Pong"]  # reference order
     assert m.raw.shape == (1, 2) and m.raw[0].tolist() == [30.5, -19.7]  # the lowest seed of Pong kept
     assert m.normalized[0, 0] == pytest.approx(1.0)
@@ -144,16 +146,16 @@ def test_matrices_report_missing_games_and_left_out_runs():
 
 
 def test_probability_of_improvement_by_hand():
-    reference = evaluation.reference_scores()
+    reference = scoring.reference_scores()
 
     def method(name, per_game):
         scores = [Score(name, g, s, v, "x") for g, values in per_game.items() for s, v in enumerate(values)]
-        return evaluation.score_matrices(scores, reference)[name]
+        return scoring.score_matrices(scores, reference)[name]
 
     # Pong: x = {0, 10} vs y = {5, 5}: U = 2 wins of 4 -> 0.5; Breakout: x always above -> 1.0; mean 0.75
     x = method("x", {"Pong": [0.0, 10.0], "Breakout": [20.0, 21.0], "Alien": [300.0, 400.0]})
     y = method("y", {"Pong": [5.0, 5.0], "Breakout": [2.0, 3.0]})
-    result = evaluation.probability_of_improvement(x, y, reps=200, seed=0)
+    result = aggregates.probability_of_improvement(x, y, reps=200, seed=0)
     assert result["p"] == pytest.approx(0.75)
     assert result["games"] == 2
     assert result["ci"][0] <= 0.75 <= result["ci"][1]
@@ -173,8 +175,8 @@ def test_report_from_run_folders_writes_every_output(tmp_path):
         write_results(runs / "a" / f"pong{seed}", "drq", "Pong", seed, -20.0 + seed)
         write_results(runs / "a" / f"breakout{seed}", "drq", "Breakout", seed, 5.0 * seed)
         write_results(runs / "b" / f"pong{seed}", "drq+head", "Pong", seed, -10.0)
-    scores = evaluation.collect_run_scores([runs])
-    report = evaluation.build_report(scores, tmp_path / "out", reps=100, profile_reps=50, compare=[("drq+head", "drq")])
+    scores = scoring.collect_run_scores([runs])
+    report = reporting.build_report(scores, tmp_path / "out", reps=100, profile_reps=50, compare=[("drq+head", "drq")])
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"report.md", "scores.csv", "per_game.csv", "aggregates.json", "aggregates.png"} <= files
     assert "performance_profile.png" in files
@@ -184,9 +186,9 @@ def test_report_from_run_folders_writes_every_output(tmp_path):
     assert float(pong["normalized"]) == pytest.approx((-19.0 + 20.7) / (14.6 + 20.7))
     per_game = {r["game"]: r for r in csv.DictReader(open(tmp_path / "out" / "per_game.csv"))}
     assert float(per_game["Breakout"]["drq"]) == 7.5 and per_game["Breakout"]["drq+head"] == ""
-    aggregates = json.loads((tmp_path / "out" / "aggregates.json").read_text())
-    assert aggregates["drq"]["games"] == 2 and aggregates["drq+head"]["games"] == 1
-    assert aggregates["drq"]["mean"] == pytest.approx(evaluation.mean(report.matrices["drq"].normalized))
+    summary = json.loads((tmp_path / "out" / "aggregates.json").read_text())
+    assert summary["drq"]["games"] == 2 and summary["drq+head"]["games"] == 1
+    assert summary["drq"]["mean"] == pytest.approx(aggregates.mean(report.matrices["drq"].normalized))
     assert "drq+head: no score on 25 game(s)" in report.markdown
     assert "| drq+head | drq | 1.000" in report.markdown
 
@@ -195,7 +197,7 @@ def test_broken_results_json_is_named(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "results.json").write_text("{not json")
     with pytest.raises(ScoreError, match=r"r/results.json: not a results.json"):
-        evaluation.collect_run_scores([tmp_path])
+        scoring.collect_run_scores([tmp_path])
 
 
 def cli(*args):
@@ -256,8 +258,8 @@ def test_runs_that_evaluated_during_training_get_sample_efficiency_curves(tmp_pa
         curve = [(50_000, -20.0 + offset), (100_000, -10.0 + offset)]
         write_results(runs / f"pong{seed}", "drq", "Pong", seed, -10.0 + offset, curve=curve)
     write_results(runs / "boxing", "drq", "Boxing", 1, 5.0)  # no curve: only its final point
-    scores = evaluation.collect_run_scores([runs])
-    report = evaluation.build_report(scores, tmp_path / "out", reps=100, profile_reps=10)
+    scores = scoring.collect_run_scores([runs])
+    report = reporting.build_report(scores, tmp_path / "out", reps=100, profile_reps=10)
     rows = list(csv.DictReader(open(tmp_path / "out" / "curves.csv")))
     assert [(r["game"], int(r["step"]), float(r["mean"]), int(r["runs"])) for r in rows] == [
         ("Pong", 50_000, -19.0, 2),
@@ -268,11 +270,11 @@ def test_runs_that_evaluated_during_training_get_sample_efficiency_curves(tmp_pa
     only_final = [s for s in scores if s.game == "Boxing"] + [
         replace(s, curve=s.curve[-1:]) for s in scores if s.game == "Pong"
     ]
-    report = evaluation.build_report(only_final, tmp_path / "flat", reps=100, profile_reps=10)
+    report = reporting.build_report(only_final, tmp_path / "flat", reps=100, profile_reps=10)
     assert not (tmp_path / "flat" / "curves.png").exists() and "curves.png" not in report.markdown
 
     write_results(runs / "broken", "drq", "Pong", 3, 1.0)
     broken = json.loads((runs / "broken" / "results.json").read_text()) | {"eval_curve": [{"step": 1}]}
     (runs / "broken" / "results.json").write_text(json.dumps(broken))
     with pytest.raises(ScoreError, match="broken/results.json: eval_curve"):
-        evaluation.collect_run_scores([runs])
+        scoring.collect_run_scores([runs])

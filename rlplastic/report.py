@@ -1,0 +1,249 @@
+"""The Atari-100k report: aggregates table, per-game table, probability of improvement, plots
+(rliable's plot_utils) and sample-efficiency curves, written atomically into one folder."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rlplastic.aggregates import (
+    AGGREGATE_TITLES,
+    AGGREGATES,
+    PROFILE_TAUS,
+    interval_estimates,
+    performance_profiles,
+    probability_of_improvement,
+)
+from rlplastic.scores import (
+    MIN_RUNS_PER_GAME,
+    SMOKE_MARK,
+    MethodScores,
+    Score,
+    ScoreError,
+    human_normalized,
+    mean_curves,
+    per_game_means,
+    reference_scores,
+    score_matrices,
+    thin_games,
+)
+
+
+def plot_curves(curves: dict[str, dict[str, list[tuple[int, float, int]]]], path: str | Path) -> None:
+    """One panel per game: each method's mean evaluation return against agent steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlplastic.runs import atomic_write
+
+    games = sorted({game for per_game in curves.values() for game in per_game})
+    cols = min(4, len(games))
+    rows = -(-len(games) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax, game in zip(axes.flat, games, strict=False):
+        for method, per_game in curves.items():
+            if game in per_game:
+                steps, values, _ = zip(*per_game[game], strict=True)
+                ax.plot([s / 1000 for s in steps], values, marker="o", label=method)
+        ax.set_title(game)
+        ax.set_xlabel("agent steps (k)")
+        ax.set_ylabel("eval return")
+    for ax in list(axes.flat)[len(games) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    def cell(v) -> str:
+        if v is None:
+            return "—"
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_estimate(value: float, ci: Sequence[float]) -> str:
+    return f"{value:.3f} ({ci[0]:.3f}, {ci[1]:.3f})"
+
+
+def plot_interval_estimates(estimates: dict[str, dict], path: str | Path) -> None:
+    """The four aggregates with their CIs, one panel each, methods as rows: rliable's own figure
+    (plot_utils.plot_interval_estimates)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rliable import plot_utils
+
+    points = {m: np.array([e[a] for a in AGGREGATES]) for m, e in estimates.items()}
+    intervals = {m: np.array([e["ci"][a] for a in AGGREGATES]).T for m, e in estimates.items()}  # (2, metrics)
+    # rliable sizes the figure by rows and places the axis label in figure coordinates: keep it
+    # about 0.55 inch below the axes whatever the number of methods
+    row_height = max(0.45, 1.2 / len(estimates))
+    fig, _ = plot_utils.plot_interval_estimates(
+        points, intervals, metric_names=[AGGREGATE_TITLES[a] for a in AGGREGATES], algorithms=list(estimates),
+        xlabel="Human-normalized score", row_height=row_height,
+        xlabel_y_coordinate=-0.55 / (row_height * len(estimates)),
+    )  # fmt: skip
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_performance_profiles(
+    profiles: dict[str, np.ndarray], cis: dict[str, np.ndarray], path: str | Path, taus: np.ndarray = PROFILE_TAUS
+) -> None:
+    """Score distributions with their CIs: rliable's plot_utils.plot_performance_profiles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rliable import plot_utils
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_utils.plot_performance_profiles(
+        profiles, taus, performance_profile_cis=cis, ax=ax, xlabel=r"Human-normalized score ($\tau$)",
+    )  # fmt: skip
+    ax.legend(loc="upper right")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+    from rlplastic.runs import atomic_write
+
+    def write(f) -> None:
+        import io
+
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(["" if v is None else v for v in row] for row in rows)
+        f.write(text.getvalue().encode())
+
+    atomic_write(path, write)
+
+
+@dataclass
+class Report:
+    matrices: dict[str, MethodScores]
+    estimates: dict[str, dict]
+    improvements: list[dict]
+    markdown: str
+
+    def as_json(self) -> dict:
+        """{"METHOD": {"iqm", "median", "mean", "og", "ci": {...}, "games": n}} (+ runs, missing games)."""
+        return {
+            method: est | {"games": len(self.matrices[method].games), "runs": self.matrices[method].runs,
+                           "missing_games": self.matrices[method].missing_games}
+            for method, est in self.estimates.items()
+        }  # fmt: skip
+
+
+def build_report(
+    scores: Sequence[Score],
+    out_dir: str | Path,
+    reps: int = 50_000,
+    seed: int = 0,
+    compare: Sequence[tuple[str, str]] = (),
+    profile_reps: int = 2_000,
+    improvement_reps: int = 2_000,
+    reference: dict[str, tuple[float, float]] | None = None,
+) -> Report:
+    """Aggregates, per-game table, probability of improvement and plots, written into out_dir:
+    report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, performance_profile.png, and
+    curves.png / curves.csv when runs evaluated during training (--eval-every)."""
+    from rlplastic.runs import atomic_write, atomic_write_json
+
+    reference = reference or reference_scores()
+    if not scores:
+        raise ScoreError("no scores: no results.json below the run folders and no --scores rows")
+    matrices = score_matrices(scores, reference)
+    for x, y in compare:
+        for name in (x, y):
+            if name not in matrices:
+                raise ScoreError(f"--compare {x} {y}: no method {name!r}; methods: {', '.join(matrices)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    estimates = interval_estimates({m: s.normalized for m, s in matrices.items()}, reps=reps, seed=seed)
+    improvements = [
+        probability_of_improvement(matrices[x], matrices[y], reps=improvement_reps, seed=seed) for x, y in compare
+    ]
+    profiles, profile_cis = performance_profiles(
+        {m: s.normalized for m, s in matrices.items()}, reps=profile_reps, seed=seed
+    )
+    plot_interval_estimates(estimates, out_dir / "aggregates.png")
+    plot_performance_profiles(profiles, profile_cis, out_dir / "performance_profile.png")
+
+    methods = list(matrices)
+    game_header = ["game", "random", "human", *methods]
+    game_rows = [[row[k] for k in game_header] for row in per_game_means(matrices, reference)]
+    _write_csv(out_dir / "per_game.csv", game_header, game_rows)
+    _write_csv(
+        out_dir / "scores.csv",
+        ["method", "game", "seed", "score", "normalized"],
+        [[s.method, s.game, s.seed, s.score, human_normalized(s.game, s.score, reference)] for s in scores],
+    )
+    report = Report(matrices, estimates, improvements, "")
+    atomic_write_json(out_dir / "aggregates.json", report.as_json())
+
+    md = ["# Atari-100k report", ""]
+    md += [f"Human-normalized aggregates, 95% stratified-bootstrap CIs ({reps:,} reps, seed {seed}, rliable).", ""]
+    md.append(
+        markdown_table(
+            ["method", "runs", "games", *(AGGREGATE_TITLES[a] for a in AGGREGATES)],
+            [[m, matrices[m].runs, len(matrices[m].games), *(format_estimate(e[a], e["ci"][a]) for a in AGGREGATES)]
+             for m, e in estimates.items()],
+        )
+    )  # fmt: skip
+    md += ["", "![aggregates](aggregates.png)", "", "![performance profile](performance_profile.png)", ""]
+    curves = mean_curves(scores)
+    if curves:  # runs evaluated during training (--eval-every): sample-efficiency curves
+        plot_curves(curves, out_dir / "curves.png")
+        _write_csv(
+            out_dir / "curves.csv", ["method", "game", "step", "mean", "runs"],
+            [[m, g, step, value, n] for m, per_game in curves.items() for g, points in per_game.items()
+             for step, value, n in points],
+        )  # fmt: skip
+        md += ["## Evaluation during training", "", "![sample-efficiency curves](curves.png)", ""]
+    notes = []
+    for m, games in thin_games(scores).items():
+        notes.append(f"- {m}: fewer than {MIN_RUNS_PER_GAME} runs on {', '.join(games)}: wide, unreliable CIs")
+    for m, s in matrices.items():
+        if m.endswith(SMOKE_MARK):
+            notes.append(f"- {m}: not full Atari-100k runs (short training or evaluation): not comparable")
+        if s.missing_games:
+            notes.append(f"- {m}: no score on {len(s.missing_games)} game(s): {', '.join(s.missing_games)}")
+        if s.runs == 1:
+            notes.append(f"- {m}: one score per game (per-game means?): its CIs are points, not uncertainty")
+        if s.dropped:
+            listed = ", ".join(f"{d.game} seed {d.seed}" for d in s.dropped)
+            notes.append(f"- {m}: {len(s.dropped)} run(s) left out to keep {s.runs} run(s) per game: {listed}")
+    if notes:
+        md += ["## Notes: runs per game, missing games, left-out runs", "", *notes, ""]
+    if improvements:
+        md += ["## Probability of improvement", ""]
+        md.append(
+            markdown_table(
+                ["X", "Y", "P(X > Y)", "games"],
+                [[i["x"], i["y"], format_estimate(i["p"], i["ci"]), i["games"]] for i in improvements],
+            )
+        )
+        md += ["", f"95% CIs from {improvement_reps:,} stratified independent bootstrap reps.", ""]
+    md += ["## Per-game mean raw score", ""]
+    md.append(markdown_table(game_header, game_rows))
+    md.append("")
+    report.markdown = "\n".join(md)
+    atomic_write(out_dir / "report.md", lambda f: f.write(report.markdown.encode()))
+    return report
