@@ -78,7 +78,9 @@ from rlplastic.runs import (
     restore_random_states,
     save_checkpoint,
     seed_everything,
+    start_tracking,
     stop_if_not_finite,
+    tracking_problems,
 )
 from rlplastic.schedules import linearly_decaying_epsilon
 
@@ -209,6 +211,12 @@ class Args:
     """agent steps between progress lines and tensorboard scalars"""
     track_tensorboard: bool = True
     """write tensorboard event files into the run folder"""
+    track: bool = False
+    """also log to Weights & Biases (CleanRL's convention: tensorboard scalars synced); needs wandb"""
+    wandb_project_name: str = "rlplastic"
+    """the Weights & Biases project of --track"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team) of --track"""
 
 
 def validate(args: Args) -> list[str]:
@@ -274,6 +282,7 @@ def validate(args: Args) -> list[str]:
     if args.amp == "bf16" and device is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         problems.append("--amp bf16: this GPU does not support bfloat16; use --amp fp32")
     problems += output_dir_problems(args.output_dir)
+    problems += tracking_problems(args.track, args.track_tensorboard)
     if args.batch_size > args.buffer_size:
         problems.append(f"--batch-size {args.batch_size}: larger than the replay (--buffer-size {args.buffer_size})")
     if device is not None and args.buffer_size > 0:
@@ -296,7 +305,15 @@ def method_label(args: Args) -> str:
 
 
 # Arguments that may differ when an interrupted run resumes: they do not change its results.
-RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "track_tensorboard"}
+RESUMABLE_CHANGES = {
+    "device",
+    "log_every",
+    "checkpoint_every",
+    "track_tensorboard",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+}
 
 
 # NETWORK
@@ -610,6 +627,8 @@ def main(args: Args) -> dict:
     checkpoint_path = run_dir / "checkpoint.pt"
     checkpoint = load_checkpoint(checkpoint_path, config, RESUMABLE_CHANGES, device, "bbf")
     start_step = checkpoint["step"] + 1 if checkpoint else 1
+    if args.track:  # before the SummaryWriter, so that wandb syncs its scalars
+        start_tracking(args.wandb_project_name, args.wandb_entity, run_dir, run_dir.name, config)
     writer = SummaryWriter(str(run_dir), purge_step=start_step) if args.track_tensorboard else None
     if writer and not checkpoint:
         writer.add_text("hyperparameters", hparams_markdown(config))

@@ -89,7 +89,9 @@ from rlplastic.runs import (
     restore_random_states,
     save_checkpoint,
     seed_everything,
+    start_tracking,
     stop_if_not_finite,
+    tracking_problems,
 )
 from rlplastic.schedules import linearly_decaying_epsilon
 
@@ -212,6 +214,12 @@ class Args:
     """agent steps between progress lines and tensorboard scalars"""
     track_tensorboard: bool = True
     """write tensorboard event files into the run folder"""
+    track: bool = False
+    """also log to Weights & Biases (CleanRL's convention: tensorboard scalars synced); needs wandb"""
+    wandb_project_name: str = "rlplastic"
+    """the Weights & Biases project of --track"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team) of --track"""
     save_model: bool = False
     """after training, save the online network's weights (a plain state_dict, 16 MB) as
     q_network.pt in the run folder, e.g. to evaluate it again at another epsilon"""
@@ -267,6 +275,7 @@ def validate(args: Args) -> list[str]:
         device = None
     problems += validate_interventions(args)
     problems += output_dir_problems(args.output_dir)
+    problems += tracking_problems(args.track, args.track_tensorboard)
     if args.batch_size > args.buffer_size:
         problems.append(f"--batch-size {args.batch_size}: larger than the replay (--buffer-size {args.buffer_size})")
     if device is not None and args.buffer_size > 0:
@@ -323,7 +332,16 @@ def method_label(args: Args) -> str:
 
 
 # Arguments that may differ when an interrupted run resumes: they do not change its results.
-RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "track_tensorboard", "save_model"}
+RESUMABLE_CHANGES = {
+    "device",
+    "log_every",
+    "checkpoint_every",
+    "track_tensorboard",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "save_model",
+}
 
 
 def evaluate(args: Args, game: str, greedy_actions, num_episodes: int, seed: int):
@@ -494,6 +512,8 @@ def main(args: Args) -> dict:
     checkpoint = load_checkpoint(checkpoint_path, config, RESUMABLE_CHANGES, device, "drq")
     start_step = checkpoint["step"] + 1 if checkpoint else 1
     # purge_step drops events logged after the checkpoint by the interrupted run
+    if args.track:  # before the SummaryWriter, so that wandb syncs its scalars
+        start_tracking(args.wandb_project_name, args.wandb_entity, run_dir, run_dir.name, config)
     writer = SummaryWriter(str(run_dir), purge_step=start_step) if args.track_tensorboard else None
     if writer and not checkpoint:
         writer.add_text("hyperparameters", hparams_markdown(config))

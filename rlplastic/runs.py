@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -264,6 +265,29 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")
+
+
+def tracking_problems(track: bool, track_tensorboard: bool) -> list[str]:
+    """--track (Weights & Biases, CleanRL's convention) needs wandb installed and tensorboard on,
+    since it syncs the tensorboard scalars."""
+    if not track:
+        return []
+    problems = []
+    if importlib.util.find_spec("wandb") is None:
+        problems.append("--track needs wandb, which is not installed: pip install 'rlplastic[track]' (or wandb)")
+    if not track_tensorboard:
+        problems.append("--track syncs the tensorboard scalars: drop --no-track-tensorboard")
+    return problems
+
+
+def start_tracking(project: str, entity: str | None, run_dir: Path, run_name: str, config: dict) -> None:
+    """Log the run to Weights & Biases as CleanRL does: wandb.init(sync_tensorboard=True) before the
+    SummaryWriter is made, so every tensorboard scalar is also sent. The wandb run id is the run
+    folder's name, so a resumed run continues the same wandb run."""
+    import wandb
+
+    wandb.init(project=project, entity=entity, sync_tensorboard=True, config=config, name=run_name,
+               dir=str(run_dir), id=run_dir.resolve().name, resume="allow", save_code=False)  # fmt: skip
 
 
 def log_final_evaluation(writer, returns: list[float], mean: float, step: int) -> None:

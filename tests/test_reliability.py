@@ -239,3 +239,23 @@ def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_results(tmp
         assert resumed[key] == straight[key], key
     assert kills >= 10
     print(f"{kills} kills survived, 0 results differed")
+
+
+def test_track_logs_to_weights_and_biases_as_cleanrl_does_and_is_refused_without_wandb(tmp_path, monkeypatch):
+    import importlib.util
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    runs.start_tracking("proj", None, tmp_path / "Pong__drq__1", "Pong__drq__1", {"seed": 1})
+    assert calls[0]["sync_tensorboard"] is True and calls[0]["id"] == "Pong__drq__1" and calls[0]["resume"] == "allow"
+    assert calls[0]["project"] == "proj" and calls[0]["config"] == {"seed": 1}
+    monkeypatch.delitem(sys.modules, "wandb")
+    assert runs.tracking_problems(False, True) == []
+    assert any("drop --no-track-tensorboard" in p for p in runs.tracking_problems(True, False))
+    if importlib.util.find_spec("wandb") is None:  # CI: wandb is an optional extra
+        assert any("--track needs wandb" in p for p in runs.tracking_problems(True, True))
+        drq = subprocess.run([sys.executable, str(ROOT / "agents" / "drq.py"), "--track", "--output-dir",
+                              str(tmp_path / "run")], capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert drq.returncode != 0 and "--track needs wandb" in drq.stderr and not (tmp_path / "run").exists()
