@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+import tyro
 
 from rlplastic import report as reporting
 from rlplastic import scores as scoring
@@ -22,7 +25,7 @@ from rlplastic import sweep
 from rlplastic.runs import atomic_write_json
 
 
-def report(args: argparse.Namespace) -> int:
+def report(args: Report) -> int:
     if not args.run_dirs and not args.scores:
         raise scoring.ScoreError("give run folders, --scores FILE.csv, or both")
     for name in ("reps", "profile_reps", "improvement_reps"):
@@ -56,7 +59,7 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_sweep(args: argparse.Namespace) -> int:
+def run_sweep(args: Sweep) -> int:
     if args.workers < 1:
         raise sweep.SweepError(f"--workers {args.workers}: must be >= 1")
     games = sweep.parse_games(args.games)
@@ -119,76 +122,81 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+@dataclass
+class Report:
+    """Aggregates, per-game table and plots from runs and/or score CSVs."""
 
-    r = sub.add_parser("report", help="aggregates, per-game table and plots from runs and/or score CSVs")
-    r.add_argument("run_dirs", nargs="*", help="folders searched for results.json (recursively)")
-    r.add_argument(
-        "--scores",
-        action="append",
-        default=[],
-        metavar="FILE.csv",
-        help="CSV with columns method,game,seed,score (seed empty for a per-game mean); repeatable",
-    )
-    r.add_argument("--out", default="atari100k_report", help="folder for report.md, CSVs and plots")
-    r.add_argument("--json", action="store_true", help="print the aggregates as JSON instead of Markdown")
-    r.add_argument("--reps", type=int, default=50_000, help="bootstrap reps of the aggregate CIs (rliable: 50,000)")
-    r.add_argument("--profile-reps", type=int, default=2_000, help="bootstrap reps of the performance profiles")
-    r.add_argument(
-        "--improvement-reps", type=int, default=2_000, help="bootstrap reps of the probability of improvement"
-    )
-    r.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    r.add_argument("--allow-short", action="store_true",
-                   help="let runs through that are not full Atari-100k runs (100k steps, 100 evaluation "
-                        "episodes), marked [smoke] in every table; refused otherwise")  # fmt: skip
-    r.add_argument("--compare", nargs=2, action="append", default=[], metavar=("X", "Y"),
-                   help="probability that method X improves on method Y; repeatable")  # fmt: skip
-    r.set_defaults(func=report)
+    run_dirs: tyro.conf.Positional[list[str]] = field(default_factory=list)
+    """folders searched for results.json (recursively)"""
+    scores: tyro.conf.UseAppendAction[list[str]] = field(default_factory=list)
+    """CSV with columns method,game,seed,score (seed empty for a per-game mean); repeatable"""
+    out: str = "atari100k_report"
+    """folder for report.md, CSVs and plots"""
+    json: bool = False
+    """print the aggregates as JSON instead of Markdown"""
+    reps: int = 50_000
+    """bootstrap reps of the aggregate CIs (rliable: 50,000)"""
+    profile_reps: int = 2_000
+    """bootstrap reps of the performance profiles"""
+    improvement_reps: int = 2_000
+    """bootstrap reps of the probability of improvement"""
+    seed: int = 0
+    """seed of the bootstrap"""
+    allow_short: bool = False
+    """let runs through that are not full Atari-100k runs (100k steps, 100 evaluation episodes),
+    marked [smoke] in every table; refused otherwise"""
+    compare: tyro.conf.UseAppendAction[list[tuple[str, str]]] = field(default_factory=list)
+    """X Y: probability that method X improves on method Y; repeatable"""
 
-    s = sub.add_parser("sweep", help="run an agent over games x seeds x grid points")
-    s.add_argument("--agent", default="drq", help="agents/<AGENT>.py")
-    s.add_argument("--games", default="all", help="'all' (the 26 games) or names separated by commas")
-    s.add_argument("--seeds", default="1-5", help="seeds: 1-5, 1,3,7 or 1-3,8")
-    s.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="agent argument for every run: reset='hare-tortoise redo', ema=0.995, augment=false",
-    )
-    s.add_argument(
-        "--grid",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="agent argument to sweep over (each value a method); an empty value = the default",
-    )
-    s.add_argument("--out", default="runs/sweep", help="sweep folder: OUT/METHOD/GAME/seedN per run")
-    s.add_argument("--launcher", choices=("local", "slurm"), default="local")
-    s.add_argument("--dry-run", action="store_true", help="print each run's status and command, launch nothing")
-    s.add_argument("--workers", type=int, default=1, help="local: runs at a time")
-    s.add_argument("--gpus", default="", help="local: GPU ids the worker slots take in turn, e.g. 0,1,2,3")
-    s.add_argument("--partition", default=None, help="slurm: partition")
-    s.add_argument("--time-min", type=int, default=24 * 60, help="slurm: time limit per run in minutes")
-    s.add_argument("--gpus-per-task", type=int, default=1, help="slurm: GPUs per run")
-    s.add_argument("--cpus-per-task", type=int, default=4, help="slurm: CPUs per run")
-    s.add_argument("--mem-gb", type=int, default=32, help="slurm: memory per run")
-    s.add_argument("--array-parallelism", type=int, default=256, help="slurm: array tasks running at once")
-    s.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and report failures")
-    s.add_argument("--submitit-cluster", choices=("slurm", "local", "debug"), default="slurm",
-                   help="submitit executor: slurm, or local/debug to try a slurm sweep on this machine")  # fmt: skip
-    s.set_defaults(func=run_sweep)
-    return p
+
+@dataclass
+class Sweep:
+    """Run an agent over games x seeds x grid points."""
+
+    agent: str = "drq"
+    """agents/<AGENT>.py"""
+    games: str = "all"
+    """'all' (the 26 games) or names separated by commas"""
+    seeds: str = "1-5"
+    """seeds: 1-5, 1,3,7 or 1-3,8"""
+    set: tyro.conf.UseAppendAction[list[str]] = field(default_factory=list)
+    """KEY=VALUE agent argument for every run: reset='hare-tortoise redo', ema=0.995; repeatable"""
+    grid: tyro.conf.UseAppendAction[list[str]] = field(default_factory=list)
+    """KEY=V1,V2 agent argument to sweep over (each value a method; an empty value = the default); repeatable"""
+    out: str = "runs/sweep"
+    """sweep folder: OUT/METHOD/GAME/seedN per run"""
+    launcher: Literal["local", "slurm"] = "local"
+    dry_run: bool = False
+    """print each run's status and command, launch nothing"""
+    workers: int = 1
+    """local: runs at a time"""
+    gpus: str = ""
+    """local: GPU ids the worker slots take in turn, e.g. 0,1,2,3"""
+    partition: str | None = None
+    """slurm: partition"""
+    time_min: int = 24 * 60
+    """slurm: time limit per run in minutes"""
+    gpus_per_task: int = 1
+    """slurm: GPUs per run"""
+    cpus_per_task: int = 4
+    """slurm: CPUs per run"""
+    mem_gb: int = 32
+    """slurm: memory per run"""
+    array_parallelism: int = 256
+    """slurm: array tasks running at once"""
+    wait: bool = False
+    """slurm: wait for the jobs and report failures"""
+    submitit_cluster: Literal["slurm", "local", "debug"] = "slurm"
+    """submitit executor: slurm, or local/debug to try a slurm sweep on this machine"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = tyro.extras.subcommand_cli_from_dict({"report": Report, "sweep": Sweep}, args=argv, description=__doc__)
+    command = "report" if isinstance(args, Report) else "sweep"
     try:
-        return args.func(args)
+        return report(args) if command == "report" else run_sweep(args)
     except (scoring.ScoreError, sweep.SweepError) as e:
-        print(f"atari100k {args.command}: error: {e}", file=sys.stderr)
+        print(f"atari100k {command}: error: {e}", file=sys.stderr)
         return 2
 
 
