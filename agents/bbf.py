@@ -63,6 +63,7 @@ from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import ContinualBackprop, GradientNoise, HareTortoise, Interventions, ReDo, ShrinkPerturb
 from rlplastic.replay import FrameReplay, PrioritizedFrameReplay
 from rlplastic.runs import (
+    RESUMABLE_CHANGES,
     Progress,
     atomic_write_json,
     device_generator,
@@ -302,18 +303,6 @@ def method_label(args: Args) -> str:
         return args.exp_name
     parts = ["bbf" if args.replay_ratio == 2 else f"bbf-rr{args.replay_ratio}", *args.reset]
     return "+".join(parts) + ("-nospr" if args.no_spr else "")
-
-
-# Arguments that may differ when an interrupted run resumes: they do not change its results.
-RESUMABLE_CHANGES = {
-    "device",
-    "log_every",
-    "checkpoint_every",
-    "track_tensorboard",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-}
 
 
 # NETWORK

@@ -73,6 +73,7 @@ from rlplastic.interventions import (
 )
 from rlplastic.replay import FrameReplay
 from rlplastic.runs import (
+    RESUMABLE_CHANGES,
     Progress,
     atomic_torch_save,
     atomic_write_json,
@@ -331,19 +332,6 @@ def method_label(args: Args) -> str:
     return args.exp_name or "+".join(["drq", *args.reset, *(["lifecycle"] if args.lifecycle else [])])
 
 
-# Arguments that may differ when an interrupted run resumes: they do not change its results.
-RESUMABLE_CHANGES = {
-    "device",
-    "log_every",
-    "checkpoint_every",
-    "track_tensorboard",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "save_model",
-}
-
-
 def evaluate(args: Args, game: str, greedy_actions, num_episodes: int, seed: int):
     """Epsilon-greedy episodes with the current parameters, on fresh environments seeded apart
     from training (the training environment and RNG streams are untouched)."""
@@ -509,7 +497,8 @@ def main(args: Args) -> dict:
     config = asdict(args) | {"env_id": game, "device": str(device)}
     code_commit = git_commit(__file__)  # the code that runs, read now: HEAD may move while it runs
     checkpoint_path = run_dir / "checkpoint.pt"
-    checkpoint = load_checkpoint(checkpoint_path, config, RESUMABLE_CHANGES, device, "drq")
+    # a run may resume with other logging arguments (rlplastic.runs), and save its network or not
+    checkpoint = load_checkpoint(checkpoint_path, config, RESUMABLE_CHANGES | {"save_model"}, device, "drq")
     start_step = checkpoint["step"] + 1 if checkpoint else 1
     # purge_step drops events logged after the checkpoint by the interrupted run
     if args.track:  # before the SummaryWriter, so that wandb syncs its scalars

@@ -123,6 +123,13 @@ def safe_torch_load(path: str | os.PathLike, device: torch.device | str = "cpu")
         ) from None
 
 
+# Arguments of an agent run that may differ when an interrupted run resumes: they change how it is
+# run and logged, not its results. Agents add their own (DrQ's --save-model).
+RESUMABLE_CHANGES = frozenset(
+    {"device", "log_every", "checkpoint_every", "track_tensorboard", "track", "wandb_project_name", "wandb_entity"}
+)
+
+
 def output_dir_problems(output_dir: str | None) -> list[str]:
     """--output-dir must be a folder (or not exist yet) and must not hold a finished run."""
     if output_dir is None:
