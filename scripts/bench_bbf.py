@@ -12,7 +12,6 @@ gradient steps at the measured update rate (+ the 100-episode evaluation, not co
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +19,7 @@ import torch
 import tyro
 from rlplastic.envs.atari import canonical_game, make_atari100k_env
 
-from rlplastic.bench import random_replay, synchronize, time_env_steps
+from rlplastic.bench import device_name, random_replay, time_env_steps, time_steps
 from rlplastic.replay import PrioritizedFrameReplay
 from rlplastic.runs import device_generator, resolve_device
 from rlplastic.sweep import load_agent
@@ -58,24 +57,17 @@ def time_updates(args: bbf.Args, device: torch.device, num_actions: int, updates
 
     def step() -> torch.Tensor:
         out = bbf.update(args, online, target, optimizer, replay, generator, support, cycle_step=0)
-        for intervention in interventions:
-            intervention.step()  # the EMA target update is part of every BBF gradient step
+        interventions.step()  # the EMA target update is part of every BBF gradient step
         return out["loss"]
 
-    for _ in range(2 if device.type == "cpu" else 10):  # warm-up: allocator, kernels, optimizer state
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(updates):
-        loss = step()
-    loss.item()  # wait for the queued kernels
-    return (time.perf_counter() - start) / updates
+    # warm-up: allocator, kernels, optimizer state
+    return time_steps(step, updates, device, warmup=2 if device.type == "cpu" else 10)
 
 
 def main(bench: BenchArgs) -> None:
     game = canonical_game(bench.env_id)
     device = resolve_device(bench.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    name = device_name(device)
     updates = bench.updates or (3 if device.type == "cpu" else 100)
     num_actions = int(make_atari100k_env(game, seed=0).action_space.n)
     print(f"bench_bbf: {game} on {device} ({name}), torch {torch.__version__}, width {bench.width_scale}, "

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 import tyro
 
-from rlplastic.bench import random_replay, synchronize
+from rlplastic.bench import device_name, random_replay, synchronize, time_steps
 from rlplastic.replay import FrameReplay
 from rlplastic.runs import device_generator, resolve_device
 from rlplastic.sweep import load_agent
@@ -54,18 +54,16 @@ def build(args: drq.Args, device: torch.device, replay: FrameReplay):
     return q, target, optimizer, drq.build_interventions(args, q, target, optimizer, replay)
 
 
-def time_steps(args, device, replay, generator, updates) -> float:
+def update_seconds(args, device, replay, generator, updates) -> float:
+    """Seconds per DrQ update followed by its interventions' step."""
     q, target, optimizer, interventions = build(args, device, replay)
-    for _ in range(3):
-        drq.update(args, q, target, optimizer, replay, generator)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(updates):
-        drq.update(args, q, target, optimizer, replay, generator)
-        for intervention in interventions:
-            intervention.step()
-    synchronize(device)
-    return (time.perf_counter() - start) / updates
+
+    def step() -> torch.Tensor:
+        loss = drq.update(args, q, target, optimizer, replay, generator)[0]
+        interventions.step()
+        return loss
+
+    return time_steps(step, updates, device, warmup=3)
 
 
 def event_cost(args, device, replay, generator) -> tuple[float, int]:
@@ -89,7 +87,7 @@ def event_cost(args, device, replay, generator) -> tuple[float, int]:
 
 def main(bench: BenchArgs) -> None:
     device = resolve_device(bench.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    name = device_name(device)
     print(f"bench_interventions: DrQ update (batch 32) on {device} ({name}), torch {torch.__version__}")
     generator = device_generator(device, 0)
     replay = random_replay(FrameReplay(5_000, 10, 0.99, device=device, generator=generator), num_actions=4)
@@ -97,7 +95,7 @@ def main(bench: BenchArgs) -> None:
     times: dict[str, list[float]] = {label: [] for label in CONFIGS}
     for _ in range(bench.repeats):  # interleaved, so drifts in machine load hit every config alike
         for label, (overrides, _) in CONFIGS.items():
-            times[label].append(time_steps(replace(base, **overrides), device, replay, generator, bench.updates))
+            times[label].append(update_seconds(replace(base, **overrides), device, replay, generator, bench.updates))
     fastest = {label: min(values) for label, values in times.items()}
     print(f"{'configuration':26s} {'ms/update':>10s} {'event ms':>9s} {'period':>7s} {'overhead':>9s}  vs")
     for label, (overrides, baseline) in CONFIGS.items():

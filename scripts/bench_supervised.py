@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
+from rlplastic.bench import device_name
 from rlplastic.runs import resolve_device
 from rlplastic.supervised.models import build_model
 from rlplastic.supervised.train import crop_flip
@@ -39,7 +40,7 @@ def synchronize(device: torch.device) -> None:
 
 def main(bench: BenchArgs) -> None:
     device = resolve_device(bench.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    name = device_name(device)
     batches = bench.batches or (5 if device.type == "cpu" else 100)
     generator = torch.Generator(device=device).manual_seed(0)
     data = torch.randn(2_048, 3, 32, 32, device=device)  # resident on the device, as in the runner
