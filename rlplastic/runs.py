@@ -201,24 +201,36 @@ def memory_problem(needed_bytes: int, device: torch.device, what: str) -> str | 
     return None
 
 
-def load_checkpoint(
-    path: Path, config: dict[str, Any], resumable: set[str], device: torch.device, agent: str
-) -> dict | None:
-    """The checkpoint of an interrupted run in `path`, or None. A file that is not such a
-    checkpoint (truncated, corrupt, foreign, or carrying code) and resuming with other arguments
-    than the ones it was written with (apart from `resumable` ones) exit with a message."""
+def read_failure(error: Exception) -> str:
+    """'ErrorType: its first line' (200 characters at most): why a file could not be read."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {(lines[0] if lines else type(error).__name__)[:200]}"
+
+
+def read_checkpoint(path: Path, device: torch.device | str, who: str) -> dict | None:
+    """The checkpoint in `path` written by save_checkpoint, or None if there is none. A file that is
+    not one (truncated, corrupt, foreign, or carrying code: it is read as plain data only) stops the
+    run with its name and what to do, never a traceback."""
     if not path.exists():
         return None
     try:
         checkpoint = safe_torch_load(path, device)
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
             raise ValueError("no run configuration in it")
-    except Exception as e:  # any reading failure is the file's fault: name it, never a traceback
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.exit(
-            f"{agent}: {path} is not a readable checkpoint of this agent ({type(e).__name__}: {reason[:200]}); "
-            "move it away to start the run over"
-        )
+    except Exception as e:  # any reading failure is the file's fault
+        sys.exit(f"{who}: {path} is not a readable checkpoint ({read_failure(e)}); move it away to start the run over")
+    return checkpoint
+
+
+def load_checkpoint(
+    path: Path, config: dict[str, Any], resumable: set[str], device: torch.device, agent: str
+) -> dict | None:
+    """The checkpoint of an interrupted agent run in `path` (read_checkpoint), or None; resuming with
+    other arguments than the ones it was written with (apart from `resumable` ones) exits with a
+    message."""
+    checkpoint = read_checkpoint(path, device, agent)
+    if checkpoint is None:
+        return None
     changed = {k for k in config if k not in resumable and checkpoint["config"].get(k) != config[k]}
     if changed:
         sys.exit(

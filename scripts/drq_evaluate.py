@@ -17,7 +17,7 @@ import torch
 import tyro
 from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, make_atari100k_env
 
-from rlplastic.runs import resolve_device, safe_torch_load
+from rlplastic.runs import read_failure, resolve_device, safe_torch_load
 from rlplastic.sweep import load_agent
 
 
@@ -54,8 +54,7 @@ def main(args: EvalArgs) -> dict:
     try:
         weights = safe_torch_load(args.model)
     except Exception as e:  # any reading failure is the file's fault: name it (plain data only, never code)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        sys.exit(f"drq_evaluate: {args.model} is not a saved DrQ network ({type(e).__name__}: {reason[:200]})")
+        sys.exit(f"drq_evaluate: {args.model} is not a saved DrQ network ({read_failure(e)})")
     num_actions = int(make_atari100k_env(game, 0).action_space.n)
     q_network = drq.QNetwork(num_actions).to(device)
     try:

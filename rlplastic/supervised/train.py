@@ -43,7 +43,7 @@ from rlplastic.interventions import (
 from rlplastic.interventions.base import Every
 from rlplastic.interventions.lifecycle import REVIVALS
 from rlplastic.introspection import hidden_layers
-from rlplastic.runs import atomic_write, git_commit, resolve_device, safe_torch_load, save_checkpoint, seed_everything
+from rlplastic.runs import atomic_write, git_commit, read_checkpoint, resolve_device, save_checkpoint, seed_everything
 from rlplastic.supervised.data import DATASETS, Dataset, load_dataset, subset_with_noise
 from rlplastic.supervised.models import MODELS, MODELS_WITH_HIDDEN_FC, Classifier, CReLU, build_model
 
@@ -608,7 +608,7 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
 
     stages, records = protocol_stages(config, data, x_train, y_train, device)
     checkpoint_path = checkpoint_file(config)
-    saved = load_run_checkpoint(checkpoint_path, config) if checkpoint_path else None
+    saved = read_checkpoint(checkpoint_path, "cpu", "supervised") if checkpoint_path else None
     if saved and saved.get("result") is not None:  # killed between its checkpoint and its result line
         return finish(saved["result"], out, checkpoint_path, log)
     resume_stage, resume_epoch = (saved["stage"], saved["epoch"]) if saved else (0, 0)
@@ -762,22 +762,6 @@ def checkpoint_file(config: RunConfig) -> Path | None:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     name = f"{config.dataset}_{config.model}_{config.protocol}_{config.method}_seed{config.seed}_{digest}.pt"
     return Path(config.checkpoint_dir) / name
-
-
-def load_run_checkpoint(path: Path, config: RunConfig) -> dict | None:
-    """The checkpoint of an interrupted run of this config, or None. A file that is not one (truncated,
-    corrupt, foreign, or carrying code: it loads as plain data only) stops the run with its name."""
-    if not path.exists():
-        return None
-    try:
-        saved = safe_torch_load(path)
-        if not isinstance(saved, dict) or "config" not in saved:
-            raise ValueError("no run configuration in it")
-    except Exception as e:  # any reading failure is the file's fault: name it, never a traceback
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SystemExit(f"supervised: {path} is not a readable checkpoint ({type(e).__name__}: "
-                         f"{reason[:200]}); move it away to start the run over") from None  # fmt: skip
-    return saved
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
