@@ -34,6 +34,7 @@ from rlplastic.init import torch_default_init
 from rlplastic.interventions import (
     HareTortoise,
     HeadReset,
+    Interventions,
     LifecycleConv2d,
     LifecycleLinear,
     ReDo,
@@ -406,13 +407,14 @@ class Trainer:
         for m in self.model.modules():
             if isinstance(m, LifecycleLinear | LifecycleConv2d):
                 m.bind_optimizer(self.optimizer)
-        self.interventions = []
         # Periods count epochs of the data being trained on: train() sets them for each phase or chunk.
+        interventions = []
         if self.shadow is not None:
-            self.interventions.append(HareTortoise(self.model, self.shadow, self.config.ht_momentum, 0))
+            interventions.append(HareTortoise(self.model, self.shadow, self.config.ht_momentum, 0))
         if self.config.method == "redo":
-            self.interventions.append(ReDo(self.model, self.optimizer, self.redo_batch, tau=self.config.redo_tau,
-                                           every=0, init_fn=torch_default_init))  # fmt: skip
+            interventions.append(ReDo(self.model, self.optimizer, self.redo_batch, tau=self.config.redo_tau,
+                                      every=0, init_fn=torch_default_init))  # fmt: skip
+        self.interventions = Interventions(interventions)
 
     def schedule_interventions(self, n: int, epochs: int) -> None:
         """Set the periods of Hare & Tortoise (--ht-reset-epochs) and ReDo (--redo-every-epochs) in
@@ -513,8 +515,7 @@ class Trainer:
                     nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
                 self.optimizer.step()
                 schedule.step()
-                for intervention in self.interventions:
-                    intervention.step()
+                self.interventions.step()
                 loss_sum += loss.detach()
                 self.steps += 1
             # accuracies every epoch (history, tensorboard); a progress line every log_every epochs
@@ -543,7 +544,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "shadow": self.shadow.state_dict() if self.shadow is not None else None,
-            "schedule": schedule.state_dict(), "interventions": [i.state_dict() for i in self.interventions],
+            "schedule": schedule.state_dict(), "interventions": self.interventions.state_dict(),
             "topk": dict(vars(self.topk)) if self.topk is not None else None, "steps": self.steps,
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
         }  # fmt: skip
@@ -557,8 +558,7 @@ class Trainer:
             self.shadow.load_state_dict(state["shadow"])
         if schedule is not None:
             schedule.load_state_dict(state["schedule"])
-        for intervention, saved in zip(self.interventions, state["interventions"], strict=True):
-            intervention.load_state_dict(saved)
+        self.interventions.load_state_dict(state["interventions"])
         if self.topk is not None:
             vars(self.topk).update(state["topk"])
         self.steps = state["steps"]
