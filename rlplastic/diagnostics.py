@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlplastic.interventions.redo import neuron_scores
-from rlplastic.introspection import hidden_layers, output_layers, received_features
+from rlplastic.introspection import received_features, trace_layers
 
 DORMANT_TAUS = (0.0, 0.025, 0.1)
 
@@ -257,10 +257,13 @@ class PlasticityProbe:
         initial: Sequence[torch.Tensor] | None = None,
     ):
         self.model, self.probe_batch, self.loss_fn = model, probe_batch, loss_fn
-        self.pairs = [(layer, list(following)) for layer, following in (layers or hidden_layers(model))]
+        heads: list[nn.Module] = []
+        if layers is None:
+            links, heads = trace_layers(model)  # one trace for the hidden layers and the heads
+            layers = [(link.layer, link.following) for link in links]
+        self.pairs = [(layer, list(following)) for layer, following in layers]
         names = {module: name for name, module in model.named_modules()}
         self.names = [names[layer] for layer, _ in self.pairs]
-        heads = output_layers(model) if layers is None else []
         self.output_layer = heads[0] if heads else None
         self.initial = list(initial) if initial is not None else initial_weights(model)
 

@@ -47,11 +47,11 @@ def layer_links(model: nn.Module) -> list[LayerLink]:
     torch.fx and following each layer's output through activations, norms, pooling, flattening
     and arithmetic to the next layers (so branching heads such as dueling streams are handled).
     Output layers are left out."""
-    return _trace_layers(model)[0]
+    return trace_layers(model)[0]
 
 
-def _trace_layers(model: nn.Module) -> tuple[list[LayerLink], list[nn.Module]]:
-    """(the hidden layers' links, the output layers) of the model's forward."""
+def trace_layers(model: nn.Module) -> tuple[list[LayerLink], list[nn.Module]]:
+    """(the hidden layers' links, the output layers) of the model's forward, from one fx trace."""
     graph = _LayerLeafTracer().trace(model)
     modules = dict(model.named_modules())
 
@@ -111,7 +111,7 @@ def recyclable_layers(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]
 
 def output_layers(model: nn.Module) -> list[nn.Module]:
     """The Linear / Conv2d layers of the forward whose output reaches no other layer (the heads)."""
-    return _trace_layers(model)[1]
+    return trace_layers(model)[1]
 
 
 def received_features(layer: nn.Module, received: torch.Tensor) -> torch.Tensor:
