@@ -586,16 +586,15 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
     code_commit = git_commit(__file__)  # the code that runs, read now: HEAD may move while it runs
     device = resolve_device(config.device)
     data = load_dataset(config.dataset, config.data_dir)
-    smallest = len(data.y_train) if config.protocol != "warm-start" else round(config.subset * len(data.y_train))
-    if config.protocol == "continual":
-        smallest = len(data.y_train) // config.chunks
+    x_train, y_train, x_test, y_test = (torch.as_tensor(a).to(device) for a in
+                                        (data.x_train, data.y_train, data.x_test, data.y_test))  # fmt: skip
+    stages, records = protocol_stages(config, data, x_train, y_train, device)  # seeded by their own generators
+    smallest = min(len(stage.y) for stage in stages)
     if config.batch_size > smallest:
         raise ValueError(f"--batch-size {config.batch_size}: larger than the {smallest} training samples of the "
                          f"smallest {config.protocol} stage of {config.dataset}; use a smaller batch")  # fmt: skip
     seed_everything(config.seed)
     trainer = Trainer(config, data, device)
-    x_train, y_train, x_test, y_test = (torch.as_tensor(a).to(device) for a in
-                                        (data.x_train, data.y_train, data.x_test, data.y_test))  # fmt: skip
     trainer.test_x, trainer.test_y = x_test, y_test
     writer = None
     if config.tb_dir:
@@ -606,7 +605,6 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
     diagnostics: dict[str, dict] = {}
     log(f"supervised: {config.dataset} {config.model} {config.protocol} {config.method} seed {config.seed} on {device}")
 
-    stages, records = protocol_stages(config, data, x_train, y_train, device)
     checkpoint_path = checkpoint_file(config)
     saved = read_checkpoint(checkpoint_path, "cpu", "supervised") if checkpoint_path else None
     if saved and saved.get("result") is not None:  # killed between its checkpoint and its result line
