@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlplastic.supervised.data import load_dataset
+from rlplastic.supervised.train import record_hidden_activations
 
 METHODS = ("baseline", "neuronal-decay")
 
@@ -110,9 +111,8 @@ def run_stability_gap(config: StabilityGapConfig) -> dict:
     model = mlp(int(np.prod(x_train.shape[1:])), config.hidden, data.num_classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     activations: list[torch.Tensor] = []
-    for m in model.modules():
-        if isinstance(m, nn.ReLU):
-            m.register_forward_hook(lambda mod, _i, out: activations.append(out) if mod.training else None)
+    record_hidden_activations(model, activations)  # training forwards only, as the supervised runner
+    train_sets = torch.stack([task_x for task_x, _ in tasks])  # (tasks, N, ...): replay draws from it
 
     curves: list[list[torch.Tensor]] = [[] for _ in tasks]  # on the device; read once at the end
     boundaries = []
@@ -127,7 +127,7 @@ def run_stability_gap(config: StabilityGapConfig) -> dict:
                 if config.replay and task > 0:  # as many samples again, from the earlier tasks
                     earlier = torch.randint(0, task, (len(idx),), device=device, generator=generator)
                     pick = torch.randint(0, n, (len(idx),), device=device, generator=generator)
-                    old = torch.stack([t for t, _ in tasks[:task]])[earlier, pick]
+                    old = train_sets[earlier, pick]
                     xb, yb = torch.cat([xb, old]), torch.cat([yb, y_train[pick]])
                 model.train()
                 activations.clear()
