@@ -341,9 +341,9 @@ def job_state(job_id: str, folder: str) -> str:
         return "UNKNOWN"
 
 
-def active_jobs(out: str | Path, run_dirs: Sequence[Path]) -> dict[str, str]:
-    """{run folder: 'job <id> <STATE>'} for the runs whose recorded job is still queued or running."""
-    record = read_jobs(out)
+def active_jobs(record: dict[str, dict], run_dirs: Sequence[Path]) -> dict[str, str]:
+    """{run folder: 'job <id> <STATE>'} for the runs whose job in `record` (read_jobs) is still
+    queued or running."""
     active = {}
     for run_dir in map(str, run_dirs):
         if run_dir in record:

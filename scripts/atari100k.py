@@ -85,14 +85,13 @@ def run_sweep(args: Sweep) -> int:
     )  # fmt: skip
     todo = [s for s in specs if status[s] != "finished"]
     if args.launcher == "slurm":  # never submit a run again while its job is queued or running
-        active = sweep.active_jobs(args.out, [s.run_dir for s in todo])
+        record = sweep.read_jobs(args.out)
+        active = sweep.active_jobs(record, [s.run_dir for s in todo])
         for spec in todo:
             if str(spec.run_dir) in active:
                 print(f"  still in slurm: {spec.method} {spec.game} seed {spec.seed} ({active[str(spec.run_dir)]}), "
                       "not submitted again", flush=True)  # fmt: skip
-        record = sweep.read_jobs(args.out)
-        for spec in todo:
-            if str(spec.run_dir) in record and str(spec.run_dir) not in active:
+            elif str(spec.run_dir) in record:
                 print(f"  failed before: {spec.method} {spec.game} seed {spec.seed}, log {spec.log_path}: retried",
                       flush=True)  # fmt: skip
         todo = [s for s in todo if str(s.run_dir) not in active]
