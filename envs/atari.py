@@ -156,7 +156,7 @@ class Atari100kProtocol(gym.Wrapper):
         return obs, float(reward), bool(terminated), bool(truncated), info
 
     # Resumable runs
-    def get_state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this episode bit-identically (for resumable runs)."""
         return {
             "ale": np.frombuffer(pickle.dumps(self.ale.cloneState(include_rng=True)), np.uint8).copy(),
@@ -169,7 +169,7 @@ class Atari100kProtocol(gym.Wrapper):
             "return": self._return,
         }
 
-    def set_state(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ale.restoreState(_ale_state(state["ale"]))
         self.env.unwrapped.np_random.bit_generator.state = state["np_random"]
         self.action_space.np_random.bit_generator.state = state["action_space"]

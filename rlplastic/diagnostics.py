@@ -303,6 +303,13 @@ class PlasticityProbe:
             ]
         return features, last, gradients
 
+    def state_dict(self) -> dict:
+        """The reference weights and the fixed probe batch, for a resumed run."""
+        return {"initial": self.initial, "probe_batch": self.probe_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.initial, self.probe_batch = list(state["initial"]), state["probe_batch"]
+
     def measure(self) -> dict[str, float]:
         values: dict[str, torch.Tensor] = {}
         features, backbone, gradients = self.features()

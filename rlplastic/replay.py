@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rlplastic.runs import memory_problem, resolve_device
+
 STAGING_SLOTS = 64
 
 
@@ -38,6 +40,22 @@ class FrameReplay:
         terminal, segment position and sampleable flag per slot (and a priority when prioritized)."""
         per_slot = frame_shape[0] * frame_shape[1] + 8 + 4 + 4 + 8 + 4 + (4 if prioritized else 0)
         return capacity * per_slot
+
+    @classmethod
+    def problems(cls, capacity: int, batch_size: int, n_step: int, device: str, prioritized: bool = False) -> list[str]:
+        """What is wrong with a replay of these sizes (--buffer-size, --batch-size, the largest n of
+        the n-step return) on `device`, or where it would not fit in the device's free memory."""
+        sizes = (("buffer-size", capacity), ("batch-size", batch_size))
+        problems = [f"--{name} {value}: must be a positive integer" for name, value in sizes if value <= 0]
+        if batch_size > capacity:
+            problems.append(f"--batch-size {batch_size}: larger than the replay (--buffer-size {capacity})")
+        if capacity <= n_step + 4:
+            problems.append(f"--buffer-size {capacity}: must exceed the n-step's n + 4 = {n_step + 4}")
+        if not problems and device in ("auto", "cpu", "cuda") and (device != "cuda" or torch.cuda.is_available()):
+            needed = cls.memory_bytes(capacity, prioritized=prioritized)
+            problem = memory_problem(needed, resolve_device(device), f"--buffer-size {capacity} (the replay)")
+            problems += [problem] if problem else []
+        return problems
 
     def __init__(
         self,

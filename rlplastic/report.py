@@ -40,7 +40,7 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[int, float, int]]]], path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rlplastic.runs import atomic_write
+    from rlplastic.files import atomic_write
 
     games = sorted({game for per_game in curves.values() for game in per_game})
     cols = min(4, len(games))
@@ -120,7 +120,7 @@ def plot_performance_profiles(
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
-    from rlplastic.runs import atomic_write
+    from rlplastic.files import atomic_write
 
     def write(f) -> None:
         import io
@@ -163,7 +163,7 @@ def build_report(
     """Aggregates, per-game table, probability of improvement and plots, written into out_dir:
     report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, performance_profile.png, and
     curves.png / curves.csv when runs evaluated during training (--eval-every)."""
-    from rlplastic.runs import atomic_write, atomic_write_json
+    from rlplastic.files import atomic_write, atomic_write_json
 
     reference = reference or reference_scores()
     if not scores:

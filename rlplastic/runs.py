@@ -1,22 +1,31 @@
-"""What every run needs around its loop: device, seeding, run folder, atomic results, progress."""
+"""The run harness: what every agent run needs around its loop, and the Run object that owns it.
+
+Run holds a run's folder (one writer at a time, never overwriting a finished run), its tensorboard
+writer and progress line, its records (training episodes, losses, diagnostics, evaluations), its
+checkpoints, built from a registry of stateful objects so that saving and resuming are one call
+each, and its results.json, written atomically. RunOptions are the flags that go with it.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, clip_reward, make_atari100k_env
+from rlplastic.evaluation import EvalResult, evaluate_episodes
+from rlplastic.files import atomic_torch_save, atomic_write_json, read_failure, safe_torch_load
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -48,86 +57,10 @@ def device_generator(device: torch.device, seed: int) -> torch.Generator:
     return generator
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call write(file) on a temp file in the same folder, fsync, then rename over `path`: readers
-    never see half a file, and an interrupted write leaves the old one intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))
-
-
-_NDARRAY = "__ndarray__"
-
-
-def to_plain(obj: Any) -> Any:
-    """Tensors, Python scalars, strings, None and dicts / lists / tuples of them: what
-    torch.load(weights_only=True) reads back. numpy arrays travel as tagged tensors."""
-    if isinstance(obj, np.ndarray):
-        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(obj))}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, str) and type(obj) is not str:  # e.g. torch.__version__, a TorchVersion
-        return str(obj)
-    if isinstance(obj, dict):
-        return {key: to_plain(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(to_plain(value) for value in obj)
-    return obj
-
-
-def from_plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if len(obj) == 1 and _NDARRAY in obj:
-            return obj[_NDARRAY].cpu().numpy()
-        return {key: from_plain(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(from_plain(value) for value in obj)
-    return obj
-
-
-def atomic_torch_save(path: str | os.PathLike, payload: Any) -> None:
-    """Save plain data (see to_plain) atomically: loadable with weights_only=True, so a checkpoint
-    received from someone else can never run code when it is read."""
-    atomic_write(path, lambda f: torch.save(to_plain(payload), f))
-
-
-class UnsafeFileError(ValueError):
-    """A file that is not plain data: loading it would need to run code from it."""
-
-
-def safe_torch_load(path: str | os.PathLike, device: torch.device | str = "cpu") -> Any:
-    """Read a file written by atomic_torch_save. torch.load(weights_only=True) refuses any pickled
-    object that is not plain data instead of running it; that refusal is re-worded so that it never
-    suggests loading the file with weights_only=False."""
-    import pickle
-
-    try:
-        return from_plain(torch.load(path, map_location=device, weights_only=True))
-    except pickle.UnpicklingError:
-        raise UnsafeFileError(
-            f"{path} holds more than plain tensors and numbers (or is no torch file at all): it is not loaded, "
-            "since reading it could run code"
-        ) from None
-
-
 # Arguments of an agent run that may differ when an interrupted run resumes: they change how it is
-# run and logged, not its results. Agents add their own (DrQ's --save-model).
-RESUMABLE_CHANGES = frozenset(
-    {"device", "log_every", "checkpoint_every", "track_tensorboard", "track", "wandb_project_name", "wandb_entity"}
-)
+# run and logged, not its results.
+RESUMABLE_CHANGES = frozenset({"device", "log_every", "checkpoint_every", "track_tensorboard", "track",
+                               "wandb_project_name", "wandb_entity", "save_model"})  # fmt: skip
 
 
 def output_dir_problems(output_dir: str | None) -> list[str]:
@@ -201,12 +134,6 @@ def memory_problem(needed_bytes: int, device: torch.device, what: str) -> str | 
     return None
 
 
-def read_failure(error: Exception) -> str:
-    """'ErrorType: its first line' (200 characters at most): why a file could not be read."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {(lines[0] if lines else type(error).__name__)[:200]}"
-
-
 def read_checkpoint(path: Path, device: torch.device | str, who: str) -> dict | None:
     """The checkpoint in `path` written by save_checkpoint, or None if there is none. A file that is
     not one (truncated, corrupt, foreign, or carrying code: it is read as plain data only) stops the
@@ -222,15 +149,28 @@ def read_checkpoint(path: Path, device: torch.device | str, who: str) -> dict | 
     return checkpoint
 
 
+# The layout of agent checkpoints. 2: the Run harness's (objects by name, records, extras);
+# 1: each agent's own keys, written before the harness existed.
+CHECKPOINT_FORMAT = 2
+
+
 def load_checkpoint(
     path: Path, config: dict[str, Any], resumable: set[str], device: torch.device, agent: str
 ) -> dict | None:
-    """The checkpoint of an interrupted agent run in `path` (read_checkpoint), or None; resuming with
-    other arguments than the ones it was written with (apart from `resumable` ones) exits with a
-    message."""
+    """The checkpoint of an interrupted agent run in `path` (read_checkpoint), or None. One of
+    another layout, or written with other arguments than `config` (apart from `resumable` ones),
+    stops the run with a message that says why and what to do."""
     checkpoint = read_checkpoint(path, device, agent)
     if checkpoint is None:
         return None
+    found = checkpoint.get("format", 1)
+    if found != CHECKPOINT_FORMAT:
+        sys.exit(
+            f"{agent}: {path} is a checkpoint of format {found}, written by "
+            f"{'an earlier' if found < CHECKPOINT_FORMAT else 'a later'} rlplastic; this one reads format "
+            f"{CHECKPOINT_FORMAT} only (the layout changed with the run harness), so it cannot resume that run: "
+            "finish it with the rlplastic version that wrote it, or start over in another --output-dir"
+        )
     changed = {k for k in config if k not in resumable and checkpoint["config"].get(k) != config[k]}
     if changed:
         sys.exit(
@@ -249,25 +189,6 @@ def stop_if_not_finite(agent: str, losses: dict[str, float], step: int, checkpoi
             f"the last good checkpoint {checkpoint_path} is kept" if checkpoint_path.exists() else "no checkpoint yet"
         )
         sys.exit(f"{agent}: training diverged by step {step} ({bad}); {kept}; no results written")
-
-
-def random_states(rng: np.random.Generator, generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    """Every random state a run draws from, for its checkpoint (fresh re-inits of interventions draw
-    from torch's global generator, sampling and augmentation from `generator`, acting from `rng`)."""
-    return {
-        "rng": rng.bit_generator.state,
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-    }
-
-
-def restore_random_states(states: dict[str, Any], rng: np.random.Generator, generator: torch.Generator) -> None:
-    rng.bit_generator.state = states["rng"]
-    generator.set_state(states["generator"].cpu())
-    torch.set_rng_state(states["torch_rng"].cpu())
-    if states["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda_rng"]])
 
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
@@ -353,3 +274,392 @@ class Progress:
             file=self.stream,
             flush=True,
         )
+
+
+@dataclass
+class RunOptions:
+    """How an agent run is kept, logged and evaluated (the Atari-100k evaluation protocol)."""
+
+    output_dir: str | None = None
+    """run folder for results.json, tensorboard files and checkpoints; default
+    runs/{game}__{method}__{seed}__{time}"""
+    exp_name: str | None = None
+    """method label: names the run folder and groups runs in reports; default the agent plus its
+    chosen interventions, e.g. drq+hare-tortoise+head"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where networks, replay and augmentation live: auto takes cuda when present"""
+    deterministic: bool = True
+    """deterministic cuDNN kernels; on the CPU the same seed gives bit-identical results"""
+    eval_episodes: int = 100
+    """episodes of the final evaluation"""
+    eval_epsilon: float = 0.001
+    """exploration rate of every evaluation"""
+    eval_envs: int = 8
+    """environments stepped in lockstep during evaluation (batches the network's forward)"""
+    eval_every: int = 0
+    """agent steps between evaluations during training (dopamine evaluates every 10,000); each point
+    goes into results.json's eval_curve and tensorboard's eval/mean_return; 0 = only the final one"""
+    eval_every_episodes: int = 100
+    """episodes of each evaluation during training (--eval-every); fewer make them cheaper"""
+    max_episode_steps: int = MAX_EPISODE_STEPS
+    """cap on an episode's agent steps, training and evaluation (27k = 108k frames)"""
+    diag_every: int = 5_000
+    """agent steps between plasticity diagnostics (tensorboard plasticity/..., results.json); 0 = never"""
+    diag_batch: int = 256
+    """replay states in the fixed probe batch of the diagnostics"""
+    checkpoint_every: int = 10_000
+    """agent steps between checkpoints (networks, optimizer, replay, env and random states) in the run
+    folder; run again with the same --output-dir to resume an interrupted run; 0 = never"""
+    log_every: int = 1_000
+    """agent steps between progress lines and tensorboard scalars"""
+    track_tensorboard: bool = True
+    """write tensorboard event files into the run folder"""
+    track: bool = False
+    """also log to Weights & Biases (CleanRL's convention: tensorboard scalars synced); needs wandb"""
+    wandb_project_name: str = "rlplastic"
+    """the Weights & Biases project of --track"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team) of --track"""
+    save_model: bool = False
+    """after training, save the acting network's weights (a plain state_dict) in the run folder, e.g.
+    to evaluate it again at another epsilon (scripts/drq_evaluate.py)"""
+
+    def problems(self) -> list[str]:
+        """Every problem with these options, each naming the value and what is allowed."""
+        problems = []
+        for name in ("eval_envs", "eval_every_episodes", "max_episode_steps", "diag_batch", "log_every"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
+        for name in ("eval_episodes", "eval_every", "diag_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0 (0 = never)")
+        if not 0.0 <= self.eval_epsilon <= 1.0:
+            problems.append(f"--eval-epsilon {self.eval_epsilon}: must lie in [0, 1]")
+        try:
+            resolve_device(self.device)
+        except ValueError as e:
+            problems.append(str(e))
+        return problems + output_dir_problems(self.output_dir) + tracking_problems(self.track, self.track_tensorboard)
+
+
+def run_problems(args: Any) -> list[str]:
+    """The problems of what every agent run has: the game (--env-id), its length (--total-steps)
+    and its RunOptions (args.run)."""
+    problems = []
+    try:
+        canonical_game(args.env_id)
+    except ValueError as e:
+        problems.append(str(e))
+    if args.total_steps <= 0:
+        problems.append(f"--total-steps {args.total_steps}: must be a positive integer")
+    return problems + args.run.problems()
+
+
+def flat_config(args: Any) -> dict[str, Any]:
+    """An agent's Args as one flat dict: the fields of nested option dataclasses at the top level,
+    as their flags are on the command line."""
+    config: dict[str, Any] = {}
+    for f in fields(args):
+        value = getattr(args, f.name)
+        config |= flat_config(value) if is_dataclass(value) else {f.name: value}
+    return config
+
+
+class RandomStates:
+    """Every random stream a run draws from, as one stateful object: acting (`rng`), sampling and
+    augmentation (`generator`), and torch's global generators (fresh re-inits of interventions)."""
+
+    def __init__(self, rng: np.random.Generator, generator: torch.Generator):
+        self.rng, self.generator = rng, generator
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = self.generator.device.type == "cuda"
+        return {"rng": self.rng.bit_generator.state, "generator": self.generator.get_state(),
+                "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.generator.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch"].cpu())
+        if state["cuda"] is not None:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+class DeviceMeans:
+    """Scalars of every update summed where they are computed (an in-place add each, no host sync,
+    so a CUDA graph may capture add() once the sums exist), read as means once per log interval.
+    tick() counts an update, on the host."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            if key in self.sums:
+                self.sums[key].add_(value)
+            else:
+                self.sums[key] = value.detach().float().clone()
+
+    def tick(self) -> None:
+        self.count += 1
+
+    def totals(self) -> dict[str, float]:
+        return {key: value.item() for key, value in self.sums.items()}
+
+    def read(self) -> dict[str, float]:
+        """The means since the last read (one host sync per scalar), then start over."""
+        if not self.count:
+            return {}
+        means = {key: total / self.count for key, total in self.totals().items()}
+        for value in self.sums.values():
+            value.zero_()  # in place: a captured graph keeps adding into these tensors
+        self.count = 0
+        return means
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state["sums"].items():
+            if key in self.sums:
+                self.sums[key].copy_(value)
+            else:
+                self.sums[key] = value.clone()
+        self.count = int(state["count"])
+
+
+class Run:
+    """One agent run, from its start (or resumption) to its results.json.
+
+        run = Run("drq", args, validate(args), method_label(args), __file__)  # exits on problems
+        env = run.make_env()                                # ... networks, optimizer, replay
+        run.keep(q_network=q, optimizer=optimizer, replay=replay, interventions=interventions)
+        saved = run.resume()                                # None, or the extras of the last checkpoint
+        for step in run.steps():
+            action = run.epsilon_greedy(epsilon, obs, greedy_actions)
+            ...; run.losses.add({"td_loss": loss}); run.losses.tick()
+            obs = run.env_step(replay, obs, action, step)   # the Atari-100k protocol into replay
+            if run.report_due(step): run.report(step, {"epsilon": epsilon}, interventions.metrics())
+            run.checkpoint(step, obs=obs)                   # when due
+        results = run.finish(greedy_actions, [q], {"update_mode": "eager"})
+
+    Everything kept with keep() (objects with state_dict() / load_state_dict()) is saved at every
+    checkpoint and restored by resume(), with the run's random streams, its loss sums and its
+    records. Checkpoints hold tensors, arrays and plain data only and are read with
+    torch.load(weights_only=True): a checkpoint from someone else cannot run code."""
+
+    def __init__(self, agent: str, args: Any, problems: list[str], method: str, code: str | None = None):
+        if problems:  # before any work: nothing is created for a run that cannot start
+            sys.exit(f"{agent}: invalid arguments:\n  " + "\n  ".join(problems))
+        options: RunOptions = args.run
+        self.agent, self.options, self.method = agent, options, method
+        self.game = game = canonical_game(args.env_id)
+        self.seed, self.total_steps = args.seed, args.total_steps
+        self.device = resolve_device(options.device)
+        self.config = flat_config(args) | {"env_id": game, "device": str(self.device)}
+        self.folder = Path(options.output_dir or Path("runs") / f"{game}__{method}__{self.seed}__{int(time.time())}")
+        hold_run_folder(self.folder, agent)  # one writer per folder, released by the OS if this process dies
+        self.commit = git_commit(code)  # the code that runs, read now: HEAD may move while it runs
+        self.checkpoint_path = self.folder / "checkpoint.pt"
+        self._checkpoint = load_checkpoint(self.checkpoint_path, self.config, RESUMABLE_CHANGES, self.device, agent)
+        self.start_step = self._checkpoint["step"] + 1 if self._checkpoint else 1
+        if options.track:  # before the SummaryWriter, so that wandb syncs its scalars
+            start_tracking(options.wandb_project_name, options.wandb_entity, self.folder, self.folder.name, self.config)
+        self.writer = None
+        if options.track_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events logged after the checkpoint by an interrupted session
+            self.writer = SummaryWriter(str(self.folder), purge_step=self.start_step)
+            if not self._checkpoint:
+                self.writer.add_text("hyperparameters", hparams_markdown(self.config))
+        print(f"{agent}: {game} seed {self.seed} on {self.device}, {self.total_steps} steps -> {self.folder}",
+              flush=True)  # fmt: skip
+        seed_everything(self.seed, options.deterministic)
+        self.generator = device_generator(self.device, self.seed)  # replay sampling and augmentation
+        self.rng = np.random.default_rng(self.seed)  # acting
+        self.losses = DeviceMeans()
+        self.records: dict[str, list] = {"train_episodes": [], "train_log": [], "diagnostics": [], "eval_curve": []}
+        self.objects: dict[str, Any] = {"random": RandomStates(self.rng, self.generator), "losses": self.losses}
+        self.progress = Progress(self.total_steps, options.log_every, start=self.start_step - 1)
+        self.env: Any = None  # make_env()
+        self.time_before = 0.0  # train time of earlier, interrupted sessions of this run
+        self.start_time = time.time()
+
+    # Checkpoints
+    def keep(self, **objects: Any) -> None:
+        """Register stateful objects (state_dict() / load_state_dict()) for checkpoints."""
+        for name, obj in objects.items():
+            if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+                raise TypeError(f"{name}: a {type(obj).__name__} has no state_dict() / load_state_dict() to keep")
+            if name in self.objects:
+                raise ValueError(f"{name}: kept twice")
+            self.objects[name] = obj
+
+    def resume(self) -> dict[str, Any] | None:
+        """Restore everything kept from the checkpoint found at start; its extras, or None."""
+        checkpoint, self._checkpoint = self._checkpoint, None
+        if checkpoint is None:
+            return None
+        if set(checkpoint["objects"]) != set(self.objects):
+            sys.exit(f"{self.agent}: {self.checkpoint_path} holds {sorted(checkpoint['objects'])}, this run keeps "
+                     f"{sorted(self.objects)}; start over in another --output-dir")  # fmt: skip
+        for name, obj in self.objects.items():
+            obj.load_state_dict(checkpoint["objects"][name])
+        self.records, self.time_before = checkpoint["records"], checkpoint["train_time_s"]
+        print(f"{self.agent}: resumed from {self.checkpoint_path} at step {checkpoint['step']}", flush=True)
+        return checkpoint["extras"]
+
+    def checkpoint(self, step: int, **extras: Any) -> None:
+        """Every --checkpoint-every steps (not at the last): save everything kept, the records and
+        `extras` (plain data the loop carries, such as the current observation)."""
+        every = self.options.checkpoint_every
+        if not (every and step % every == 0 and step < self.total_steps):
+            return
+        # never replace the last good checkpoint by a diverged one (one read per checkpoint)
+        stop_if_not_finite(self.agent, self.losses.totals(), step, self.checkpoint_path)
+        payload = {"format": CHECKPOINT_FORMAT, "agent": self.agent, "step": step, "config": self.config,
+                   "git_commit": self.commit, "objects": {name: obj.state_dict() for name, obj in self.objects.items()},
+                   "records": self.records, "extras": extras, "train_time_s": self.train_time()}  # fmt: skip
+        save_checkpoint(self.checkpoint_path, payload, self.agent)
+
+    # The loop
+    def steps(self) -> range:
+        self.start_time = time.time()
+        return range(self.start_step, self.total_steps + 1)
+
+    def train_time(self) -> float:
+        return self.time_before + time.time() - self.start_time
+
+    def make_env(self) -> Any:
+        """The training environment (Atari-100k protocol, seeded with the run), kept for checkpoints."""
+        self.env = make_atari100k_env(self.game, self.seed, max_episode_steps=self.options.max_episode_steps)
+        self.keep(env=self.env)
+        return self.env
+
+    def epsilon_greedy(self, epsilon: float, obs: np.ndarray, greedy: Callable[[np.ndarray], np.ndarray]) -> int:
+        """A random action with probability epsilon (from the run's acting stream), else the greedy one."""
+        if self.rng.random() < epsilon:
+            return int(self.rng.integers(self.env.action_space.n))
+        return int(greedy(obs[None])[0])  # the loop's one host sync: the env needs it
+
+    def env_step(self, replay: Any, obs: np.ndarray, action: int, step: int) -> np.ndarray:
+        """Step the environment, store the transition (clipped reward; a life loss is a terminal
+        for learning, yet the game goes on: dopamine's terminal_on_life_loss), record a finished
+        episode and start the next. Returns the observation to act on."""
+        next_obs, reward, terminated, truncated, info = self.env.step(action)
+        replay.add(obs[-1], action, clip_reward(reward), terminated or info["life_loss"], truncated)
+        if terminated or truncated:
+            self.episode(step, info)
+            next_obs, _ = self.env.reset()
+        return next_obs
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        if self.writer:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+
+    def episode(self, step: int, info: dict) -> None:
+        """Record a finished training episode (info["episode"] of the Atari-100k protocol)."""
+        episode_return, length = info["episode"]["r"], info["episode"]["l"]
+        self.records["train_episodes"].append({"step": step, "return": episode_return, "length": length})
+        self.log({"charts/episodic_return": episode_return, "charts/episodic_length": length}, step)
+
+    def report_due(self, step: int) -> bool:
+        return self.progress.due(step)
+
+    def report(self, step: int, charts: dict[str, float], activity: dict[str, float], **train_fields: Any) -> None:
+        """The progress line and tensorboard scalars: the loss means since the last report
+        (losses/..., stopping a diverged run), `charts` (charts/...) and the interventions'
+        `activity` (interventions/...); the losses go into the train log with `train_fields`."""
+        rate = self.progress.steps_per_second(step)
+        episodes = self.records["train_episodes"]
+        fields: dict[str, Any] = {"episodes": len(episodes)}
+        if episodes:
+            fields["return(last10)"] = float(np.mean([e["return"] for e in episodes[-10:]]))
+        losses = self.losses.read()
+        if losses:
+            stop_if_not_finite(self.agent, losses, step, self.checkpoint_path)
+            self.records["train_log"].append({"step": step, **train_fields, **losses})
+            self.log({f"losses/{key}": value for key, value in losses.items()}, step)
+        self.log({"charts/SPS": rate} | {f"charts/{key}": value for key, value in charts.items()}
+                 | {f"interventions/{key}": value for key, value in activity.items()}, step)  # fmt: skip
+        self.progress.report(step, rate, **charts, **fields, **losses)
+
+    def diagnose(self, step: int, probe: Any, sample_states: Callable[[int], torch.Tensor], ready: bool) -> None:
+        """Every --diag-every steps once `ready` (replay can be sampled): the probe's measurements
+        on a batch of states fixed at the first measurement, so that values are comparable."""
+        every = self.options.diag_every
+        if not (every and step % every == 0 and ready):
+            return
+        if probe.probe_batch is None:
+            probe.probe_batch = sample_states(self.options.diag_batch)
+        metrics = probe.measure()
+        self.records["diagnostics"].append({"step": step, **metrics})
+        self.log({f"plasticity/{key}": value for key, value in metrics.items()}, step)
+
+    # Evaluation and results
+    def evaluate(self, act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int) -> EvalResult:
+        """Epsilon-greedy episodes of the current policy on fresh environments seeded apart from
+        training (the training environment and random streams are untouched)."""
+
+        def make_env(env_seed: int) -> Any:
+            return make_atari100k_env(self.game, env_seed, max_episode_steps=self.options.max_episode_steps)
+
+        return evaluate_episodes(make_env, act, episodes, self.options.eval_envs, self.options.eval_epsilon, seed)
+
+    def evaluate_if_due(self, step: int, act: Callable[[np.ndarray], np.ndarray], modules: Sequence[Any]) -> None:
+        """Every --eval-every steps before the last: a point of the eval curve (modules in eval mode)."""
+        every = self.options.eval_every
+        if not (every and step % every == 0 and step < self.total_steps):
+            return
+        for module in modules:
+            module.eval()
+        point = self.evaluate(act, self.options.eval_every_episodes, self.seed + 20_000 + step)
+        for module in modules:
+            module.train()
+        self.records["eval_curve"].append({"step": step, "mean": point.mean, "returns": point.returns})
+        self.log({"eval/mean_return": point.mean}, step)
+        print(f"{self.agent}: step {step} eval mean {point.mean} over {len(point.returns)} episodes", flush=True)
+
+    def finish(
+        self,
+        act: Callable[[np.ndarray], np.ndarray],
+        modules: Sequence[Any],
+        results: dict[str, Any],
+        models: dict[str, torch.nn.Module] | None = None,
+    ) -> dict[str, Any]:
+        """The final evaluation (modules in eval mode), then results.json, written atomically with
+        `results` and the run's records; --save-model saves each of `models` as <name>.pt (a plain
+        state_dict). The checkpoint goes: the results supersede it, and it holds the whole replay. The
+        training environment is closed."""
+        train_time = self.train_time()
+        if self.options.save_model:
+            for name, model in (models or {}).items():
+                atomic_torch_save(self.folder / f"{name}.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+        print(f"{self.agent}: evaluating {self.options.eval_episodes} episodes (epsilon {self.options.eval_epsilon})",
+              flush=True)  # fmt: skip
+        for module in modules:
+            module.eval()
+        # evaluation episodes never replay the training seed's starts
+        evaluation = self.evaluate(act, self.options.eval_episodes, self.seed + 10_000)
+        if evaluation.returns:
+            self.records["eval_curve"].append(
+                {"step": self.total_steps, "mean": evaluation.mean, "returns": evaluation.returns}
+            )
+        results = {"agent": self.agent, "method": self.method, "game": self.game, "seed": self.seed,
+                   "total_steps": self.total_steps, **results, "eval_episodes": len(evaluation.returns),
+                   "eval_returns": evaluation.returns, "eval_lengths": evaluation.lengths, "eval_mean": evaluation.mean,
+                   **self.records, "wall_time_s": self.train_time(), "train_time_s": train_time, "config": self.config,
+                   "git_commit": self.commit, "torch_version": torch.__version__}  # fmt: skip
+        if self.writer:
+            log_final_evaluation(self.writer, evaluation.returns, evaluation.mean, self.total_steps)
+            self.writer.close()
+        atomic_write_json(self.folder / "results.json", results)
+        self.checkpoint_path.unlink(missing_ok=True)
+        print(f"{self.agent}: eval mean {evaluation.mean} over {len(evaluation.returns)} episodes -> "
+              f"{self.folder / 'results.json'}")  # fmt: skip
+        if self.env is not None:
+            self.env.close()
+        return results

@@ -23,7 +23,7 @@ from queue import Queue
 from typing import TextIO
 
 from rlplastic.envs.atari import ATARI100K_GAMES, canonical_game
-from rlplastic.runs import atomic_write
+from rlplastic.files import atomic_write
 
 AGENTS_DIR = Path(__file__).resolve().parents[1] / "agents"
 # Flags a sweep sets itself for every run: the grid may not touch them.
@@ -166,7 +166,7 @@ def expand_grid(
         parsed = parse_agent_args(module, agent, args)
         method = module.method_label(parsed)
         label_free = [f"{k}={v}" for k, v in combo if k not in module.LABELLED_ARGS]
-        if label_free and parsed.exp_name is None:
+        if label_free and parsed.run.exp_name is None:
             method += "@" + ",".join(label_free)
         if method in labels:
             raise SweepError(

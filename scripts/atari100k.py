@@ -22,7 +22,7 @@ import tyro
 from rlplastic import report as reporting
 from rlplastic import scores as scoring
 from rlplastic import sweep
-from rlplastic.runs import atomic_write_json
+from rlplastic.files import atomic_write_json
 
 
 def report(args: Report) -> int:

@@ -20,6 +20,8 @@ import tyro
 from rlplastic.envs.atari import canonical_game, make_atari100k_env
 
 from rlplastic.bench import device_name, random_replay, time_env_steps, time_steps
+from rlplastic.cli import replace_flags
+from rlplastic.interventions import build_interventions
 from rlplastic.replay import PrioritizedFrameReplay
 from rlplastic.runs import device_generator, resolve_device
 from rlplastic.sweep import load_agent
@@ -52,7 +54,8 @@ def time_updates(args: bbf.Args, device: torch.device, num_actions: int, updates
     )
     random_replay(replay, num_actions)
     online, target, optimizer = bbf.build_learner(args, num_actions, device)
-    interventions = bbf.build_interventions(args, online, target, optimizer, replay)
+    sample_states = lambda n: replay.sample(n).states  # noqa: E731
+    interventions = build_interventions(args.interventions, online, target, optimizer, sample_states)
     support = torch.linspace(-args.v_max, args.v_max, args.num_atoms, device=device)
 
     def step() -> torch.Tensor:
@@ -74,8 +77,8 @@ def main(bench: BenchArgs) -> None:
           f"hidden {bench.hidden_dim}, {updates} timed updates per precision")  # fmt: skip
     env_time = time_env_steps(game, bench.env_steps)
     print(f"env steps/s alone: {1 / env_time:.1f}")
-    args = bbf.Args(env_id=game, device=bench.device, width_scale=bench.width_scale, hidden_dim=bench.hidden_dim,
-                    replay_ratio=bench.replay_ratio)  # fmt: skip
+    args = replace_flags(bbf.Args(), env_id=game, device=bench.device, width_scale=bench.width_scale,
+                         hidden_dim=bench.hidden_dim, replay_ratio=bench.replay_ratio)  # fmt: skip
     params = sum(p.numel() for p in bbf.BBFNetwork(num_actions, args.width_scale, args.hidden_dim).parameters())
     print(f"network: {params / 1e6:.1f} M parameters")
     grad_steps = (args.total_steps - args.learning_starts + 1) * args.replay_ratio

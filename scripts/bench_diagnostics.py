@@ -15,6 +15,7 @@ import torch
 import tyro
 
 from rlplastic.bench import drq_update_seconds, synchronize, time_env_steps
+from rlplastic.cli import replace_flags
 from rlplastic.diagnostics import PlasticityProbe
 from rlplastic.runs import resolve_device
 from rlplastic.sweep import load_agent
@@ -34,10 +35,10 @@ class BenchArgs:
 
 def main(bench: BenchArgs) -> None:
     device = resolve_device(bench.device)
-    args = drq.Args(device=bench.device)
+    args = replace_flags(drq.Args(), device=bench.device)
     q_network = drq.QNetwork(4).to(device)
     probe = PlasticityProbe(
-        q_network, torch.randint(0, 255, (args.diag_batch, 4, 84, 84), dtype=torch.uint8, device=device)
+        q_network, torch.randint(0, 255, (args.run.diag_batch, 4, 84, 84), dtype=torch.uint8, device=device)
     )
     probe.measure()  # warm-up: fx trace, allocations
     synchronize(device)
@@ -46,12 +47,12 @@ def main(bench: BenchArgs) -> None:
         metrics = probe.measure()
     probe_time = (time.perf_counter() - start) / bench.calls
     step_time = time_env_steps("Breakout", 2_000) + drq_update_seconds(drq, args, device, 4, bench.updates)
-    share = probe_time / (args.diag_every * step_time)
+    share = probe_time / (args.run.diag_every * step_time)
     print(f"bench_diagnostics on {device}, torch {torch.__version__}")
-    shape = f"{args.diag_batch} states, {len(metrics)} values, {len(probe.pairs)} hidden layers"
+    shape = f"{args.run.diag_batch} states, {len(metrics)} values, {len(probe.pairs)} hidden layers"
     print(f"probe call ({shape}): {1000 * probe_time:.1f} ms")
     print(f"agent step (env + update): {1000 * step_time:.1f} ms")
-    print(f"share of a DrQ run at --diag-every {args.diag_every}: {100 * share:.3f}%  (goal <= 2%)")
+    print(f"share of a DrQ run at --diag-every {args.run.diag_every}: {100 * share:.3f}%  (goal <= 2%)")
 
 
 if __name__ == "__main__":

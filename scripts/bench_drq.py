@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +23,7 @@ import tyro
 from rlplastic.envs.atari import canonical_game, make_atari100k_env
 
 from rlplastic.bench import device_name, drq_update_seconds, time_env_steps
+from rlplastic.cli import replace_flags
 from rlplastic.cuda_graphs import graph_capture_available
 from rlplastic.runs import resolve_device
 from rlplastic.sweep import load_agent
@@ -81,7 +82,7 @@ def main(bench: BenchArgs) -> None:
         vec_time = time_vector_env_steps(game, bench.env_steps, num_envs)
         print(f"env steps/s alone (ale-py AtariVectorEnv, {num_envs} env): {1 / vec_time:8.1f}  (not used, see README)")
 
-    args = drq.Args(env_id=game, device=bench.device)
+    args = replace_flags(drq.Args(), env_id=game, device=bench.device)
     num_actions = int(make_atari100k_env(game, seed=0).action_space.n)
     update_time = drq_update_seconds(drq, args, device, num_actions, bench.updates)
     print(f"updates/s alone (batch {args.batch_size}, eager):       {1 / update_time:8.1f}  "
@@ -93,7 +94,7 @@ def main(bench: BenchArgs) -> None:
         update_time = graph_time  # what the loop uses on CUDA by default
 
     with tempfile.TemporaryDirectory() as tmp:
-        full_args = replace(
+        full_args = replace_flags(
             args,
             total_steps=bench.full_steps,
             learning_starts=bench.learning_starts,

@@ -11,13 +11,16 @@ period: overhead = (per-step cost + event cost / period) / plain update time. Go
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import tyro
 
 from rlplastic.bench import device_name, random_replay, synchronize, time_steps
+from rlplastic.cli import replace_flags
+from rlplastic.init import xavier_uniform_zero_bias
+from rlplastic.interventions import build_interventions
 from rlplastic.replay import FrameReplay
 from rlplastic.runs import device_generator, resolve_device
 from rlplastic.sweep import load_agent
@@ -43,15 +46,18 @@ CONFIGS = {
     "head reset /20k": ({"reset": ("head",)}, "plain DrQ"),
     "shrink-perturb /20k": ({"reset": ("shrink-perturb",)}, "plain DrQ"),
     "redo /1k": ({"reset": ("redo",)}, "plain DrQ"),
-    "continual backprop": ({"reset": ("cbp",)}, "plain DrQ"),
-    "gradient noise": ({"reset": ("noise",)}, "plain DrQ"),
-    "lifecycle layers": ({"lifecycle": True}, "plain DrQ"),
+    "continual backprop": ({"continual": ("cbp",)}, "plain DrQ"),
+    "gradient noise": ({"continual": ("noise",)}, "plain DrQ"),
+    "lifecycle layers": ({"continual": ("lifecycle",)}, "plain DrQ"),
 }
 
 
 def build(args: drq.Args, device: torch.device, replay: FrameReplay):
     q, target, optimizer = drq.build_learner(args, 4, device)
-    return q, target, optimizer, drq.build_interventions(args, q, target, optimizer, replay)
+    ema = None if target is q else target
+    interventions = build_interventions(args.interventions, q, ema, optimizer, lambda n: replay.sample(n).states,
+                                        xavier_uniform_zero_bias, drq.HEAD_MODULES)  # fmt: skip
+    return q, target, optimizer, interventions
 
 
 def update_seconds(args, device, replay, generator, updates) -> float:
@@ -91,15 +97,16 @@ def main(bench: BenchArgs) -> None:
     print(f"bench_interventions: DrQ update (batch 32) on {device} ({name}), torch {torch.__version__}")
     generator = device_generator(device, 0)
     replay = random_replay(FrameReplay(5_000, 10, 0.99, device=device, generator=generator), num_actions=4)
-    base = drq.Args(device=bench.device)
+    base = replace_flags(drq.Args(), device=bench.device)
     times: dict[str, list[float]] = {label: [] for label in CONFIGS}
     for _ in range(bench.repeats):  # interleaved, so drifts in machine load hit every config alike
         for label, (overrides, _) in CONFIGS.items():
-            times[label].append(update_seconds(replace(base, **overrides), device, replay, generator, bench.updates))
+            args = replace_flags(base, **overrides)
+            times[label].append(update_seconds(args, device, replay, generator, bench.updates))
     fastest = {label: min(values) for label, values in times.items()}
     print(f"{'configuration':26s} {'ms/update':>10s} {'event ms':>9s} {'period':>7s} {'overhead':>9s}  vs")
     for label, (overrides, baseline) in CONFIGS.items():
-        event, period = event_cost(replace(base, **overrides), device, replay, generator)
+        event, period = event_cost(replace_flags(base, **overrides), device, replay, generator)
         amortized = fastest[label] + (event / period if period else 0.0)
         overhead = 100 * (amortized / fastest[baseline] - 1)
         event_text = f"{1000 * event:9.1f}" if period else f"{'-':>9s}"

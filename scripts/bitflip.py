@@ -15,7 +15,7 @@ import matplotlib
 import tyro
 
 from rlplastic.bitflip import BitFlipConfig, run_bitflip
-from rlplastic.runs import atomic_write, atomic_write_json
+from rlplastic.files import atomic_write, atomic_write_json
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

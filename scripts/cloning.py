@@ -20,7 +20,7 @@ import matplotlib
 import tyro
 
 from rlplastic.cloning import CloningConfig, run_cloning
-from rlplastic.runs import atomic_write, atomic_write_json
+from rlplastic.files import atomic_write, atomic_write_json
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

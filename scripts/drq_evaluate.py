@@ -17,7 +17,9 @@ import torch
 import tyro
 from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, make_atari100k_env
 
-from rlplastic.runs import read_failure, resolve_device, safe_torch_load
+from rlplastic.evaluation import evaluate_episodes
+from rlplastic.files import read_failure, safe_torch_load
+from rlplastic.runs import resolve_device
 from rlplastic.sweep import load_agent
 
 
@@ -67,10 +69,9 @@ def main(args: EvalArgs) -> dict:
         with torch.no_grad():
             return q_network(torch.as_tensor(observations, device=device)).argmax(1).cpu().numpy()
 
-    # the agent's own evaluation, with this script's epsilon, environments and episode cap
-    agent_args = drq.Args(env_id=game, eval_envs=args.envs, eval_epsilon=args.epsilon,
-                          max_episode_steps=args.max_episode_steps)  # fmt: skip
-    result = drq.evaluate(agent_args, game, greedy_actions, args.episodes, args.seed)
+    # the runs' own evaluation, with this script's epsilon, environments and episode cap
+    make_env = lambda seed: make_atari100k_env(game, seed, max_episode_steps=args.max_episode_steps)  # noqa: E731
+    result = evaluate_episodes(make_env, greedy_actions, args.episodes, args.envs, args.epsilon, args.seed)
     returns = np.array(result.returns)
     print(f"drq_evaluate: {game} epsilon {args.epsilon}: mean {returns.mean():.2f} (std {returns.std():.2f}) "
           f"over {len(returns)} episodes, mean length {np.mean(result.lengths):.0f}")  # fmt: skip

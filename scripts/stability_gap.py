@@ -17,7 +17,7 @@ import matplotlib
 import numpy as np
 import tyro
 
-from rlplastic.runs import atomic_write, atomic_write_json
+from rlplastic.files import atomic_write, atomic_write_json
 from rlplastic.supervised.stability_gap import METHODS, StabilityGapConfig, run_stability_gap
 
 matplotlib.use("Agg")

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from rlplastic import sweep
+from rlplastic.cli import replace_flags as with_flags  # noqa: F401 (for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,3 +27,8 @@ def load_agent(name: str):
 @pytest.fixture(scope="session")
 def drq():
     return load_agent("drq")
+
+
+@pytest.fixture(scope="session")
+def bbf_agent():
+    return load_agent("bbf")

@@ -7,11 +7,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, load_agent
+from conftest import ROOT, load_agent, with_flags
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlplastic.init import xavier_uniform_zero_bias
-from rlplastic.interventions import HareTortoise
+from rlplastic.interventions import HareTortoise, build_interventions
 from rlplastic.interventions.base import fresh_copy
 from rlplastic.replay import PrioritizedFrameReplay
 
@@ -70,17 +70,17 @@ def test_reset_schedule_is_the_references_three_resets(bbf):
     skipped when that passes no_resets_after = 100,000: three resets, none near 80k."""
     args = bbf.Args()
     assert resets_in_a_run(bbf, args) == [20_001, 40_002, 60_003]
-    assert resets_in_a_run(bbf, replace(args, reset_every=0)) == []
+    assert resets_in_a_run(bbf, with_flags(args, bbf_reset_every=0)) == []
 
 
 def test_replay_ratio_8_resets_every_40k_gradient_steps(bbf):
     """The reference keeps 40k gradient steps between resets: 20k env steps at RR2 (BBF.gin),
     5k at RR8 (SR_SPR.gin: 'change if you change the replay ratio')."""
-    args = bbf.Args(replay_ratio=8)
+    args = with_flags(bbf.Args(), replay_ratio=8)
     assert bbf.reset_interval(args) == 5_000 and bbf.method_label(args) == "bbf-rr8"
     resets = resets_in_a_run(bbf, args)
     assert resets[:3] == [5_001, 10_002, 15_003] and len(resets) == 18 and resets[-1] + 5_000 <= 100_000
-    assert bbf.reset_interval(replace(args, reset_every=10_000)) == 10_000
+    assert bbf.reset_interval(with_flags(args, bbf_reset_every=10_000)) == 10_000
 
 
 def test_spr_path_uses_the_projection_without_relu(bbf):
@@ -124,7 +124,7 @@ def test_same_max_pool_pads_bottom_right_with_minus_infinity(bbf):
 
 
 def small_learner(bbf, **kw):
-    args = bbf.Args(width_scale=1, hidden_dim=32, device="cpu", **kw)
+    args = with_flags(bbf.Args(), width_scale=1, hidden_dim=32, device="cpu", **kw)
     online, target, optimizer = bbf.build_learner(args, 4, torch.device("cpu"))
     return args, online, target, optimizer
 
@@ -217,7 +217,8 @@ def test_annealed_n_step_returns():
 def test_one_update_trains_and_sets_priorities(bbf):
     args, online, target, optimizer = small_learner(bbf, batch_size=8)
     replay = filled_replay()
-    interventions = bbf.build_interventions(args, online, target, optimizer, replay)
+    sample_states = lambda n: replay.sample(n).states  # noqa: E731
+    interventions = build_interventions(args.interventions, online, target, optimizer, sample_states)
     before = online.head.value.weight.clone()
     support = torch.linspace(-10, 10, 51)
     out = bbf.update(args, online, target, optimizer, replay, torch.Generator().manual_seed(0), support, 0)
@@ -234,19 +235,21 @@ def test_one_update_trains_and_sets_priorities(bbf):
 
 def test_interventions_and_labels(bbf):
     args, online, target, optimizer = small_learner(bbf, reset=("hare-tortoise", "redo"), no_spr=True)
-    ema, redo = bbf.build_interventions(args, online, target, optimizer, filled_replay())
+    replay = filled_replay()
+    ema, redo = build_interventions(args.interventions, online, target, optimizer, lambda n: replay.sample(n).states)
     assert isinstance(ema, HareTortoise) and ema.momentum == pytest.approx(0.995) and ema.due.period == 4_000
     assert type(redo).__name__ == "ReDo"
     assert bbf.method_label(args) == "bbf+hare-tortoise+redo-nospr"
-    assert bbf.method_label(bbf.Args(replay_ratio=8)) == "bbf-rr8"
-    plain = bbf.build_interventions(bbf.Args(), online, target, optimizer, None).items[0]
+    assert bbf.method_label(with_flags(bbf.Args(), replay_ratio=8)) == "bbf-rr8"
+    plain = build_interventions(bbf.Args().interventions, online, target, optimizer, None).items[0]
     assert plain.due.period == 0  # a pure EMA target without hare-tortoise
 
 
 def test_validate_names_each_bad_value(bbf):
-    problems = "\n".join(bbf.validate(bbf.Args(env_id="Tetris", replay_ratio=0, n_step_end=12, tau=2.0,
-                                               reset=("redo", "cbp"))))  # fmt: skip
-    for text in ("Tetris", "--replay-ratio 0", "--n-step-end 12", "--tau 2.0", "redo and cbp"):
+    args = with_flags(bbf.Args(), env_id="Tetris", replay_ratio=0, n_step_end=12, ema=2.0, reset=("redo", "head"),
+                      continual=("cbp",))  # fmt: skip
+    problems = "\n".join(bbf.validate(args))
+    for text in ("Tetris", "--replay-ratio 0", "--n-step-end 12", "--ema 2.0", "redo and cbp", "not support head"):
         assert text in problems
 
 
@@ -265,7 +268,7 @@ def test_bad_input_exits_before_training(tmp_path):
 
 
 TINY = dict(
-    width_scale=1, hidden_dim=32, batch_size=4, total_steps=160, learning_starts=100, reset_every=130,
+    width_scale=1, hidden_dim=32, batch_size=4, total_steps=160, learning_starts=100, bbf_reset_every=130,
     anneal_steps=100, eval_episodes=1, eval_envs=1, max_episode_steps=150, buffer_size=1000, log_every=40,
     diag_every=80, device="cpu",
 )  # fmt: skip
@@ -277,8 +280,8 @@ class Interrupted(Exception):
 
 @pytest.mark.slow
 def test_smoke_run_on_a_real_game_then_resume_identically(bbf, tmp_path, monkeypatch):
-    args = bbf.Args(env_id="Breakout", seed=2, checkpoint_every=120, **TINY)
-    straight = bbf.main(replace(args, output_dir=str(tmp_path / "straight")))
+    args = with_flags(bbf.Args(), env_id="Breakout", seed=2, checkpoint_every=120, **TINY)
+    straight = bbf.main(with_flags(args, output_dir=str(tmp_path / "straight")))
     assert straight["grad_steps"] == 2 * (160 - 100 + 1) and straight["resets"] == 1
     assert straight["method"] == "bbf" and straight["agent"] == "bbf" and len(straight["eval_returns"]) == 1
     log = {row["step"]: row for row in straight["train_log"]}
@@ -291,17 +294,19 @@ def test_smoke_run_on_a_real_game_then_resume_identically(bbf, tmp_path, monkeyp
     # reset at step 132 (131 > 130 steps taken) restarted it: round(10 * 0.3^0.56) = 5 (without it: n = 3)
     assert [e.value for e in events.Scalars("charts/n_step")][-2:] == [6, 5]
 
-    real_save = bbf.save_checkpoint
+    from rlplastic import runs
+
+    real_save = runs.save_checkpoint
 
     def save_then_die(path, payload, agent):
         real_save(path, payload, agent)
         raise Interrupted
 
-    monkeypatch.setattr(bbf, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
-        bbf.main(replace(args, output_dir=str(tmp_path / "resumed")))
-    monkeypatch.setattr(bbf, "save_checkpoint", real_save)
-    resumed = bbf.main(replace(args, output_dir=str(tmp_path / "resumed")))
+        bbf.main(with_flags(args, output_dir=str(tmp_path / "resumed")))
+    monkeypatch.setattr(runs, "save_checkpoint", real_save)
+    resumed = bbf.main(with_flags(args, output_dir=str(tmp_path / "resumed")))
     for key in ("eval_returns", "train_episodes", "train_log", "diagnostics", "grad_steps", "resets"):
         assert resumed[key] == straight[key]
     results = json.loads((tmp_path / "resumed" / "results.json").read_text())
@@ -311,7 +316,7 @@ def test_smoke_run_on_a_real_game_then_resume_identically(bbf, tmp_path, monkeyp
 @pytest.mark.slow
 def test_hare_tortoise_variant_runs_from_the_shell(tmp_path):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    proc = run_agent("--env-id", "Pong", *flags, "--reset", "hare-tortoise", "--no-spr", "--ht-reset-every", "30",
+    proc = run_agent("--env-id", "Pong", *flags, "--reset", "hare-tortoise", "--no-spr", "--ht-every", "30",
                      "--output-dir", str(tmp_path / "ht"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "step 160/160" in proc.stdout
@@ -328,7 +333,7 @@ def test_a_diverged_run_stops_and_writes_no_results(bbf, tmp_path, monkeypatch):
         return out | {"loss": out["loss"] * float("nan")}
 
     monkeypatch.setattr(bbf, "update", diverging_update)
-    args = bbf.Args(env_id="Pong", seed=1, checkpoint_every=0, output_dir=str(tmp_path / "run"), **TINY)
+    args = with_flags(bbf.Args(), env_id="Pong", seed=1, checkpoint_every=0, output_dir=str(tmp_path / "run"), **TINY)
     with pytest.raises(SystemExit, match="training diverged by step 120 .*'loss': nan.*no results written"):
         bbf.main(args)
     assert not (tmp_path / "run" / "results.json").exists()

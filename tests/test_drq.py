@@ -2,14 +2,15 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, Planted
+from conftest import ROOT, Planted, with_flags
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from rlplastic.init import xavier_uniform_zero_bias
+from rlplastic.interventions import build_interventions
 from rlplastic.replay import FrameReplay
 from rlplastic.schedules import linearly_decaying_epsilon
 
@@ -56,11 +57,11 @@ def test_head_is_dopamines_one_shared_512_layer(drq):
 
 
 def test_validate_names_each_bad_value(drq):
-    args = replace(drq.Args(), env_id="Tetris", total_steps=-5, batch_size=64, buffer_size=32, gamma=1.5)
+    args = with_flags(drq.Args(), env_id="Tetris", total_steps=-5, batch_size=64, buffer_size=32, gamma=1.5)
     problems = "\n".join(drq.validate(args))
     assert "'Tetris'" in problems and "Alien" in problems
     assert "--total-steps -5" in problems
-    assert "--batch-size 64: must be <= --buffer-size 32" in problems
+    assert "--batch-size 64: larger than the replay (--buffer-size 32)" in problems
     assert "--gamma 1.5" in problems
     assert drq.validate(drq.Args()) == []
 
@@ -135,39 +136,42 @@ class Interrupted(Exception):
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_results(drq, tmp_path, monkeypatch):
-    args = drq.Args(
+    args = with_flags(
+        drq.Args(),
         env_id="Breakout", seed=5, total_steps=240, learning_starts=60, eval_episodes=1, max_episode_steps=150,
         batch_size=8, log_every=60, checkpoint_every=120, device="cpu", track_tensorboard=False,
-        ema=0.99, reset=("hare-tortoise", "head", "redo"), ht_reset_every=50, head_reset_every=70, redo_every=40,
+        ema=0.99, reset=("hare-tortoise", "head", "redo"), ht_every=50, head_every=70, redo_every=40,
         diag_every=80, eval_every=100, eval_every_episodes=1,
     )  # fmt: skip
-    straight = drq.main(replace(args, output_dir=str(tmp_path / "straight")))
+    straight = drq.main(with_flags(args, output_dir=str(tmp_path / "straight")))
     assert [p["step"] for p in straight["eval_curve"]] == [100, 200, 240]  # the final evaluation last
     assert not (tmp_path / "straight" / "checkpoint.pt").exists()  # removed once results exist
 
-    real_save = drq.save_checkpoint
+    from rlplastic import runs
+
+    real_save = runs.save_checkpoint
 
     def save_then_die(path, payload, agent):
         real_save(path, payload, agent)
         raise Interrupted  # as if killed right after the checkpoint at step 120
 
-    monkeypatch.setattr(drq, "save_checkpoint", save_then_die)
-    resumed_args = replace(args, output_dir=str(tmp_path / "resumed"))
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_die)
+    resumed_args = with_flags(args, output_dir=str(tmp_path / "resumed"))
     with pytest.raises(Interrupted):
         drq.main(resumed_args)
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
     assert not (tmp_path / "resumed" / "results.json").exists()
-    monkeypatch.setattr(drq, "save_checkpoint", real_save)
+    monkeypatch.setattr(runs, "save_checkpoint", real_save)
 
     with pytest.raises(SystemExit, match="other arguments.*learning_rate"):
-        drq.main(replace(resumed_args, learning_rate=3e-4))
-    resumed = drq.main(replace(resumed_args, save_model=True))  # save_model may change on resume
+        drq.main(with_flags(resumed_args, learning_rate=3e-4))
+    resumed = drq.main(with_flags(resumed_args, save_model=True))  # save_model may change on resume
     for key in ("eval_returns", "train_episodes", "train_log", "diagnostics", "eval_curve"):
         assert resumed[key] == straight[key]
     weights = torch.load(tmp_path / "resumed" / "q_network.pt", weights_only=True)
     assert weights["head.0.weight"].shape == (512, 7744)
     # evaluating during training leaves training untouched (own environments and random streams)
-    quiet = drq.main(replace(args, eval_every=0, output_dir=str(tmp_path / "quiet")))
+    quiet = drq.main(with_flags(args, eval_every=0, output_dir=str(tmp_path / "quiet")))
     assert quiet["train_log"] == straight["train_log"] and quiet["train_episodes"] == straight["train_episodes"]
     assert quiet["eval_returns"] == straight["eval_returns"]
     assert [d["step"] for d in resumed["diagnostics"]] == [80, 160, 240]
@@ -177,13 +181,13 @@ def test_interrupted_run_resumes_to_identical_results(drq, tmp_path, monkeypatch
 
 def test_conflicting_interventions_fail_fast(drq):
     def problems(**kw):
-        return "\n".join(drq.validate(replace(drq.Args(), **kw)))
+        return "\n".join(drq.validate(with_flags(drq.Args(), **kw)))
 
     assert "needs --ema > 0" in problems(reset=("hare-tortoise",))
-    assert "redo and cbp both replace units" in problems(reset=("redo", "cbp"))
-    assert "redo and lifecycle both replace units" in problems(reset=("redo",), lifecycle=True)
+    assert "redo and cbp both replace units" in problems(reset=("redo",), continual=("cbp",))
+    assert "redo and lifecycle both replace units" in problems(reset=("redo",), continual=("lifecycle",))
     assert "head given twice" in problems(reset=("head", "head"))
-    assert "--head-reset-every 0" in problems(reset=("head",), head_reset_every=0)
+    assert "--head-every 0" in problems(reset=("head",), head_every=0)
     assert problems(reset=("hare-tortoise", "head"), ema=0.995) == ""
 
 
@@ -209,7 +213,11 @@ def run_updates(drq, args, steps, graph_order=False):
     torch.manual_seed(0)
     replay = filled_replay()
     q, target, optimizer = drq.build_learner(args, 4, torch.device("cpu"))
-    interventions = drq.build_interventions(args, q, target, optimizer, replay)
+    ema_target = None if target is q else target
+    sample_states = lambda n: replay.sample(n).states  # noqa: E731
+    interventions = build_interventions(
+        args.interventions, q, ema_target, optimizer, sample_states, xavier_uniform_zero_bias, drq.HEAD_MODULES
+    )
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         drq.update(args, q, target, optimizer, replay, generator)
@@ -225,9 +233,9 @@ def run_updates(drq, args, steps, graph_order=False):
 def test_the_graph_loops_order_of_intervention_work_gives_the_eager_results(drq):
     """On CUDA the update and the interventions' device_step are one captured graph and the
     host_steps follow; for the graph-safe interventions that is the eager sequence, exactly."""
-    args = replace(
+    args = with_flags(
         drq.Args(), batch_size=4, ema=0.9, reset=("hare-tortoise", "head", "shrink-perturb", "redo"),
-        ht_reset_every=3, head_reset_every=4, sp_every=5, redo_every=2, redo_batch=8,
+        ht_every=3, head_every=4, sp_every=5, redo_every=2, redo_batch=8,
     )  # fmt: skip
     eager_q, eager_target, eager = run_updates(drq, args, 10)
     graph_q, graph_target, graph = run_updates(drq, args, 10, graph_order=True)
@@ -238,9 +246,9 @@ def test_the_graph_loops_order_of_intervention_work_gives_the_eager_results(drq)
 
 
 def test_flags_build_the_interventions_with_their_schedules(drq):
-    args = replace(
+    args = with_flags(
         drq.Args(), batch_size=4, ema=0.9, reset=("hare-tortoise", "head", "shrink-perturb"),
-        reset_every=6, head_reset_every=4,
+        reset_every=6, head_every=4,
     )  # fmt: skip
     q, target, interventions = run_updates(drq, args, 12)
     ht, head, sp = interventions
@@ -248,21 +256,23 @@ def test_flags_build_the_interventions_with_their_schedules(drq):
     assert type(head).__name__ == "HeadReset" and head.due.period == 4 and head.resets == 3
     assert head.models == [q, target] and set(head.groups) == {"head", "advantage", "value"}
     assert type(sp).__name__ == "ShrinkPerturb" and sp.due.period == 6 and sp.groups == {"": (0.4, 0.1)}
-    plain = drq.build_interventions(replace(drq.Args(), ema=0.995), q, target, None, filled_replay())
+    plain = build_interventions(with_flags(drq.Args(), ema=0.995).interventions, q, target, None, filled_replay)
     assert len(plain) == 1 and plain.items[0].due.period == 0  # the EMA target alone never resets the hare
 
 
 def test_unit_replacing_interventions_act_on_the_drq_network(drq):
-    args = replace(drq.Args(), batch_size=4, reset=("redo",), redo_every=5, redo_tau=0.5, redo_batch=16)
+    args = with_flags(drq.Args(), batch_size=4, reset=("redo",), redo_every=5, redo_tau=0.5, redo_batch=16)
     _, _, (redo,) = run_updates(drq, args, 10)
     assert len(redo.recycled) == 2 and sum(redo.recycled) > 0
-    args = replace(drq.Args(), batch_size=4, reset=("cbp", "noise"), cbp_rate=0.05, cbp_maturity=3)
+    args = with_flags(drq.Args(), batch_size=4, continual=("cbp", "noise"), cbp_rate=0.05, cbp_maturity=3)
     _, _, (cbp, noise) = run_updates(drq, args, 8)
     assert cbp.replaced > 0 and noise.t == 8
-    args = replace(drq.Args(), batch_size=4, lifecycle=True, lifecycle_lifespan=(2, 4), lifecycle_recovery=(1, 2))
+    lifecycle = dict(continual=("lifecycle",), lifecycle_lifespan=(2, 4), lifecycle_recovery=(1, 2))
+    args = with_flags(drq.Args(), batch_size=4, **lifecycle)
     q, _, interventions = run_updates(drq, args, 6)
     lifecycle_layers = [m for m in q.modules() if hasattr(m, "lifecycle_step")]
-    assert len(interventions) == 0 and len(lifecycle_layers) == 4  # 3 convs + the shared dense; outputs plain
+    assert [type(i).__name__ for i in interventions] == ["Lifecycle"]
+    assert len(lifecycle_layers) == 4  # 3 convs + the shared dense; the outputs stay plain
     assert all(layer.life.max() <= 4 for layer in lifecycle_layers)
     assert any((layer.scaler < 1).any() or not layer.active.all() for layer in lifecycle_layers)
 
@@ -280,7 +290,9 @@ def test_a_bad_checkpoint_is_refused_by_name_and_never_runs_code(drq, tmp_path, 
         (run_dir / "checkpoint.pt").write_bytes(data[: len(data) // 2])
     else:
         (run_dir / "checkpoint.pt").write_text("not a checkpoint at all")
-    args = drq.Args(env_id="Pong", total_steps=100, learning_starts=50, device="cpu", output_dir=str(run_dir))
+    args = with_flags(
+        drq.Args(), env_id="Pong", total_steps=100, learning_starts=50, device="cpu", output_dir=str(run_dir)
+    )
     with pytest.raises(SystemExit) as exit_info:
         drq.main(args)
     message = str(exit_info.value)
@@ -290,7 +302,7 @@ def test_a_bad_checkpoint_is_refused_by_name_and_never_runs_code(drq, tmp_path, 
 
 
 def test_a_saved_network_is_evaluated_again_at_another_epsilon(drq, tmp_path):
-    from rlplastic.runs import atomic_torch_save
+    from rlplastic.files import atomic_torch_save
 
     torch.manual_seed(0)
     atomic_torch_save(tmp_path / "q_network.pt", drq.QNetwork(6).state_dict())  # Pong: 6 actions
@@ -306,7 +318,8 @@ def test_a_saved_network_is_evaluated_again_at_another_epsilon(drq, tmp_path):
 
 
 def test_a_diverged_run_stops_keeps_its_last_checkpoint_and_writes_no_results(drq, tmp_path, monkeypatch):
-    args = drq.Args(
+    args = with_flags(
+        drq.Args(),
         env_id="Pong", seed=3, total_steps=200, learning_starts=40, eval_episodes=1, max_episode_steps=100,
         batch_size=4, log_every=40, checkpoint_every=80, device="cpu", track_tensorboard=False, diag_every=0,
         output_dir=str(tmp_path / "run"),
@@ -314,9 +327,11 @@ def test_a_diverged_run_stops_keeps_its_last_checkpoint_and_writes_no_results(dr
     real_update, calls = drq.update, []
 
     def diverging_update(*a, **kw):
-        loss, q = real_update(*a, **kw)
+        losses = real_update(*a, **kw)
         calls.append(1)
-        return (loss * float("nan"), q) if len(calls) > 60 else (loss, q)  # NaN from update 61 (step 100)
+        if len(calls) > 60:  # NaN from update 61 (step 100)
+            losses["td_loss"] = losses["td_loss"] * float("nan")
+        return losses
 
     monkeypatch.setattr(drq, "update", diverging_update)
     with pytest.raises(SystemExit, match="training diverged by step 120 .*checkpoint.pt is kept; no results"):

@@ -16,11 +16,23 @@ from rlplastic.interventions.continual_backprop import ContinualBackprop
 from rlplastic.interventions.gradient_noise import GradientNoise
 from rlplastic.interventions.hare_tortoise import HareTortoise
 from rlplastic.interventions.lifecycle import LifecycleConv2d, LifecycleLinear, lifecycle_metrics, swap_in_lifecycle
+from rlplastic.interventions.options import (
+    ALL_METHODS,
+    InterventionOptions,
+    build_interventions,
+    ema_target,
+    swap_in_chosen_lifecycle,
+)
 from rlplastic.interventions.redo import ReDo, neuron_scores
 from rlplastic.interventions.shrink_perturb import HeadReset, ShrinkPerturb
 from rlplastic.introspection import hidden_layers
 
 __all__ = [
+    "ALL_METHODS",
+    "InterventionOptions",
+    "build_interventions",
+    "ema_target",
+    "swap_in_chosen_lifecycle",
     "ContinualBackprop",
     "GradientNoise",
     "HareTortoise",

@@ -145,7 +145,7 @@ def read_mnist1d(samples: int = 10_000, cache_dir: str | Path | None = None) -> 
     deterministic, so the arrays are cached (RLPLASTIC_CACHE or ~/.cache/rlplastic)."""
     import os
 
-    from rlplastic.runs import atomic_write
+    from rlplastic.files import atomic_write
 
     cache = Path(cache_dir or os.environ.get("RLPLASTIC_CACHE", Path.home() / ".cache" / "rlplastic"))
     path = cache / f"mnist1d_{samples}.npz"

@@ -30,6 +30,7 @@ from rlplastic.diagnostics import (
     initial_weights,
     lipschitz_bound,
 )
+from rlplastic.files import atomic_write
 from rlplastic.init import torch_default_init
 from rlplastic.interventions import (
     HareTortoise,
@@ -44,7 +45,7 @@ from rlplastic.interventions import (
 from rlplastic.interventions.base import Every
 from rlplastic.interventions.lifecycle import REVIVALS
 from rlplastic.introspection import hidden_layers
-from rlplastic.runs import atomic_write, git_commit, read_checkpoint, resolve_device, save_checkpoint, seed_everything
+from rlplastic.runs import git_commit, read_checkpoint, resolve_device, save_checkpoint, seed_everything
 from rlplastic.supervised.data import DATASETS, Dataset, load_dataset, subset_with_noise
 from rlplastic.supervised.models import MODELS, MODELS_WITH_HIDDEN_FC, Classifier, CReLU, build_model
 

@@ -1,0 +1,56 @@
+"""Command lines with named configurations (presets), on tyro.
+
+    args = cli_with_presets(Args, PRESETS, __doc__)    # python agents/bbf.py bbf-rr8 --env-id Pong
+
+The first argument may name a preset: the run starts from its values and any flag after it
+overrides them. Without one, the dataclass defaults apply. --help lists the presets."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import fields, is_dataclass, replace
+from pathlib import Path
+from typing import TypeVar
+
+import tyro
+
+T = TypeVar("T")
+
+
+def cli_with_presets(
+    args_type: type[T], presets: dict[str, tuple[str, T]], description: str | None, argv: Sequence[str] | None = None
+) -> T:
+    """Parse `argv` (default sys.argv[1:]) into `args_type`; `presets` maps a name to a one-line
+    description and an instance of `args_type`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = Path(sys.argv[0]).name
+    listing = "\n".join(f"  {name:<16} {text}" for name, (text, _) in presets.items())
+    usage = f"Presets: {prog} PRESET [flags], flags override the preset:"
+    description = f"{(description or '').strip()}\n\n{usage}\n{listing}"
+    if argv and not argv[0].startswith("-"):
+        name = argv.pop(0)
+        if name not in presets:
+            sys.exit(f"{prog}: unknown preset {name!r}; presets: {', '.join(presets)} (or flags only)")
+        text, default = presets[name]
+        return tyro.cli(args_type, default=default, args=argv, prog=f"{prog} {name}", description=f"{name}: {text}")
+    return tyro.cli(args_type, args=argv, prog=prog, description=description)
+
+
+def replace_flags(args: T, **flags: object) -> T:
+    """`args` (an agent's Args) with fields replaced by their flag names, as the command line gives
+    them: each goes to the field of Args, or of a nested options dataclass, that bears the name.
+
+        replace_flags(drq.Args(), env_id="Pong", reset=("redo",), device="cpu")"""
+    nested = {f.name: getattr(args, f.name) for f in fields(args) if is_dataclass(getattr(args, f.name))}
+    top: dict[str, object] = {}
+    parts: dict[str, dict[str, object]] = {name: {} for name in nested}
+    for key, value in flags.items():
+        owner = next((name for name, options in nested.items() if key in {f.name for f in fields(options)}), None)
+        if owner is not None:
+            parts[owner][key] = value
+        elif key in {f.name for f in fields(args)}:
+            top[key] = value
+        else:
+            raise TypeError(f"{type(args).__name__} has no flag {key!r}")
+    return replace(args, **top, **{name: replace(nested[name], **parts[name]) for name in nested if parts[name]})

@@ -1,0 +1,95 @@
+"""Files that are written whole or not at all, and read as plain data only: results and
+checkpoints. A file received from someone else can never run code when it is read."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(file) on a temp file in the same folder, fsync, then rename over `path`: readers
+    never see half a file, and an interrupted write leaves the old one intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))
+
+
+_NDARRAY = "__ndarray__"
+
+
+def to_plain(obj: Any) -> Any:
+    """Tensors, Python scalars, strings, None and dicts / lists / tuples of them: what
+    torch.load(weights_only=True) reads back. numpy arrays travel as tagged tensors."""
+    if isinstance(obj, np.ndarray):
+        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(obj))}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, str) and type(obj) is not str:  # e.g. torch.__version__, a TorchVersion
+        return str(obj)
+    if isinstance(obj, dict):
+        return {key: to_plain(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_plain(value) for value in obj)
+    return obj
+
+
+def from_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if len(obj) == 1 and _NDARRAY in obj:
+            return obj[_NDARRAY].cpu().numpy()
+        return {key: from_plain(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(from_plain(value) for value in obj)
+    return obj
+
+
+def atomic_torch_save(path: str | os.PathLike, payload: Any) -> None:
+    """Save plain data (see to_plain) atomically: loadable with weights_only=True, so a checkpoint
+    received from someone else can never run code when it is read."""
+    atomic_write(path, lambda f: torch.save(to_plain(payload), f))
+
+
+class UnsafeFileError(ValueError):
+    """A file that is not plain data: loading it would need to run code from it."""
+
+
+def safe_torch_load(path: str | os.PathLike, device: torch.device | str = "cpu") -> Any:
+    """Read a file written by atomic_torch_save. torch.load(weights_only=True) refuses any pickled
+    object that is not plain data instead of running it; that refusal is re-worded so that it never
+    suggests loading the file with weights_only=False."""
+    import pickle
+
+    try:
+        return from_plain(torch.load(path, map_location=device, weights_only=True))
+    except pickle.UnpicklingError:
+        raise UnsafeFileError(
+            f"{path} holds more than plain tensors and numbers (or is no torch file at all): it is not loaded, "
+            "since reading it could run code"
+        ) from None
+
+
+def read_failure(error: Exception) -> str:
+    """'ErrorType: its first line' (200 characters at most): why a file could not be read."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {(lines[0] if lines else type(error).__name__)[:200]}"

@@ -1,0 +1,110 @@
+"""The run harness (rlplastic.runs.Run), the shared option dataclasses and the presets."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, with_flags
+
+from rlplastic.cli import cli_with_presets
+from rlplastic.files import atomic_torch_save
+from rlplastic.interventions import InterventionOptions
+from rlplastic.runs import CHECKPOINT_FORMAT, DeviceMeans, Run, flat_config
+
+
+@pytest.mark.parametrize("agent", ["drq", "bbf_agent"])
+def test_every_preset_is_a_valid_configuration(agent, request):
+    module = request.getfixturevalue(agent)
+    assert module.PRESETS, "each agent names its configurations"
+    for name, (text, args) in module.PRESETS.items():
+        assert text and module.validate(args) == [], name
+
+
+def test_a_preset_sets_defaults_that_flags_override(drq, bbf_agent):
+    bbf = bbf_agent
+    args = cli_with_presets(drq.Args, drq.PRESETS, None, ["hare-tortoise", "--env-id", "Pong"])
+    assert args.env_id == "Pong" and args.updates_per_step == 2
+    assert args.interventions.reset == ("hare-tortoise",) and args.interventions.ema == 0.995
+    args = cli_with_presets(drq.Args, drq.PRESETS, None, ["hare-tortoise", "--ema", "0.99", "--ht-every", "2000"])
+    assert args.interventions.ema == 0.99 and args.interventions.every("hare-tortoise") == 2000
+    plain = cli_with_presets(drq.Args, drq.PRESETS, None, ["--env-id", "Pong"])
+    assert plain.updates_per_step == 1 and plain.interventions.reset == ()
+    rr8 = cli_with_presets(bbf.Args, bbf.PRESETS, None, ["bbf-rr8"])
+    assert rr8.replay_ratio == 8 and bbf.reset_interval(rr8) == 5_000 and bbf.method_label(rr8) == "bbf-rr8"
+    ht = cli_with_presets(bbf.Args, bbf.PRESETS, None, ["hare-tortoise"])
+    assert ht.no_spr and bbf.method_label(ht) == "bbf+hare-tortoise-nospr"
+    with pytest.raises(SystemExit, match="unknown preset 'rr9'; presets: bbf-rr2, bbf-rr8"):
+        cli_with_presets(bbf.Args, bbf.PRESETS, None, ["rr9"])
+
+
+def test_help_lists_the_presets_and_the_shared_flags():
+    for agent, presets in (("drq", ["drq-eps", "hare-tortoise", "cpu-smoke"]),
+                           ("bbf", ["bbf-rr2", "bbf-rr8", "hare-tortoise", "cpu-smoke"])):  # fmt: skip
+        proc = subprocess.run([sys.executable, str(ROOT / "agents" / f"{agent}.py"), "--help"], capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 0
+        for text in [*presets, "--reset", "--continual", "--ema", "--reset-every", "--output-dir", "--save-model"]:
+            assert text in proc.stdout, (agent, text)
+
+
+def test_one_flag_name_and_unit_in_both_agents(drq, bbf_agent):
+    bbf = bbf_agent
+    """The same intervention options, in gradient steps, in both agents; non-resets are not --reset."""
+    assert type(drq.Args().interventions) is type(bbf.Args().interventions) is InterventionOptions
+    assert drq.Args().interventions.ema == 0.0 and bbf.Args().interventions.ema == 0.995  # BBF's tau 0.005
+    options = InterventionOptions(reset=("hare-tortoise", "redo"), reset_every=500, redo_every=50, ema=0.9)
+    assert options.every("hare-tortoise") == 500 and options.every("redo") == 50
+    assert InterventionOptions().every("hare-tortoise") == 4_000 and InterventionOptions().every("head") == 20_000
+    proc = subprocess.run([sys.executable, str(ROOT / "agents" / "drq.py"), "--reset", "noise"], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and "noise" in proc.stderr
+    problems = "\n".join(bbf.validate(with_flags(bbf.Args(), reset=("head",), continual=("lifecycle",), ema=0.0)))
+    assert "bbf does not support head, lifecycle" in problems and "bbf needs an EMA target" in problems
+
+
+def test_run_config_is_flat_as_the_flags(drq):
+    config = flat_config(with_flags(drq.Args(), reset=("redo",), eval_episodes=3))
+    assert config["reset"] == ("redo",) and config["eval_episodes"] == 3 and config["n_step"] == 10
+    assert "interventions" not in config and "run" not in config
+
+
+def test_device_means_sum_in_place_and_resume():
+    means = DeviceMeans()
+    assert means.read() == {}
+    for loss in (1.0, 3.0):
+        means.add({"loss": torch.tensor(loss)})
+        means.tick()
+    total = means.sums["loss"]
+    assert means.read() == {"loss": 2.0} and means.sums["loss"] is total and total.item() == 0  # zeroed in place
+    means.add({"loss": torch.tensor(5.0)})
+    means.tick()
+    restored = DeviceMeans()
+    restored.load_state_dict(means.state_dict())
+    assert restored.read() == {"loss": 5.0}
+
+
+def test_run_keeps_only_stateful_objects(drq, tmp_path):
+    args = with_flags(drq.Args(), env_id="Pong", total_steps=10, device="cpu", output_dir=str(tmp_path / "r"),
+                      track_tensorboard=False)  # fmt: skip
+    run = Run("drq", args, [], "drq")
+    with pytest.raises(TypeError, match="notes: a list has no state_dict"):
+        run.keep(notes=[])
+    with pytest.raises(SystemExit, match="invalid arguments:\n  --total-steps -1"):
+        Run("drq", args, ["--total-steps -1: must be a positive integer"], "drq")
+
+
+def test_an_old_format_checkpoint_is_refused_with_the_reason(drq, tmp_path):
+    """Checkpoints written before the harness (each agent's own keys) cannot be resumed: said so."""
+    run_dir = tmp_path / "run"
+    args = with_flags(drq.Args(), env_id="Pong", total_steps=100, learning_starts=50, device="cpu",
+                      output_dir=str(run_dir))  # fmt: skip
+    old = {"step": 40, "config": flat_config(args), "q_network": {"w": torch.zeros(2)}, "obs": torch.zeros(3)}
+    atomic_torch_save(run_dir / "checkpoint.pt", old)
+    with pytest.raises(SystemExit) as exit_info:
+        drq.main(args)
+    message = str(exit_info.value)
+    assert "checkpoint of format 1, written by an earlier rlplastic" in message
+    assert f"this one reads format {CHECKPOINT_FORMAT} only (the layout changed with the run harness)" in message
+    assert "start over in another --output-dir" in message
+    assert not (run_dir / "results.json").exists()
