@@ -450,6 +450,9 @@ class Run:
     torch.load(weights_only=True): a checkpoint from someone else cannot run code."""
 
     def __init__(self, agent: str, args: Any, problems: list[str], method: str, code: str | None = None):
+        """`args`: the agent's Args, with env_id, seed, total_steps and run (RunOptions). `problems`:
+        what its validation found (the run exits with them before any work). `method`: the label
+        reports group runs by. `code`: the agent's file, whose git commit the results record."""
         if problems:  # before any work: nothing is created for a run that cannot start
             sys.exit(f"{agent}: invalid arguments:\n  " + "\n  ".join(problems))
         options: RunOptions = args.run

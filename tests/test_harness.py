@@ -2,15 +2,18 @@
 
 import subprocess
 import sys
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
+import torch.nn as nn
 from conftest import ROOT, with_flags
 
 from rlplastic.cli import cli_with_presets
 from rlplastic.files import atomic_torch_save
 from rlplastic.interventions import InterventionOptions
-from rlplastic.runs import CHECKPOINT_FORMAT, DeviceMeans, Run, flat_config
+from rlplastic.replay import FrameReplay
+from rlplastic.runs import CHECKPOINT_FORMAT, DeviceMeans, Run, RunOptions, flat_config
 
 
 @pytest.mark.parametrize("agent", ["drq", "bbf_agent"])
@@ -108,3 +111,80 @@ def test_an_old_format_checkpoint_is_refused_with_the_reason(drq, tmp_path):
     assert f"this one reads format {CHECKPOINT_FORMAT} only (the layout changed with the run harness)" in message
     assert "start over in another --output-dir" in message
     assert not (run_dir / "results.json").exists()
+
+
+@dataclass
+class TinyArgs:
+    """A third agent's arguments: what it chooses, plus the shared RunOptions."""
+
+    env_id: str = "Pong"
+    seed: int = 4
+    total_steps: int = 120
+    run: RunOptions = field(
+        default_factory=lambda: RunOptions(device="cpu", eval_episodes=1, eval_envs=1, max_episode_steps=60,
+                                           log_every=40, checkpoint_every=60, diag_every=0, track_tensorboard=False)
+    )  # fmt: skip
+
+
+def tiny_agent(args: TinyArgs) -> dict:
+    """A whole (if simple) Atari agent on the harness: only its algorithm is written here."""
+    run = Run("tiny", args, [], "tiny")
+    env = run.make_env()
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4 * 84 * 84, int(env.action_space.n)))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    replay = FrameReplay(500, 3, 0.99, generator=run.generator)
+    run.keep(net=net, optimizer=optimizer, replay=replay)
+    saved = run.resume()
+    obs = saved["obs"] if saved else env.reset()[0]
+
+    def greedy(observations):
+        with torch.no_grad():
+            return net(torch.as_tensor(observations).float() / 255).argmax(1).numpy()
+
+    for step in run.steps():
+        action = run.epsilon_greedy(0.5, obs, greedy)
+        if replay.num_sampleable > 0:
+            batch = replay.sample(8)
+            q = net(batch.states.float() / 255).gather(1, batch.actions[:, None]).squeeze(1)
+            loss = (q - batch.returns).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            run.losses.add({"loss": loss.detach()})
+            run.losses.tick()
+        obs = run.env_step(replay, obs, action, step)
+        if run.report_due(step):
+            run.report(step, {"epsilon": 0.5}, {})
+        run.checkpoint(step, obs=obs)
+    return run.finish(greedy, [net], {})
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_third_agent_needs_none_of_the_plumbing_rewritten(tmp_path, monkeypatch):
+    """Folder, records, checkpoints, resume and results come from the harness: a run killed after
+    its checkpoint resumes to the straight run's numbers."""
+    from rlplastic import runs
+
+    straight = tiny_agent(replace(TinyArgs(), run=replace(TinyArgs().run, output_dir=str(tmp_path / "straight"))))
+    assert [row["step"] for row in straight["train_log"]] == [40, 80, 120] and len(straight["eval_returns"]) == 1
+    assert straight["agent"] == "tiny" and straight["train_episodes"] and straight["config"]["env_id"] == "Pong"
+
+    real_save = runs.save_checkpoint
+
+    def save_then_die(*a):
+        real_save(*a)
+        raise Killed
+
+    args = replace(TinyArgs(), run=replace(TinyArgs().run, output_dir=str(tmp_path / "resumed")))
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        tiny_agent(args)
+    monkeypatch.setattr(runs, "save_checkpoint", real_save)
+    resumed = tiny_agent(args)
+    for key in ("train_log", "train_episodes", "eval_returns"):
+        assert resumed[key] == straight[key]
+    assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
