@@ -38,7 +38,9 @@ The run folder, logs, checkpoints and evaluation are rlplastic.runs.Run's (RunOp
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Annotated
 
 import numpy as np
@@ -46,9 +48,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.func import vmap
 
 from rlplastic.augment import drq_augment
-from rlplastic.cli import cli_with_presets
+from rlplastic.batched import StackedModules, batch_problems, check_lockstep, epsilon_greedy_runs, group_by
+from rlplastic.cli import cli_with_presets, expand_runs
 from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
 from rlplastic.diagnostics import PlasticityProbe
 from rlplastic.init import xavier_uniform_zero_bias
@@ -183,6 +187,21 @@ class QNetwork(nn.Module):
 HEAD_MODULES = ("head", "advantage", "value")  # what --reset head re-initializes
 
 
+def sample_states(replay: FrameReplay) -> Callable[[int], torch.Tensor]:
+    return lambda n: replay.sample(n).states
+
+
+def greedy(q_network: QNetwork) -> Callable[[np.ndarray], np.ndarray]:
+    """The greedy policy of `q_network`: a batch of observations -> their greedy actions."""
+    device = next(q_network.parameters()).device
+
+    def act(observations: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return q_network(torch.as_tensor(observations, device=device)).argmax(1).cpu().numpy()
+
+    return act
+
+
 # ALGO LOGIC
 def double_dqn_target(
     returns: torch.Tensor, discounts: torch.Tensor, next_q_online: torch.Tensor, next_q_target: torch.Tensor
@@ -192,10 +211,10 @@ def double_dqn_target(
     return returns + discounts * next_q_target.gather(1, best).squeeze(1)
 
 
-def build_learner(args: Args, num_actions: int, device: torch.device):
-    """The online network, the target network (the online one itself without --ema), the optimizer
-    (capturable on CUDA when the update may be graph-captured: its step count stays on the device)."""
-    q_network = QNetwork(num_actions).to(device)
+def build_learner(args: Args, num_actions: int, device: torch.device, q_network: QNetwork | None = None):
+    """The online network (`q_network` if given), the target network (the online one itself without
+    --ema), the optimizer (capturable on CUDA when the update may be graph-captured)."""
+    q_network = q_network or QNetwork(num_actions).to(device)
     # fused: one kernel for all tensors, 6x faster than the default loop on a 2-core CPU too
     capturable = args.cuda_graph and device.type == "cuda"
     optimizer = torch.optim.Adam(
@@ -232,69 +251,142 @@ def update(
     return {"td_loss": loss.detach(), "q_values": q.detach().mean()}
 
 
+def batched_update(
+    args: Args,
+    online: StackedModules,
+    target: StackedModules | None,
+    optimizers: list[torch.optim.Optimizer],
+    replays: list[FrameReplay],
+    generators: list[torch.Generator],
+) -> dict[str, torch.Tensor]:
+    """update() for the runs of one stack at once: each run samples and augments from its own replay
+    and generator, as alone; the forwards and backward of all are one vmapped call; each run's
+    optimizer steps its own parameters. Returns the runs' TD losses and mean Q, (N,) on the device."""
+    parts = []
+    for replay, generator in zip(replays, generators, strict=True):
+        batch = replay.sample(args.batch_size)
+        states, next_states = batch.states, batch.next_states
+        if args.augment:
+            states, next_states = drq_augment(states, generator), drq_augment(next_states, generator)
+        parts.append((states, next_states, batch.actions, batch.returns, batch.discounts))
+    stacked_batch = [torch.stack(part) for part in zip(*parts, strict=True)]
+    target = target or online
+
+    def run_loss(params, buffers, target_params, target_buffers, states, next_states, actions, returns, discounts):
+        with torch.no_grad():
+            next_q_online = online.forward_each(params, buffers, next_states)
+            next_q_target = target.forward_each(target_params, target_buffers, next_states)
+            targets = double_dqn_target(returns, discounts, next_q_online, next_q_target)
+        q = online.forward_each(params, buffers, states).gather(1, actions[:, None]).squeeze(1)
+        return F.smooth_l1_loss(q, targets), q.detach().mean()
+
+    loss, q_mean = vmap(run_loss)(online.params, online.buffers, target.params, target.buffers, *stacked_batch)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.sum().backward()  # each run's gradient is its own loss's
+    online.scatter_grads()
+    for optimizer in optimizers:
+        optimizer.step()
+    return {"td_loss": loss.detach(), "q_values": q_mean}
+
+
 def main(args: Args) -> dict:
-    # the run: its folder, logs, checkpoints, results and random streams; exits on invalid arguments
-    run = Run("drq", args, validate(args), method_label(args), __file__)
-    device, generator = run.device, run.generator
-    env = run.make_env()
-    q_network, target_network, optimizer = build_learner(args, int(env.action_space.n), device)
-    replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=device, generator=generator)
-    sample_states = lambda n: replay.sample(n).states  # noqa: E731
-    target = None if target_network is q_network else target_network
-    interventions = build_interventions(args.interventions, q_network, target, optimizer, sample_states,
+    """One run: its results (also written to its run folder)."""
+    return train([args])[0]
+
+
+def train(all_args: list[Args]) -> list[dict]:
+    """One run, or several (game, seed) runs of one configuration in one process, in lockstep: each
+    has its own network, optimizer, replay, interventions, environment, random streams and run folder
+    (the same files as alone), while the runs of games with one number of actions share one batched
+    forward and backward (rlplastic.batched.StackedModules). A single run is exactly a run alone."""
+    many = len(all_args) > 1
+    problems = [f"{a.env_id} seed {a.seed}: {p}" if many else p for a in all_args for p in validate(a)]
+    problems += batch_problems(all_args) if many else []
+    if problems:
+        sys.exit("drq: invalid arguments:\n  " + "\n  ".join(problems))
+    args, runs, nets = all_args[0], [], []
+    for run_args in all_args:  # each run seeds, then draws its network, as alone
+        runs.append(Run("drq", run_args, [], method_label(run_args), __file__))  # folder, logs, checkpoints
+        nets.append(QNetwork(int(runs[-1].make_env().action_space.n)).to(runs[-1].device))
+        if many:
+            runs[-1].own_global_rng()  # its later fresh draws come from its own copy of torch's generators
+    check_lockstep(runs)
+    groups = group_by([q.advantage.out_features for q in nets])  # runs with one number of actions
+    stacks = {n: StackedModules([nets[i] for i in members]) for n, members in groups.items()} if many else {}
+    learners = [build_learner(replace(a, cuda_graph=a.cuda_graph and not many), 0, run.device, q)
+                for a, run, q in zip(all_args, runs, nets, strict=True)]  # fmt: skip
+    target_stacks = {n: StackedModules([learners[i][1] for i in members]) if args.interventions.ema > 0 else None
+                     for n, members in groups.items()} if many else {}  # fmt: skip
+    replays, interventions, obs = [], [], []
+    for run, (q, target, optimizer) in zip(runs, learners, strict=True):
+        replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=run.device, generator=run.generator)
+        target = None if target is q else target  # the EMA target, when there is one
+        with run.global_rng():
+            items = build_interventions(args.interventions, q, target, optimizer, sample_states(replay),
                                         xavier_uniform_zero_bias, HEAD_MODULES)  # fmt: skip
-    probe = PlasticityProbe(q_network, probe_batch=None)  # remembers the initial weights; batch comes from replay
-    run.keep(q_network=q_network, optimizer=optimizer, interventions=interventions, replay=replay, probe=probe)
-    if target is not None:
-        run.keep(target_network=target)
+        interventions.append(items)
+        probe = PlasticityProbe(q, probe_batch=None)  # remembers the initial weights; its batch comes from replay
+        run.keep(q_network=q, optimizer=optimizer, interventions=items, replay=replay, probe=probe)
+        if target is not None:
+            run.keep(target_network=target)
+        saved = run.resume()
+        replays.append(replay)
+        obs.append(saved["obs"] if saved else run.env.reset()[0])
 
     def train_step() -> None:
-        """One gradient step and the interventions' per-step device work, summed into the log
+        """One run's gradient step and its interventions' per-step device work, summed into the log
         accumulators on the device: the unit a CUDA graph captures."""
-        losses = update(args, q_network, target_network, optimizer, replay, generator)
-        interventions.device_step()
-        run.losses.add(losses)
+        runs[0].losses.add(update(args, *learners[0][:2], learners[0][2], replays[0], runs[0].generator))
+        interventions[0].device_step()
 
-    use_graph = args.cuda_graph and graph_capture_available(device) and interventions.graph_safe
-    captured = CapturedStep(train_step, generators=[generator]) if use_graph else None
-    update_mode = "cuda-graph" if captured else "eager"
-    print(f"drq: update {update_mode}", flush=True)
+    def batched_step() -> None:
+        for n, members in groups.items():
+            losses = batched_update(args, stacks[n], target_stacks[n], [learners[i][2] for i in members],
+                                    [replays[i] for i in members], [runs[i].generator for i in members])  # fmt: skip
+            for j, i in enumerate(members):
+                interventions[i].device_step()
+                runs[i].losses.add({key: value[j] for key, value in losses.items()})
 
-    def greedy_actions(observations: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            q = q_network(torch.as_tensor(observations, device=device))
-        return q.argmax(1).cpu().numpy()
+    use_graph = not many and args.cuda_graph and graph_capture_available(runs[0].device) and interventions[0].graph_safe
+    step_all = CapturedStep(train_step, generators=[runs[0].generator]) if use_graph else train_step
+    step_all = batched_step if many else step_all
+    update_mode = "batched" if many else "cuda-graph" if use_graph else "eager"
+    print(f"drq: update {update_mode}, {len(runs)} run(s)", flush=True)
 
     # TRAINING LOOP
     explore = LinearEpsilon(args.learning_starts, args.epsilon_decay_steps, args.epsilon_final)  # dopamine's
-    saved = run.resume()
-    obs = saved["obs"] if saved else env.reset()[0]
-    for step in run.steps():
+    for step in [run.steps() for run in runs][0]:
         epsilon = explore(step - 1)  # step - 1 agent steps taken so far
-        action = run.epsilon_greedy(epsilon, obs, greedy_actions)
+        if many:
+            actions = epsilon_greedy_runs(runs, stacks, groups, obs, epsilon)
+        else:
+            actions = [runs[0].epsilon_greedy(epsilon, obs[0], greedy(nets[0]))]
 
         # The update is queued before the env steps, so on a GPU its kernels run while the CPU
         # steps the emulator. (dopamine trains just before choosing the action instead; acting
         # on parameters one update older is the only difference.)
-        if step >= args.learning_starts and replay.num_sampleable > 0:
+        if step >= args.learning_starts and all(replay.num_sampleable > 0 for replay in replays):
             for _ in range(args.updates_per_step):
-                if captured:  # one graph replay on CUDA
-                    captured()
-                else:
-                    train_step()
-                interventions.host_step()  # the one place interventions enter: schedules and rare events
-                run.losses.tick()
+                step_all()  # the update(s) and the interventions' device work: one graph replay on CUDA
+                for run, run_interventions in zip(runs, interventions, strict=True):
+                    with run.global_rng():
+                        run_interventions.host_step()  # schedules and rare events (resets, recycling)
+                    run.losses.tick()
 
-        obs = run.env_step(replay, obs, action, step)  # a life loss is a terminal in replay, as in dopamine
-        if run.report_due(step):
-            run.report(step, {"epsilon": epsilon}, interventions.metrics())
-        run.diagnose(step, probe, sample_states, ready=replay.num_sampleable > 0)
-        run.evaluate_if_due(step, greedy_actions, [q_network])
-        run.checkpoint(step, obs=obs)
-
-    return run.finish(greedy_actions, [q_network], {"update_mode": update_mode}, models={"q_network": q_network})
+        for i, run in enumerate(runs):
+            obs[i] = run.env_step(replays[i], obs[i], actions[i], step)  # a life loss is a terminal, as in dopamine
+            if run.report_due(step):
+                run.report(step, {"epsilon": epsilon}, interventions[i].metrics())
+            run.diagnose(step, run.objects["probe"], sample_states(replays[i]), replays[i].num_sampleable > 0)
+            run.evaluate_if_due(step, greedy(nets[i]), [nets[i]])
+            run.checkpoint(step, obs=obs[i])
+    return [run.finish(greedy(q), [q], {"update_mode": update_mode}, models={"q_network": q})
+            for run, q in zip(runs, nets, strict=True)]  # fmt: skip
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    main(cli_with_presets(Args, PRESETS, __doc__))
+    commands = expand_runs(sys.argv[1:])  # --env-id A B --seed 1 2 3: one process, several runs
+    all_args = [cli_with_presets(Args, PRESETS, __doc__, command) for command in commands]
+    train(all_args)

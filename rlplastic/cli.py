@@ -54,3 +54,40 @@ def replace_flags(args: T, **flags: object) -> T:
         else:
             raise TypeError(f"{type(args).__name__} has no flag {key!r}")
     return replace(args, **top, **{name: replace(nested[name], **parts[name]) for name in nested if parts[name]})
+
+
+def expand_runs(argv: Sequence[str], flags: Sequence[str] = ("--env-id", "--seed")) -> list[list[str]]:
+    """Split a command line that gives several values to `flags` (--env-id Pong Boxing --seed 1 2 3)
+    into one command line per combination, games first, in the order given. With more than one
+    run, --output-dir DIR becomes DIR/{game}__seed{seed} for each."""
+    base: list[str] = []
+    values: dict[str, list[str]] = {}
+    tokens = list(argv)
+    i = 0
+    while i < len(tokens):
+        if tokens[i] in flags:
+            flag, j = tokens[i], i + 1
+            while j < len(tokens) and not tokens[j].startswith("--"):
+                j += 1
+            if j == i + 1:
+                base.append(flag)  # no value: left for the parser to refuse
+            else:
+                values[flag] = tokens[i + 1 : j]
+            i = j
+        else:
+            base.append(tokens[i])
+            i += 1
+    combos: list[list[tuple[str, str]]] = [[]]
+    for flag in flags:
+        if flag in values:
+            combos = [combo + [(flag, value)] for combo in combos for value in values[flag]]
+    split_output = len(combos) > 1 and "--output-dir" in base
+    runs = []
+    for combo in combos:
+        command = list(base)
+        if split_output:
+            where = command.index("--output-dir") + 1
+            label = "__".join(f"{flag.removeprefix('--').replace('env-id', '')}{value}" for flag, value in combo)
+            command[where] = str(Path(command[where]) / label)
+        runs.append(command + [token for pair in combo for token in pair])
+    return runs

@@ -8,6 +8,7 @@ each, and its results.json, written atomically. RunOptions are the flags that go
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -367,22 +368,35 @@ def flat_config(args: Any) -> dict[str, Any]:
 
 class RandomStates:
     """Every random stream a run draws from, as one stateful object: acting (`rng`), sampling and
-    augmentation (`generator`), and torch's global generators (fresh re-inits of interventions)."""
+    augmentation (`generator`), and torch's global generators (fresh re-inits of interventions).
+    When several runs share a process, each keeps its own copy of the global ones (`own`)."""
 
     def __init__(self, rng: np.random.Generator, generator: torch.Generator):
         self.rng, self.generator = rng, generator
+        self.own: dict[str, Any] | None = None
+
+    def global_states(self) -> dict[str, Any]:
+        cuda = self.generator.device.type == "cuda"
+        return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None}
+
+    @staticmethod
+    def set_global_states(states: dict[str, Any]) -> None:
+        torch.set_rng_state(states["torch"].cpu())
+        if states["cuda"] is not None:
+            torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
     def state_dict(self) -> dict[str, Any]:
-        cuda = self.generator.device.type == "cuda"
-        return {"rng": self.rng.bit_generator.state, "generator": self.generator.get_state(),
-                "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None}  # fmt: skip
+        streams = self.own if self.own is not None else self.global_states()
+        return {"rng": self.rng.bit_generator.state, "generator": self.generator.get_state(), **streams}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
         self.generator.set_state(state["generator"].cpu())
-        torch.set_rng_state(state["torch"].cpu())
-        if state["cuda"] is not None:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        streams = {"torch": state["torch"], "cuda": state["cuda"]}
+        if self.own is not None:
+            self.own = streams
+        else:
+            self.set_global_states(streams)
 
 
 class DeviceMeans:
@@ -484,7 +498,8 @@ class Run:
         self.rng = np.random.default_rng(self.seed)  # acting
         self.losses = DeviceMeans()
         self.records: dict[str, list] = {"train_episodes": [], "train_log": [], "diagnostics": [], "eval_curve": []}
-        self.objects: dict[str, Any] = {"random": RandomStates(self.rng, self.generator), "losses": self.losses}
+        self.random = RandomStates(self.rng, self.generator)
+        self.objects: dict[str, Any] = {"random": self.random, "losses": self.losses}
         self.progress = Progress(self.total_steps, options.log_every, start=self.start_step - 1)
         self.env: Any = None  # make_env()
         self.time_before = 0.0  # train time of earlier, interrupted sessions of this run
@@ -526,6 +541,26 @@ class Run:
                    "git_commit": self.commit, "objects": {name: obj.state_dict() for name, obj in self.objects.items()},
                    "records": self.records, "extras": extras, "train_time_s": self.train_time()}  # fmt: skip
         save_checkpoint(self.checkpoint_path, payload, self.agent)
+
+    def own_global_rng(self) -> None:
+        """For several runs in one process: from now on this run draws from its own copy of torch's
+        global generators (the fresh draws of its interventions), as it would alone; code of this
+        run that may draw from them runs inside global_rng()."""
+        self.random.own = self.random.global_states()
+
+    @contextlib.contextmanager
+    def global_rng(self):
+        """Torch's global generators are this run's own inside (see own_global_rng)."""
+        if self.random.own is None:
+            yield
+            return
+        outside = self.random.global_states()
+        self.random.set_global_states(self.random.own)
+        try:
+            yield
+        finally:
+            self.random.own = self.random.global_states()
+            self.random.set_global_states(outside)
 
     # The loop
     def steps(self) -> range:

@@ -191,7 +191,7 @@ KILL_RUN = [
     "--env-id", "Breakout", "--seed", "7", "--total-steps", "400", "--learning-starts", "100", "--batch-size", "8",
     "--buffer-size", "1000", "--eval-episodes", "1", "--max-episode-steps", "150", "--log-every", "100",
     "--checkpoint-every", "25", "--diag-every", "100", "--device", "cpu", "--reset", "hare-tortoise", "--ema", "0.99",
-    "--ht-reset-every", "60",
+    "--ht-every", "60",
 ]  # fmt: skip
 
 

@@ -1,0 +1,146 @@
+"""Many runs of one agent in one process: N networks of one architecture stepped as one.
+
+    stacked = StackedModules([q_1, ..., q_N])       # q_i's parameters now live in stacked tensors
+    optimizers = [torch.optim.Adam(q.parameters()) for q in (q_1, ..., q_N)]
+    losses = torch.func.vmap(run_loss)(stacked.params, states)   # (N,): one batched forward
+    losses.sum().backward()                            # each run's gradient is its own loss's
+    stacked.scatter_grads()                            # q_i.weight.grad = stacked grad [i], a view
+    for optimizer in optimizers: optimizer.step()      # in place, into the stacked storage
+
+Each run keeps its own module, whose parameters are views into the stacked tensors: its optimizer,
+interventions (in-place resets, EMA targets, recycled units), diagnostics, checkpoints and
+evaluation act on that module as in a single run and touch no other run, while the forward and
+backward of all runs is one call (torch.func.vmap over torch.func.functional_call). On a GPU that
+turns N launch-bound updates into one; the arithmetic of each run is the same as alone, up to the
+order of floating-point sums in the batched kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+
+class StackedModules:
+    """N modules of one architecture whose parameters (and buffers) are stacked along a new first
+    dimension; each module keeps its own Parameter objects, now views of the stacked storage.
+    Build it before optimizers and interventions see the modules: they must hold the views."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        if not modules:
+            raise ValueError("StackedModules needs at least one module")
+        shapes = [[(name, p.shape) for name, p in m.named_parameters()] for m in modules]
+        if any(s != shapes[0] for s in shapes):
+            raise ValueError("StackedModules needs modules of one architecture (same parameter names and shapes)")
+        self.modules = list(modules)
+        self.base = copy.deepcopy(modules[0]).to("meta")  # the structure functional_call runs
+        self.params = {name: self._stack(name, "_parameters") for name, _ in modules[0].named_parameters()}
+        self.buffers = {name: self._stack(name, "_buffers") for name, _ in modules[0].named_buffers()}
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def _stack(self, name: str, kind: str) -> torch.Tensor:
+        parent_name, _, leaf = name.rpartition(".")
+        owners = [m.get_submodule(parent_name) for m in self.modules]
+        tensors = [getattr(owner, kind)[leaf] for owner in owners]
+        stacked = torch.stack([t.detach() for t in tensors])
+        for i, (owner, old) in enumerate(zip(owners, tensors, strict=True)):
+            view = stacked[i]
+            if kind == "_parameters":
+                view = nn.Parameter(view, requires_grad=old.requires_grad)  # shares the stacked storage
+            getattr(owner, kind)[leaf] = view
+        if kind == "_parameters":
+            stacked.requires_grad_(tensors[0].requires_grad)
+        return stacked
+
+    def forward_each(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor):
+        """Inside a vmapped function: run i's forward with its slice of the stacked tensors."""
+        return functional_call(self.base, {**params, **buffers}, (x,))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, B, ...) -> each run's output on its own slice, stacked (N, B, ...)."""
+        return vmap(self.forward_each)(self.params, self.buffers, x)
+
+    def scatter_grads(self) -> None:
+        """Hand each run's slice of the stacked gradients to its own parameters (views, no copy),
+        and clear the stacked ones for the next backward."""
+        for name, stacked in self.params.items():
+            if stacked.grad is None:
+                continue
+            for i, module in enumerate(self.modules):
+                module.get_parameter(name).grad = stacked.grad[i]
+            stacked.grad = None
+
+
+def epsilon_greedy_runs(
+    runs: Sequence[Any],
+    stacks: dict[int, StackedModules],
+    groups: dict[int, list[int]],
+    obs: Sequence[Any],
+    epsilon: float,
+) -> list[int]:
+    """Each run's epsilon-greedy action, drawn from its own acting stream as Run.epsilon_greedy
+    draws it alone; the greedy actions of all runs that need one come from one batched forward per
+    stack (`groups` maps a stack's key to the indices of its runs)."""
+    actions: list[int | None] = []
+    for run in runs:
+        explore = run.rng.random() < epsilon
+        actions.append(int(run.rng.integers(run.env.action_space.n)) if explore else None)
+    for key, members in groups.items():
+        if any(actions[i] is None for i in members):
+            stack = stacks[key]
+            device = next(iter(stack.params.values())).device
+            batch = torch.as_tensor(np.stack([obs[i] for i in members])[:, None], device=device)
+            with torch.no_grad():
+                greedy = stack(batch).argmax(-1)[:, 0].cpu().tolist()  # one host sync per stack
+            for j, i in enumerate(members):
+                actions[i] = greedy[j] if actions[i] is None else actions[i]
+    return actions  # type: ignore[return-value]
+
+
+# What each run of a batch may choose on its own; everything else is one configuration for all.
+PER_RUN = frozenset({"env_id", "seed", "output_dir"})
+
+
+def batch_problems(all_args: Sequence[Any], refused: Sequence[str] = ("cbp", "noise", "lifecycle")) -> list[str]:
+    """Why these runs cannot share a process: they differ in more than game, seed and folder, a
+    (game, seed) repeats, or a method that hooks one network's forward or optimizer is chosen."""
+    from rlplastic.runs import flat_config
+
+    configs = [flat_config(args) for args in all_args]
+    problems = [f"--{key.replace('_', '-')}: runs in one process share one configuration, not {values}"
+                for key in configs[0] if key not in PER_RUN
+                for values in [sorted({str(c[key]) for c in configs})] if len(values) > 1]  # fmt: skip
+    pairs = [(c["env_id"], c["seed"]) for c in configs]
+    if len(set(pairs)) < len(pairs):
+        problems.append(f"--env-id / --seed: a (game, seed) repeats in {pairs}")
+    chosen = [m for m in getattr(all_args[0].interventions, "continual", ()) if m in refused]
+    if chosen:
+        problems.append(f"--continual {' '.join(chosen)}: not in batched runs (they hook one network's forward or "
+                        "optimizer); run these one (game, seed) at a time")  # fmt: skip
+    return problems
+
+
+def group_by(keys: Sequence[Any]) -> dict[Any, list[int]]:
+    """key -> the indices that have it, in order (runs whose networks can share one stack)."""
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def check_lockstep(runs: Sequence[Any]) -> None:
+    """Runs in one process step together: an interrupted batch resumes only if all its runs'
+    checkpoints are at one step."""
+    starts = sorted({run.start_step - 1 for run in runs})
+    if len(starts) > 1:
+        sys.exit(f"{runs[0].agent}: runs in one process resume together, but their checkpoints are at steps {starts}; "
+                 "resume them one at a time or start the late ones over")  # fmt: skip

@@ -1,0 +1,161 @@
+"""Many runs in one process (rlplastic.batched, drq.train with several games and seeds)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, with_flags
+from test_drq import filled_replay
+
+from rlplastic.batched import StackedModules, batch_problems, group_by
+from rlplastic.cli import expand_runs
+
+
+def test_stacked_modules_compute_each_runs_forward_and_gradient(drq):
+    torch.manual_seed(0)
+    nets = [drq.QNetwork(6) for _ in range(3)]
+    alone = [copy.deepcopy(net) for net in nets]
+    stack = StackedModules(nets)
+    x = torch.randint(0, 255, (3, 5, 4, 84, 84), dtype=torch.uint8)
+    out = stack(x)
+    for i, net in enumerate(alone):
+        torch.testing.assert_close(out[i], net(x[i]))
+    out.pow(2).mean((1, 2)).sum().backward()
+    stack.scatter_grads()
+    for i, net in enumerate(alone):
+        net(x[i]).pow(2).mean().backward()
+        for a, b in zip(nets[i].parameters(), net.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad)
+    # each run's parameters are views of the stack: an in-place change of one run shows there only
+    with torch.no_grad():
+        nets[1].value.weight.fill_(7.0)
+    assert (stack.params["value.weight"][1] == 7).all() and not (stack.params["value.weight"][0] == 7).any()
+    with pytest.raises(ValueError, match="one architecture"):
+        StackedModules([drq.QNetwork(6), drq.QNetwork(18)])
+
+
+def test_a_batched_update_is_n_separate_updates_and_interventions_stay_in_their_run(drq):
+    args = with_flags(drq.Args(), batch_size=4, ema=0.9, reset=("head",), head_every=1_000)
+    learners, alone, replays, generators = [], [], [], []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        q = drq.QNetwork(4)
+        alone.append(drq.build_learner(args, 4, torch.device("cpu"), copy.deepcopy(q)))
+        learners.append(q)
+    stack = StackedModules(learners)
+    learners = [drq.build_learner(args, 4, torch.device("cpu"), q) for q in learners]
+    targets = StackedModules([target for _, target, _ in learners])
+    for _ in range(3):
+        replays.append(filled_replay())
+    alone_replays = [filled_replay() for _ in range(3)]
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    alone_generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    for _ in range(4):
+        losses = drq.batched_update(args, stack, targets, [opt for _, _, opt in learners], replays, generators)
+        separate = [drq.update(args, *alone[i], alone_replays[i], alone_generators[i]) for i in range(3)]
+        torch.testing.assert_close(losses["td_loss"], torch.stack([s["td_loss"] for s in separate]))
+    for (q, _, _), (q_alone, _, _) in zip(learners, alone, strict=True):
+        for a, b in zip(q.parameters(), q_alone.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # a head reset of run 1 re-draws run 1's head only
+    from rlplastic.interventions import HeadReset
+
+    before = stack.params["value.weight"].clone()
+    HeadReset([learners[1][0]], ["value"], every=0).apply()
+    after = stack.params["value.weight"]
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])
+    assert not torch.equal(after[1], before[1])
+
+
+def test_several_games_and_seeds_on_the_command_line_become_one_run_each():
+    runs = expand_runs(["hare-tortoise", "--env-id", "Pong", "Boxing", "--seed", "1", "2", "--output-dir", "out"])
+    assert len(runs) == 4 and runs[0][0] == "hare-tortoise"
+    assert runs[1][-4:] == ["--env-id", "Pong", "--seed", "2"] and "out/Pong__seed2" in runs[1]
+    assert expand_runs(["--env-id", "Pong", "--seed", "3", "--output-dir", "o"]) == [
+        ["--output-dir", "o", "--env-id", "Pong", "--seed", "3"]
+    ]  # one run: its folder as given
+    assert group_by([6, 18, 6]) == {6: [0, 2], 18: [1]}
+
+
+def test_runs_that_cannot_share_a_process_are_refused(drq):
+    base = drq.Args()
+    problems = "\n".join(batch_problems([base, with_flags(base, seed=2, learning_rate=3e-4)]))
+    assert "--learning-rate: runs in one process share one configuration" in problems
+    assert "a (game, seed) repeats" in "\n".join(batch_problems([base, base]))
+    lifecycle = with_flags(base, continual=("lifecycle",))
+    assert "--continual lifecycle: not in batched runs" in "\n".join(
+        batch_problems([lifecycle, with_flags(lifecycle, seed=2)])
+    )
+
+
+TINY = ["--total-steps", "240", "--learning-starts", "80", "--buffer-size", "1000", "--batch-size", "8",
+        "--log-every", "80", "--eval-episodes", "2", "--eval-envs", "2", "--max-episode-steps", "150",
+        "--diag-every", "120", "--device", "cpu", "--ema", "0.99", "--reset", "hare-tortoise", "head",
+        "--ht-every", "40", "--head-every", "70"]  # fmt: skip
+
+
+def run_drq(argv, timeout=900):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "agents" / "drq.py"), *argv], capture_output=True, text=True,
+                          timeout=timeout, env=env)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_games_and_seeds_run_together_with_each_runs_files_and_numbers(drq, tmp_path):
+    proc = run_drq(["--env-id", "Pong", "Boxing", "--seed", "1", "2", "--output-dir", str(tmp_path / "b"), *TINY])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "update batched, 4 run(s)" in proc.stdout
+    alone = run_drq(["--env-id", "Boxing", "--seed", "2", "--output-dir", str(tmp_path / "alone"), *TINY])
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    single = json.loads((tmp_path / "alone" / "results.json").read_text())
+    for game in ("Pong", "Boxing"):
+        for seed in (1, 2):
+            folder = tmp_path / "b" / f"Pong__seed{seed}".replace("Pong", game)
+            results = json.loads((folder / "results.json").read_text())
+            assert results["game"] == game and results["seed"] == seed and results["update_mode"] == "batched"
+            assert len(results["eval_returns"]) == 2 and [d["step"] for d in results["diagnostics"]] == [120, 240]
+            assert any(name.startswith("events.out.tfevents") for name in os.listdir(folder))
+    together = json.loads((tmp_path / "b" / "Boxing__seed2" / "results.json").read_text())
+    assert together["config"] | {"output_dir": None} == single["config"] | {"output_dir": None}
+    assert together["train_episodes"] == single["train_episodes"]  # the same run, up to float sums
+    for row, single_row in zip(together["train_log"], single["train_log"], strict=True):
+        assert row["td_loss"] == pytest.approx(single_row["td_loss"], rel=1e-2)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_killed_batch_resumes_every_run_to_the_straight_numbers(drq, tmp_path, monkeypatch):
+    from rlplastic import runs
+
+    def batch(folder):
+        base = with_flags(drq.Args(), total_steps=160, learning_starts=60, buffer_size=1000, batch_size=8,
+                          log_every=40, eval_episodes=1, eval_envs=1, max_episode_steps=100, diag_every=0,
+                          checkpoint_every=80, device="cpu", track_tensorboard=False, reset=("redo",),
+                          redo_every=20, redo_batch=16)  # fmt: skip
+        return [with_flags(base, env_id="Pong", seed=seed, output_dir=str(tmp_path / folder / str(seed)))
+                for seed in (1, 2)]  # fmt: skip
+
+    straight = drq.train(batch("straight"))
+    real_save, saves = runs.save_checkpoint, []
+
+    def save_then_die(*a):
+        real_save(*a)
+        saves.append(1)
+        if len(saves) == 2:  # both runs' checkpoints at step 80 written
+            raise Killed
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        drq.train(batch("resumed"))
+    monkeypatch.setattr(runs, "save_checkpoint", real_save)
+    resumed = drq.train(batch("resumed"))
+    for a, b in zip(straight, resumed, strict=True):
+        for key in ("train_log", "train_episodes", "eval_returns"):
+            assert a[key] == b[key]
