@@ -12,6 +12,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from rlplastic.batched import StackedModules
 from rlplastic.cuda_graphs import CapturedStep
 from rlplastic.envs.atari import make_atari100k_env
 from rlplastic.replay import FrameReplay
@@ -70,7 +71,27 @@ def drq_update_seconds(drq: ModuleType, args, device: torch.device, num_actions:
     replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=device, generator=generator)
     random_replay(replay, num_actions)
     learner = drq.build_learner(replace(args, cuda_graph=graph), num_actions, device)
-    step = lambda: drq.update(args, *learner, replay, generator)[0]  # noqa: E731
+    step = lambda: drq.update(args, *learner, replay, generator)["td_loss"]  # noqa: E731
     if graph:
         step = CapturedStep(step, generators=[generator])
     return time_steps(step, updates, device)  # graph: 3 eager steps, the capture, then replays
+
+
+def drq_batched_update_seconds(drq: ModuleType, args, device: torch.device, num_actions: int, runs: int,
+                               updates: int) -> float:  # fmt: skip
+    """Seconds per batched DrQ update of `runs` runs in one stack (drq.batched_update: one vmapped
+    forward and backward, each run's own optimizer step). The runs sample from one shared replay of
+    random frames: timing needs the shapes, and N replays would need N times the memory."""
+    nets = [drq.QNetwork(num_actions).to(device) for _ in range(runs)]
+    stack = StackedModules(nets)
+    learners = [drq.build_learner(replace(args, cuda_graph=False), num_actions, device, q) for q in nets]
+    targets = StackedModules([target for _, target, _ in learners]) if args.interventions.ema > 0 else None
+    generator = device_generator(device, 0)
+    replay = random_replay(FrameReplay(5_000, args.n_step, args.gamma, device=device, generator=generator), num_actions)
+    optimizers = [optimizer for _, _, optimizer in learners]
+
+    def step() -> torch.Tensor:
+        losses = drq.batched_update(args, stack, targets, optimizers, [replay] * runs, [generator] * runs)
+        return losses["td_loss"].sum()
+
+    return time_steps(step, updates, device, warmup=2)

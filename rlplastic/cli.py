@@ -58,8 +58,9 @@ def replace_flags(args: T, **flags: object) -> T:
 
 def expand_runs(argv: Sequence[str], flags: Sequence[str] = ("--env-id", "--seed")) -> list[list[str]]:
     """Split a command line that gives several values to `flags` (--env-id Pong Boxing --seed 1 2 3)
-    into one command line per combination, games first, in the order given. With more than one
-    run, --output-dir DIR becomes DIR/{game}__seed{seed} for each."""
+    into one command line per combination, games first, in the order given. An --output-dir with
+    {game} and {seed} in it is filled in for each run; otherwise, with more than one run, DIR
+    becomes DIR/{game}__seed{seed}."""
     base: list[str] = []
     values: dict[str, list[str]] = {}
     tokens = list(argv)
@@ -81,13 +82,15 @@ def expand_runs(argv: Sequence[str], flags: Sequence[str] = ("--env-id", "--seed
     for flag in flags:
         if flag in values:
             combos = [combo + [(flag, value)] for combo in combos for value in values[flag]]
-    split_output = len(combos) > 1 and "--output-dir" in base
+    where = base.index("--output-dir") + 1 if "--output-dir" in base[:-1] else None
     runs = []
     for combo in combos:
         command = list(base)
-        if split_output:
-            where = command.index("--output-dir") + 1
-            label = "__".join(f"{flag.removeprefix('--').replace('env-id', '')}{value}" for flag, value in combo)
-            command[where] = str(Path(command[where]) / label)
+        named = {flag.removeprefix("--").replace("-id", ""): value for flag, value in combo}  # env, seed
+        if where is not None and ("{game}" in base[where] or "{seed}" in base[where]):
+            game, seed = named.get("env", ""), named.get("seed", "")
+            command[where] = base[where].replace("{game}", game).replace("{seed}", seed)
+        elif where is not None and len(combos) > 1:
+            command[where] = str(Path(base[where]) / f"{named.get('env', '')}__seed{named.get('seed', '')}")
         runs.append(command + [token for pair in combo for token in pair])
     return runs

@@ -187,6 +187,58 @@ def expand_grid(
     ]
 
 
+# Agents whose command line takes several games and seeds, run in one process (rlplastic.batched).
+PACKABLE_AGENTS = ("drq",)
+
+
+def pack_specs(specs: Sequence[RunSpec], size: int) -> list[tuple[RunSpec, ...]]:
+    """The runs in packs of at most `size` that one process runs together (agents/drq.py --env-id
+    A B --seed 1 2): runs of one agent and grid point, games that have the same seeds to run going
+    together, size // (their seeds) games a pack (the seeds split when alone they exceed size), and
+    interrupted runs apart from new ones. A pack is a product of games and seeds, as the agent's
+    command line expands it."""
+    if size <= 1:
+        return [(spec,) for spec in specs]
+    if any(spec.agent not in PACKABLE_AGENTS for spec in specs):
+        raise SweepError(f"--pack {size}: only {', '.join(PACKABLE_AGENTS)} runs several (game, seed) in one process")
+    groups: dict[tuple, dict[str, list[RunSpec]]] = {}
+    for spec in specs:
+        # interrupted runs pack apart from new ones: a pack resumes together, from one step
+        key = (spec.agent, spec.method, spec.args, spec.status())
+        groups.setdefault(key, {}).setdefault(spec.game, []).append(spec)
+    packs = []
+    for by_game in groups.values():
+        by_seeds: dict[tuple[int, ...], list[list[RunSpec]]] = {}
+        for runs in by_game.values():
+            by_seeds.setdefault(tuple(run.seed for run in runs), []).append(runs)
+        for seeds, games in by_seeds.items():
+            for first_seed in range(0, len(seeds), size):
+                chunk = set(seeds[first_seed : first_seed + size])
+                per_pack = max(1, size // len(chunk))
+                for first_game in range(0, len(games), per_pack):
+                    packs.append(tuple(run for runs in games[first_game : first_game + per_pack]
+                                       for run in runs if run.seed in chunk))  # fmt: skip
+    return packs
+
+
+def pack_command(pack: Sequence[RunSpec]) -> list[str]:
+    """One process for the runs of a pack: its games and seeds, each run's folder by template."""
+    if len(pack) == 1:
+        return pack[0].command()
+    first = pack[0]
+    games, seeds = list(dict.fromkeys(s.game for s in pack)), list(dict.fromkeys(str(s.seed) for s in pack))
+    folders = first.run_dir.parent.parent / "{game}" / "seed{seed}"  # OUT/METHOD/GAME/seedN, as alone
+    return [sys.executable, str(agent_path(first.agent)), *first.args, "--env-id", *games, "--seed", *seeds,
+            "--output-dir", str(folders)]  # fmt: skip
+
+
+def pack_log(pack: Sequence[RunSpec]) -> Path:
+    if len(pack) == 1:
+        return pack[0].log_path
+    games, seeds = dict.fromkeys(s.game for s in pack), dict.fromkeys(str(s.seed) for s in pack)
+    return pack[0].run_dir.parent.parent / f"pack_{'-'.join(games)}_seeds{'-'.join(seeds)}.log"
+
+
 def parse_agent_args(module, agent: str, args: Sequence[str]):
     """The agent's Args for these arguments, validated by the agent; errors name the arguments."""
     import tyro
@@ -223,18 +275,20 @@ def run_logged(command: Sequence[str], log_path: str, env: dict | None = None) -
 
 
 def run_local(
-    specs: Sequence[RunSpec], workers: int = 1, gpus: Sequence[str] = (), stream: TextIO = sys.stdout
+    specs: Sequence[RunSpec], workers: int = 1, gpus: Sequence[str] = (), stream: TextIO = sys.stdout, pack: int = 1
 ) -> list[Outcome]:
-    """Run the specs in `workers` parallel processes. With gpus, each worker slot gets one of them
-    through CUDA_VISIBLE_DEVICES (slots share GPUs round robin when there are more workers)."""
+    """Run the specs in `workers` parallel processes, `pack` runs to a process at most (pack_specs).
+    With gpus, each worker slot gets one of them through CUDA_VISIBLE_DEVICES (slots share GPUs
+    round robin when there are more workers)."""
     if workers < 1:
         raise SweepError(f"--workers {workers}: must be >= 1")
+    packs = pack_specs(specs, pack)
     slots: Queue[int] = Queue()
     for slot in range(workers):
         slots.put(slot)
     done = []
 
-    def launch(spec: RunSpec) -> Outcome:
+    def launch(runs: tuple[RunSpec, ...]) -> list[Outcome]:
         slot = slots.get()
         try:
             env = dict(os.environ)
@@ -244,17 +298,18 @@ def run_local(
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
             start = time.time()
-            returncode = run_logged(spec.command(), str(spec.log_path), env)
-            return Outcome(spec, returncode, time.time() - start)
+            returncode = run_logged(pack_command(runs), str(pack_log(runs)), env)
+            return [Outcome(spec, returncode, time.time() - start) for spec in runs]
         finally:
             slots.put(slot)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(launch, spec) for spec in specs]
+        futures = [pool.submit(launch, runs) for runs in packs]
         try:
             for future in as_completed(futures):
-                done.append(future.result())  # collected here, in the launching thread only
-                report_outcome(done[-1], len(done), len(specs), stream)
+                for outcome in future.result():  # collected here, in the launching thread only
+                    done.append(outcome)
+                    report_outcome(outcome, len(done), len(specs), stream)
         except KeyboardInterrupt:
             for future in futures:
                 future.cancel()

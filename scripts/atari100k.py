@@ -95,9 +95,14 @@ def run_sweep(args: Sweep) -> int:
                 print(f"  failed before: {spec.method} {spec.game} seed {spec.seed}, log {spec.log_path}: retried",
                       flush=True)  # fmt: skip
         todo = [s for s in todo if str(s.run_dir) not in active]
+    if args.pack > 1 and args.launcher != "local":
+        raise sweep.SweepError(f"--pack {args.pack}: packs run with --launcher local (one slurm task per run)")
+    packs = sweep.pack_specs(todo, args.pack)  # refuses agents that cannot run several (game, seed)
     if args.dry_run:
         for spec in specs:
             print(f"  {status[spec]:10s} {' '.join(spec.command())}")
+        for pack in packs if args.pack > 1 else []:
+            print(f"  pack of {len(pack)}: {' '.join(sweep.pack_command(pack))}")
         return 0
     if not todo:
         if all(status[s] == "finished" for s in specs):
@@ -106,7 +111,8 @@ def run_sweep(args: Sweep) -> int:
             print("sweep: nothing to submit: the unfinished runs are still in slurm; run again once they end")
         return 0
     if args.launcher == "local":
-        outcomes = sweep.run_local(todo, workers=args.workers, gpus=args.gpus.split(",") if args.gpus else ())
+        gpus = args.gpus.split(",") if args.gpus else ()
+        outcomes = sweep.run_local(todo, workers=args.workers, gpus=gpus, pack=args.pack)
     else:
         outcomes = sweep.run_slurm(todo, executor, wait=args.wait, out=args.out)
         if not args.wait:
@@ -168,7 +174,10 @@ class Sweep:
     dry_run: bool = False
     """print each run's status and command, launch nothing"""
     workers: int = 1
-    """local: runs at a time"""
+    """local: processes at a time"""
+    pack: int = 1
+    """local, drq: runs of one method in one process at most (--env-id A B --seed 1 2: one batched update
+    on a GPU); games with the same seeds go together"""
     gpus: str = ""
     """local: GPU ids the worker slots take in turn, e.g. 0,1,2,3"""
     partition: str | None = None

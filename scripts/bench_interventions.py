@@ -65,7 +65,7 @@ def update_seconds(args, device, replay, generator, updates) -> float:
     q, target, optimizer, interventions = build(args, device, replay)
 
     def step() -> torch.Tensor:
-        loss = drq.update(args, q, target, optimizer, replay, generator)[0]
+        loss = drq.update(args, q, target, optimizer, replay, generator)["td_loss"]
         interventions.step()
         return loss
 

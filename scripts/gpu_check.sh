@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's one prepared GPU check, run on a lent CUDA machine from the repository root with the
 # wheels of gymnasium, ale-py and tyro in .whl/: the DrQ bench (eager vs CUDA-graph update, loop
-# rate), full-length DrQ(eps) runs of two games at once with the defaults, then a short BBF run.
-# Every figure lands in $OUT: device.txt, bench_drq.txt, runs.log, drq_<Game>.json, bbf_smoke.txt.
+# rate, batched updates of 1/8/32/128 runs), a batched DrQ run of 8 seeds in one process, full-length
+# DrQ(eps) runs of two games at once with the defaults, then a short BBF run. Every figure lands in
+# $OUT: device.txt, bench_drq.txt, batched.txt, runs.log, drq_<Game>.json, bbf_smoke.txt.
 #   OUT=/tmp/out GAMES="Pong Kangaroo" RUN_LIMIT=420 bash scripts/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/gpu_check}
@@ -18,9 +19,14 @@ export PYTHONPATH=/tmp/site
 { nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; elapsed; } \
   2>&1 | tee "$OUT/device.txt"
 
-timeout 100 python3 scripts/bench_drq.py --device cuda --env-steps 2000 --updates 300 --full-steps 3000 \
+timeout 150 python3 scripts/bench_drq.py --device cuda --env-steps 2000 --updates 300 --full-steps 3000 \
   --learning-starts 200 2>&1 | grep -v '^step' | tee "$OUT/bench_drq.txt"
 elapsed | tee -a "$OUT/bench_drq.txt"
+
+timeout 120 python3 agents/drq.py --env-id Pong --seed 1 2 3 4 5 6 7 8 --device cuda --total-steps 3000 \
+  --learning-starts 200 --eval-episodes 2 --checkpoint-every 0 --log-every 500 --output-dir /tmp/runs/batched 2>&1 \
+  | grep -E 'update batched|^step 3000|eval mean' | tee "$OUT/batched.txt"
+elapsed | tee -a "$OUT/batched.txt"
 
 for game in $GAMES; do
   timeout "$RUN_LIMIT" python3 agents/drq.py --env-id "$game" --seed 1 --device cuda --eval-envs 20 --checkpoint-every 0 \

@@ -186,3 +186,24 @@ def test_a_slurm_sweep_run_again_never_resubmits_queued_or_running_jobs(tmp_path
     broken = sweep_cli(*args)
     assert broken.returncode != 0 and "jobs.json is not this sweep's job record" in broken.stderr
     assert "Traceback" not in broken.stderr
+
+
+def test_runs_pack_into_processes_as_products_of_games_and_seeds(tmp_path):
+    specs = sweep.expand_grid("drq", ["Pong", "Boxing", "Breakout"], [1, 2], tmp_path, grid=["reset=,redo"])
+    packs = sweep.pack_specs(specs, 4)
+    assert sorted(len(p) for p in packs) == [2, 2, 4, 4]  # per method: 2 games x 2 seeds, then 1 x 2
+    assert len({s for p in packs for s in p}) == 12  # every run once
+    first = next(p for p in packs if len(p) == 4 and p[0].method == "drq")
+    command = sweep.pack_command(first)
+    assert command[command.index("--env-id") + 1 : command.index("--seed")] == ["Pong", "Boxing"]
+    assert command[command.index("--seed") + 1 : command.index("--output-dir")] == ["1", "2"]
+    # the agent's command line turns the pack back into the runs, each in its own sweep folder
+    from rlplastic.cli import expand_runs
+
+    folders = [argv[argv.index("--output-dir") + 1] for argv in expand_runs(command[2:])]
+    assert folders == [str(s.run_dir) for s in first]
+    (first[0].run_dir).mkdir(parents=True)  # an interrupted run packs apart from the new ones
+    assert sorted(len(p) for p in sweep.pack_specs(specs, 4)) == [1, 1, 2, 4, 4]
+    with pytest.raises(sweep.SweepError, match="only drq runs several"):
+        sweep.pack_specs(sweep.expand_grid("bbf", ["Pong"], [1, 2], tmp_path), 2)
+    assert sweep.pack_specs(specs, 1) == [(s,) for s in specs]

@@ -1,0 +1,31 @@
+"""The bench scripts run (tiny settings on the CPU) and print their figures; the figures
+themselves are measured on real settings and recorded in README, never asserted here."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+BENCHES = {
+    "bench_drq": (["--env-steps", "50", "--updates", "2", "--full-steps", "60", "--learning-starts", "40",
+                   "--batched", "1", "2", "--batched-updates", "1"],
+                  ["batched update,   2 runs", "ratio full / ideal"]),
+    "bench_bbf": (["--updates", "1", "--width-scale", "1", "--hidden-dim", "32", "--env-steps", "50"],
+                  ["fp32:", "bf16:"]),
+    "bench_interventions": (["--updates", "1", "--repeats", "1"], ["hare-tortoise", "lifecycle layers"]),
+    "bench_diagnostics": (["--calls", "1", "--updates", "2"], ["share of a DrQ run"]),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_bench_script_runs_and_prints_its_figures(name):
+    argv, expected = BENCHES[name]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), "--device", "cpu", *argv],
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for text in expected:
+        assert text in proc.stdout, (name, text, proc.stdout[-2000:])
