@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from rlplastic.envs.atari import canonical_game
 from torch.func import vmap
 
 from rlplastic.augment import drq_augment
@@ -55,6 +56,7 @@ from rlplastic.batched import StackedModules, batch_problems, check_lockstep, ep
 from rlplastic.cli import cli_with_presets, expand_runs
 from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
 from rlplastic.diagnostics import PlasticityProbe
+from rlplastic.env_workers import EnvWorkers
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import InterventionOptions, build_interventions, ema_target, swap_in_chosen_lifecycle
 from rlplastic.replay import FrameReplay
@@ -306,9 +308,12 @@ def train(all_args: list[Args]) -> list[dict]:
     if problems:
         sys.exit("drq: invalid arguments:\n  " + "\n  ".join(problems))
     args, runs, nets = all_args[0], [], []
-    for run_args in all_args:  # each run seeds, then draws its network, as alone
+    games, cap = [(canonical_game(a.env_id), a.seed) for a in all_args], args.run.max_episode_steps
+    workers = EnvWorkers(games, args.run.env_workers, cap) if many and args.run.env_workers else None
+    for i, run_args in enumerate(all_args):  # each run seeds, then draws its network, as alone
         runs.append(Run("drq", run_args, [], method_label(run_args), __file__))  # folder, logs, checkpoints
-        nets.append(QNetwork(int(runs[-1].make_env().action_space.n)).to(runs[-1].device))
+        env = runs[-1].use_env(workers.env(i)) if workers else runs[-1].make_env()
+        nets.append(QNetwork(int(env.action_space.n)).to(runs[-1].device))
         if many:
             runs[-1].own_global_rng()  # its later fresh draws come from its own copy of torch's generators
     check_lockstep(runs)
@@ -374,8 +379,9 @@ def train(all_args: list[Args]) -> list[dict]:
                         run_interventions.host_step()  # schedules and rare events (resets, recycling)
                     run.losses.tick()
 
-        for i, run in enumerate(runs):
-            obs[i] = run.env_step(replays[i], obs[i], actions[i], step)  # a life loss is a terminal, as in dopamine
+        stepped = workers.step_all(actions) if workers else [None] * len(runs)  # all at once, in the workers
+        for i, run in enumerate(runs):  # a life loss is a terminal in replay, as in dopamine
+            obs[i] = run.env_step(replays[i], obs[i], actions[i], step, stepped[i])
             if run.report_due(step):
                 run.report(step, {"epsilon": epsilon}, interventions[i].metrics())
             run.diagnose(step, run.objects["probe"], sample_states(replays[i]), replays[i].num_sampleable > 0)

@@ -95,3 +95,20 @@ def drq_batched_update_seconds(drq: ModuleType, args, device: torch.device, num_
         return losses["td_loss"].sum()
 
     return time_steps(step, updates, device, warmup=2)
+
+
+def time_worker_env_steps(game: str, runs: int, processes: int, steps: int) -> float:
+    """Seconds per env step (per environment) when `runs` environments step together in
+    `processes` worker processes (rlplastic.env_workers), random actions."""
+    from rlplastic.env_workers import EnvWorkers
+
+    workers = EnvWorkers([(game, seed) for seed in range(runs)], processes, max_episode_steps=27_000)
+    rng = np.random.default_rng(0)
+    num_actions = workers.env(0).action_space.n
+    workers.step_all([0] * runs)  # warm
+    start = time.perf_counter()
+    for _ in range(steps):
+        workers.step_all([int(a) for a in rng.integers(num_actions, size=runs)])
+    elapsed = time.perf_counter() - start
+    workers.close()
+    return elapsed / (steps * runs)

@@ -61,7 +61,7 @@ def device_generator(device: torch.device, seed: int) -> torch.Generator:
 # Arguments of an agent run that may differ when an interrupted run resumes: they change how it is
 # run and logged, not its results.
 RESUMABLE_CHANGES = frozenset({"device", "log_every", "checkpoint_every", "track_tensorboard", "track",
-                               "wandb_project_name", "wandb_entity", "save_model"})  # fmt: skip
+                               "wandb_project_name", "wandb_entity", "save_model", "env_workers"})  # fmt: skip
 
 
 def output_dir_problems(output_dir: str | None) -> list[str]:
@@ -321,6 +321,9 @@ class RunOptions:
     """the Weights & Biases project of --track"""
     wandb_entity: str | None = None
     """the Weights & Biases entity (team) of --track"""
+    env_workers: int = 0
+    """several runs in one process (--env-id A B --seed 1 2): worker processes that step their
+    environments in parallel; 0 = step them in this process, one after another"""
     save_model: bool = False
     """after training, save the acting network's weights (a plain state_dict) in the run folder, e.g.
     to evaluate it again at another epsilon (scripts/drq_evaluate.py)"""
@@ -331,7 +334,7 @@ class RunOptions:
         for name in ("eval_envs", "eval_every_episodes", "max_episode_steps", "diag_batch", "log_every"):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
-        for name in ("eval_episodes", "eval_every", "diag_every", "checkpoint_every"):
+        for name in ("eval_episodes", "eval_every", "diag_every", "checkpoint_every", "env_workers"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0 (0 = never)")
         if not 0.0 <= self.eval_epsilon <= 1.0:
@@ -572,9 +575,13 @@ class Run:
 
     def make_env(self) -> Any:
         """The training environment (Atari-100k protocol, seeded with the run), kept for checkpoints."""
-        self.env = make_atari100k_env(self.game, self.seed, max_episode_steps=self.options.max_episode_steps)
-        self.keep(env=self.env)
-        return self.env
+        return self.use_env(make_atari100k_env(self.game, self.seed, max_episode_steps=self.options.max_episode_steps))
+
+    def use_env(self, env: Any) -> Any:
+        """Train on `env` (e.g. an rlplastic.env_workers stand-in), kept for checkpoints."""
+        self.env = env
+        self.keep(env=env)
+        return env
 
     def epsilon_greedy(self, epsilon: float, obs: np.ndarray, greedy: Callable[[np.ndarray], np.ndarray]) -> int:
         """A random action with probability epsilon (from the run's acting stream), else the greedy one."""
@@ -582,15 +589,20 @@ class Run:
             return int(self.rng.integers(self.env.action_space.n))
         return int(greedy(obs[None])[0])  # the loop's one host sync: the env needs it
 
-    def env_step(self, replay: Any, obs: np.ndarray, action: int, step: int) -> np.ndarray:
-        """Step the environment, store the transition (clipped reward; a life loss is a terminal
-        for learning, yet the game goes on: dopamine's terminal_on_life_loss), record a finished
-        episode and start the next. Returns the observation to act on."""
-        next_obs, reward, terminated, truncated, info = self.env.step(action)
+    def env_step(self, replay: Any, obs: np.ndarray, action: int, step: int, result: tuple | None = None) -> np.ndarray:
+        """Step the environment (or take `result`, the (obs, reward, terminated, truncated, info) of
+        a step made elsewhere, obs already the next episode's first when one ended), store the
+        transition (clipped reward; a life loss is a terminal for learning, yet the game goes on:
+        dopamine's terminal_on_life_loss), record a finished episode and start the next. Returns the
+        observation to act on."""
+        if result is None:
+            result = self.env.step(action)
+            if result[2] or result[3]:
+                result = (self.env.reset()[0], *result[1:])
+        next_obs, reward, terminated, truncated, info = result
         replay.add(obs[-1], action, clip_reward(reward), terminated or info["life_loss"], truncated)
         if terminated or truncated:
             self.episode(step, info)
-            next_obs, _ = self.env.reset()
         return next_obs
 
     def log(self, scalars: dict[str, float], step: int) -> None:

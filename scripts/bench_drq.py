@@ -4,13 +4,15 @@
     python scripts/bench_drq.py --device cuda --full-steps 3000
 
 Prints env steps/s alone (gymnasium path, and ale-py's AtariVectorEnv for comparison), updates/s
-alone, batched updates of N runs (run-updates/s and the projected hours of the 26 x 5 table, its
-environments stepped one after another), the full training loop's steps/s, and ratio = ideal /
-full time, where the ideal spends exactly (env step + update) per step and nothing else. Goal: ratio >= 0.85 on the CPU.
+alone, environments of 8 runs stepped in worker processes, batched updates of N runs
+(run-updates/s and the projected hours of the 26 x 5 table, its environments in the workers),
+the full training loop's steps/s, and ratio = ideal / full time, where the ideal spends exactly
+(env step + update) per step and nothing else. Goal: ratio >= 0.85 on the CPU.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import time
@@ -23,7 +25,13 @@ import torch
 import tyro
 from rlplastic.envs.atari import canonical_game, make_atari100k_env
 
-from rlplastic.bench import device_name, drq_batched_update_seconds, drq_update_seconds, time_env_steps
+from rlplastic.bench import (
+    device_name,
+    drq_batched_update_seconds,
+    drq_update_seconds,
+    time_env_steps,
+    time_worker_env_steps,
+)
 from rlplastic.cli import replace_flags
 from rlplastic.cuda_graphs import graph_capture_available
 from rlplastic.runs import resolve_device
@@ -97,11 +105,16 @@ def main(bench: BenchArgs) -> None:
         print(f"updates/s alone (batch {args.batch_size}, CUDA graph):  {1 / graph_time:8.1f}  "
               f"({graph_time * 1e3:.2f} ms, {update_time / graph_time:.2f}x eager)")  # fmt: skip
         update_time = graph_time  # what the loop uses on CUDA by default
+    processes = os.cpu_count() or 1
+    worker_time = time_worker_env_steps(game, 8, processes, bench.env_steps // 8)
+    print(
+        f"env steps/s of 8 runs' environments in {processes} worker processes (--env-workers): {1 / worker_time:8.1f}"
+    )
     for runs in bench.batched:
         seconds = drq_batched_update_seconds(drq, args, device, num_actions, runs, bench.batched_updates)
-        # the runs of a batch step their environments one after another on the host (one core)
-        hours = -(-130 // runs) * 100_000 * (runs * env_time + seconds) / 3600
-        env_share = runs * env_time / (runs * env_time + seconds)
+        # the environments of a batch step in the worker processes (--env-workers = the cores)
+        hours = -(-130 // runs) * 100_000 * (runs * worker_time + seconds) / 3600
+        env_share = runs * worker_time / (runs * worker_time + seconds)
         print(
             f"batched update, {runs:3d} runs: {runs / seconds:8.1f} run-updates/s ({seconds * 1e3:7.1f} ms each); "
             f"26 x 5 table in batches of {runs}: {hours:.1f} h (env steps {100 * env_share:.0f}% of it)"

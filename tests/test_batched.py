@@ -159,3 +159,23 @@ def test_a_killed_batch_resumes_every_run_to_the_straight_numbers(drq, tmp_path,
     for a, b in zip(straight, resumed, strict=True):
         for key in ("train_log", "train_episodes", "eval_returns"):
             assert a[key] == b[key]
+
+
+@pytest.mark.slow
+def test_environments_in_worker_processes_give_the_same_runs(drq, tmp_path):
+    """--env-workers moves the runs' environments into processes stepped in parallel: the same
+    episodes, losses and evaluations as stepping them in the training process."""
+
+    def batch(folder, workers):
+        base = with_flags(drq.Args(), total_steps=200, learning_starts=60, buffer_size=1000, batch_size=8,
+                          log_every=50, eval_episodes=1, eval_envs=1, max_episode_steps=80, diag_every=0,
+                          checkpoint_every=100, device="cpu", track_tensorboard=False, env_workers=workers)  # fmt: skip
+        return [with_flags(base, env_id=game, seed=seed, output_dir=str(tmp_path / folder / f"{game}{seed}"))
+                for game, seed in (("Pong", 1), ("Boxing", 1), ("Pong", 2))]  # fmt: skip
+
+    here = drq.train(batch("here", 0))
+    workers = drq.train(batch("workers", 2))
+    for a, b in zip(here, workers, strict=True):
+        for key in ("train_log", "train_episodes", "eval_returns"):
+            assert a[key] == b[key]
+    assert here[1]["train_episodes"], "Boxing's 80-step episodes end within the run"
