@@ -1,8 +1,10 @@
 """ResNet-18 training speed on CIFAR-shaped data on the current device: images/s and the time of
-one 50,000-image epoch (batch 128, AdamW, crop + flip on the device, as the lifecycle tables train).
+one 50,000-image epoch (batch 128, AdamW, crop + flip on the device, as the lifecycle tables train),
+for each of the runner's speed options (scripts/supervised.py --amp bf16, --channels-last,
+--compile) alone and together.
 
-    python scripts/bench_supervised.py                  # auto device
-    python scripts/bench_supervised.py --device cuda --batches 200
+    python scripts/bench_supervised.py                  # auto device, every variant
+    python scripts/bench_supervised.py --device cuda --batches 200 --variants fp32 bf16+channels-last
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class BenchArgs:
     """images per batch"""
     model: str = "resnet18"
     """model to time (any of rlplastic.supervised.models.MODELS)"""
+    variants: tuple[str, ...] = ("fp32", "bf16", "channels-last", "bf16+channels-last", "compile")
+    """speed options to time, each fp32 or a +-joined set of bf16, channels-last, compile"""
 
 
 def synchronize(device: torch.device) -> None:
@@ -38,36 +42,55 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def main(bench: BenchArgs) -> None:
-    device = resolve_device(bench.device)
-    name = device_name(device)
-    batches = bench.batches or (5 if device.type == "cpu" else 100)
+def time_variant(bench: BenchArgs, variant: str, device: torch.device, batches: int) -> float:
+    """Seconds per training batch with the options of `variant`."""
+    options = set(variant.split("+")) - {"fp32"}
+    unknown = options - {"bf16", "channels-last", "compile"}
+    if unknown:
+        raise SystemExit(f"bench_supervised: unknown variant part(s) {sorted(unknown)}; allowed fp32, bf16, "
+                         "channels-last, compile joined by +")  # fmt: skip
+    torch.manual_seed(0)
     generator = torch.Generator(device=device).manual_seed(0)
     data = torch.randn(2_048, 3, 32, 32, device=device)  # resident on the device, as in the runner
     labels = torch.randint(0, 10, (2_048,), device=device)
     model = build_model(bench.model, (3, 32, 32), 10).to(device)
+    layout = torch.channels_last if "channels-last" in options else torch.contiguous_format
+    model.to(memory_format=layout)
+    forward = torch.compile(model) if "compile" in options else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=5e-4, fused=True)
 
     def step() -> torch.Tensor:
         idx = torch.randint(0, len(data), (bench.batch_size,), device=device, generator=generator)
-        loss = F.cross_entropy(model(crop_flip(data[idx], generator)), labels[idx])
+        x = crop_flip(data[idx], generator).contiguous(memory_format=layout)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in options):
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float(), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return loss
 
-    for _ in range(2 if device.type == "cpu" else 10):
+    for _ in range(2 if device.type == "cpu" else 10):  # compile happens here
         step()
     synchronize(device)
     start = time.perf_counter()
     for _ in range(batches):
         loss = step()
     loss.item()
-    seconds = (time.perf_counter() - start) / batches
-    images_per_s = bench.batch_size / seconds
-    print(f"bench_supervised: {bench.model} on {device} ({name}), torch {torch.__version__}, batch {bench.batch_size}")
-    print(f"{images_per_s:.1f} images/s ({seconds * 1000:.0f} ms per batch); one 50,000-image CIFAR epoch: "
-          f"{50_000 / images_per_s / 60:.1f} min; 100 epochs: {100 * 50_000 / images_per_s / 3600:.1f} h")  # fmt: skip
+    return (time.perf_counter() - start) / batches
+
+
+def main(bench: BenchArgs) -> None:
+    device = resolve_device(bench.device)
+    batches = bench.batches or (5 if device.type == "cpu" else 100)
+    print(f"bench_supervised: {bench.model} on {device} ({device_name(device)}), torch {torch.__version__}, "
+          f"batch {bench.batch_size}")  # fmt: skip
+    for variant in bench.variants:
+        seconds = time_variant(bench, variant, device, batches)
+        images_per_s = bench.batch_size / seconds
+        print(f"{variant:20s} {images_per_s:9.1f} images/s ({seconds * 1000:.0f} ms per batch); one 50,000-image "
+              f"epoch: {50_000 / images_per_s / 60:.1f} min; 100 epochs: {100 * 50_000 / images_per_s / 3600:.1f} h",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 # wheels of gymnasium, ale-py and tyro in .whl/: the DrQ bench (eager vs CUDA-graph update, loop
 # rate, batched updates of 1/8/32/128 runs), a batched DrQ run of 8 seeds in one process, full-length
 # DrQ(eps) runs of two games at once with the defaults, then a short BBF run. Every figure lands in
-# $OUT: device.txt, bench_drq.txt, batched.txt, runs.log, drq_<Game>.json, bbf_smoke.txt.
+# $OUT: device.txt, bench_drq.txt, batched.txt, runs.log, drq_<Game>.json, bench_supervised.txt
+# (ResNet-18 img/s: fp32, bf16, channels-last, both, compile), bbf_smoke.txt.
 #   OUT=/tmp/out GAMES="Pong Kangaroo" RUN_LIMIT=420 bash scripts/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/gpu_check}
@@ -38,6 +39,9 @@ for game in $GAMES; do
   cp "/tmp/runs/$game/results.json" "$OUT/drq_$game.json" 2>/dev/null || echo "$game: no results.json" >> "$OUT/runs.log"
 done
 elapsed | tee -a "$OUT/runs.log"
+
+timeout 150 python3 scripts/bench_supervised.py --device cuda --batches 100 2>&1 | tee "$OUT/bench_supervised.txt"
+elapsed | tee -a "$OUT/bench_supervised.txt"
 
 timeout 50 python3 agents/bbf.py --env-id Pong --device cuda --total-steps 2300 --eval-episodes 4 --eval-envs 4 \
   --max-episode-steps 2000 --log-every 100 --output-dir /tmp/runs/bbf_smoke 2>&1 | tail -n 10 | tee "$OUT/bbf_smoke.txt"

@@ -16,6 +16,8 @@ BENCHES = {
                   ["fp32:", "bf16:"]),
     "bench_interventions": (["--updates", "1", "--repeats", "1"], ["hare-tortoise", "lifecycle layers"]),
     "bench_diagnostics": (["--calls", "1", "--updates", "2"], ["share of a DrQ run"]),
+    "bench_supervised": (["--batches", "1", "--batch-size", "16", "--variants", "fp32", "bf16+channels-last"],
+                         ["fp32 ", "bf16+channels-last "]),
 }  # fmt: skip
 
 

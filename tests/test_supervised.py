@@ -511,3 +511,32 @@ def test_a_supervised_checkpoint_carrying_code_is_refused_and_never_runs_it(tmp_
     with pytest.raises(SystemExit, match="is not a readable checkpoint.*move it away"):
         run(config, out=tmp_path / "r.jsonl", log=lambda s: None)
     assert not marker.exists() and not (tmp_path / "r.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_bf16_autocast_and_channels_last_train_to_the_same_place():
+    """The GPU speed options keep what is learned: bf16 autocast (the loss in float32) reaches the
+    fp32 run's accuracy; the channels-last layout changes only the convolution kernels (the CPU's
+    differ by 0.5% in the loss after an epoch of resnet18)."""
+    quiet = dict(out=None, log=lambda *a: None)
+    mlp = replace(TINY, epochs=10, protocol="fresh", seed=1)
+    fp32, bf16 = run(mlp, **quiet), run(replace(mlp, amp="bf16"), **quiet)
+    assert fp32["test_acc"] > 0.8 and bf16["test_acc"] == pytest.approx(fp32["test_acc"], abs=0.05)
+    assert bf16["config"]["amp"] == "bf16"
+    resnet = replace(TINY, model="resnet18", epochs=1, protocol="fresh", seed=1)
+    plain, channels_last = run(resnet, **quiet), run(replace(resnet, channels_last=True), **quiet)
+    assert channels_last["history"][-1]["loss"] == pytest.approx(plain["history"][-1]["loss"], rel=2e-2)
+
+
+def test_compile_refuses_methods_that_hook_the_forward():
+    problems = "\n".join(validate(replace(TINY, compile=True, method="lifecycle")))
+    assert "--compile with --method lifecycle" in problems and "hare-tortoise" in problems
+    assert validate(replace(TINY, compile=True, method="hare-tortoise")) == []
+
+
+@pytest.mark.slow
+def test_a_compiled_forward_trains_as_the_eager_one():
+    base = replace(TINY, epochs=2, protocol="fresh", seed=2)
+    eager = run(base, out=None, log=lambda *a: None)
+    compiled = run(replace(base, compile=True), out=None, log=lambda *a: None)
+    assert compiled["history"][-1]["loss"] == pytest.approx(eager["history"][-1]["loss"], rel=1e-3)

@@ -136,6 +136,12 @@ class RunConfig:
     topk_tolerance: float = 0.02
     """topk-accuracy: allowed training-accuracy drop; topk-plateau: relative loss improvement counted as flat"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["fp32", "bf16"] = "fp32"
+    """precision of the training forward: bf16 autocast, the loss in float32; evaluation stays fp32"""
+    channels_last: bool = False
+    """image models and batches in channels-last memory format (what GPU tensor cores want)"""
+    compile: bool = False
+    """torch.compile the training forward (methods that hook the forward are refused)"""
     log_every: int = 0
     """epochs between progress lines (accuracies are recorded every epoch); 0 = about 10 per phase"""
     hessian: bool = True
@@ -149,8 +155,19 @@ class RunConfig:
 STRENGTHS = {"l2": 1e-4, "spectral-decoupling": 1e-2, "regen": 1e-2, "neuronal-decay": 1e-3}
 
 
+# Methods that hook the model's forward or change what it computes between steps: a compiled
+# forward would recompile at every change, so --compile refuses them.
+NOT_COMPILED = ("redo", "neuronal-decay", *LIFECYCLE_ABLATIONS, "topk-cycle", "topk-accuracy", "topk-plateau")
+
+
 def validate(config: RunConfig) -> list[str]:
     problems = []
+    if config.compile and config.method in NOT_COMPILED:
+        problems.append(f"--compile with --method {config.method}: it hooks or changes the forward between steps; "
+                        f"compile with one of {', '.join(m for m in METHODS if m not in NOT_COMPILED)}")  # fmt: skip
+    if config.amp == "bf16" and config.device != "cpu" and torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            problems.append("--amp bf16: this GPU does not support bfloat16; use --amp fp32")
     for name, allowed in (("dataset", DATASETS), ("model", MODELS), ("protocol", PROTOCOLS), ("method", METHODS)):
         if getattr(config, name) not in allowed:
             problems.append(f"--{name} {getattr(config, name)}: allowed {', '.join(allowed)}")
@@ -371,6 +388,9 @@ class Trainer:
         self.strength = config.strength if config.strength is not None else STRENGTHS.get(config.method, 0.0)
         self.model: Classifier = build_model(config.model, data.x_train.shape[1:], data.num_classes,
                                              crelu=config.method == "crelu").to(device)  # fmt: skip
+        self.channels_last = config.channels_last and data.x_train.ndim == 4
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # in place: the parameters stay the same objects
         self.topk = None
         if config.method == "topk-cycle":
             self.topk = TopKController(config.topk_min, config.topk_decay, config.topk_cycle)
@@ -398,6 +418,8 @@ class Trainer:
         if config.method == "shrink-perturb":  # the warm-start study: 0.2 theta + 0.8 theta_init
             self.shrink_perturb = ShrinkPerturb(self.model, {"": (0.2, 0.8)}, toward="initial")
         self.steps = 0
+        # the training forward; compiled after every module swap above, so it sees the final model
+        self.forward = torch.compile(self.model) if config.compile else self.model
         self.data_x = torch.as_tensor(data.x_train[:256]).to(device)  # replaced by the data of each phase
         self.new_optimizer()
 
@@ -459,7 +481,11 @@ class Trainer:
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.activations.clear()
-        logits = self.model(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp == "bf16"):
+            logits = self.forward(x)
+        logits = logits.float()  # the loss and the regularizers in float32
         loss = F.cross_entropy(logits, y)
         method, strength = self.config.method, self.strength
         if method == "l2":
