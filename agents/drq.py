@@ -4,7 +4,7 @@ Agarwal et al. 2021, "Deep RL at the Edge of the Statistical Precipice" (DrQ(eps
 Kostrikov et al. 2020 (DrQ); hyperparameters of dopamine's labs/atari_100k DrQ_eps.gin.
 
     python agents/drq.py --env-id Breakout
-    python agents/drq.py --env-id Pong --seed 2 --total-steps 100000 --device cuda
+    python agents/drq.py --env-id Pong Boxing --seed 1 2 3 --env-workers 4   # 6 runs in one process (train)
 
 The network is dopamine's: Nature CNN with 'SAME' padding, ONE shared Dense(512)+ReLU, then a
 dueling output Dense(A) + Dense(1) (4,045,989 parameters with 4 actions). The environment protocol
