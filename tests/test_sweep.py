@@ -207,3 +207,19 @@ def test_runs_pack_into_processes_as_products_of_games_and_seeds(tmp_path):
     with pytest.raises(sweep.SweepError, match="only drq runs several"):
         sweep.pack_specs(sweep.expand_grid("bbf", ["Pong"], [1, 2], tmp_path), 2)
     assert sweep.pack_specs(specs, 1) == [(s,) for s in specs]
+
+
+@pytest.mark.slow
+def test_a_packed_sweep_runs_each_pack_in_one_process_into_the_usual_folders(tmp_path):
+    out = tmp_path / "sweep"
+    sets = [a for s in TINY for a in ("--set", s)]
+    done = sweep_cli("sweep", "--agent", "drq", "--games", "Pong,Breakout", "--seeds", "1-2", *sets, "--out", str(out),
+                     "--pack", "4")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 run(s) finished, 0 failed" in done.stdout
+    assert len(sorted(out.rglob("results.json"))) == 4 and (out / "drq" / "pack_Pong-Breakout_seeds1-2.log").exists()
+    results = json.loads((out / "drq" / "Breakout" / "seed2" / "results.json").read_text())
+    assert results["update_mode"] == "batched" and results["method"] == "drq"
+    again = sweep_cli("sweep", "--agent", "drq", "--games", "Pong,Breakout", "--seeds", "1-2", *sets, "--out", str(out),
+                      "--pack", "4")  # fmt: skip
+    assert "4 finished (skipped)" in again.stdout and "every run is finished" in again.stdout
