@@ -35,7 +35,10 @@ def _serve(connection, specs: list[tuple[str, int, int]]) -> None:
         connection.send(("error", traceback.format_exc()))
         return
     while True:
-        command, argument = connection.recv()
+        try:
+            command, argument = connection.recv()
+        except (EOFError, OSError):  # the training process is gone (ended or killed): so is the worker
+            return
         try:
             if command == "step":
                 answer = [_step(env, action) for env, action in zip(envs, argument, strict=True)]

@@ -131,14 +131,16 @@ class Killed(Exception):
 
 
 @pytest.mark.slow
-def test_a_killed_batch_resumes_every_run_to_the_straight_numbers(drq, tmp_path, monkeypatch):
+@pytest.mark.parametrize("env_workers", [0, 2])
+def test_a_killed_batch_resumes_every_run_to_the_straight_numbers(drq, tmp_path, monkeypatch, env_workers):
+    """Also with the environments in worker processes: their states travel through the checkpoint."""
     from rlplastic import runs
 
     def batch(folder):
         base = with_flags(drq.Args(), total_steps=160, learning_starts=60, buffer_size=1000, batch_size=8,
                           log_every=40, eval_episodes=1, eval_envs=1, max_episode_steps=100, diag_every=0,
                           checkpoint_every=80, device="cpu", track_tensorboard=False, reset=("redo",),
-                          redo_every=20, redo_batch=16)  # fmt: skip
+                          redo_every=20, redo_batch=16, env_workers=env_workers)  # fmt: skip
         return [with_flags(base, env_id="Pong", seed=seed, output_dir=str(tmp_path / folder / str(seed)))
                 for seed in (1, 2)]  # fmt: skip
 
