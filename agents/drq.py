@@ -60,7 +60,7 @@ from rlplastic.env_workers import EnvWorkers
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import InterventionOptions, build_interventions, ema_target, swap_in_chosen_lifecycle
 from rlplastic.replay import FrameReplay
-from rlplastic.runs import Run, RunOptions, run_problems
+from rlplastic.runs import Run, RunOptions, exit_on_problems, run_problems
 from rlplastic.schedules import LinearEpsilon
 
 FLAT = tyro.conf.arg(name="")  # a nested dataclass whose flags stay flat: --reset, not --interventions.reset
@@ -305,8 +305,7 @@ def train(all_args: list[Args]) -> list[dict]:
     many = len(all_args) > 1
     problems = [f"{a.env_id} seed {a.seed}: {p}" if many else p for a in all_args for p in validate(a)]
     problems += batch_problems(all_args) if many else []
-    if problems:
-        sys.exit("drq: invalid arguments:\n  " + "\n  ".join(problems))
+    exit_on_problems("drq", problems)
     args, runs, nets = all_args[0], [], []
     games, cap = [(canonical_game(a.env_id), a.seed) for a in all_args], args.run.max_episode_steps
     workers = EnvWorkers(games, args.run.env_workers, cap) if many and args.run.env_workers else None
@@ -323,7 +322,7 @@ def train(all_args: list[Args]) -> list[dict]:
                 for a, run, q in zip(all_args, runs, nets, strict=True)]  # fmt: skip
     target_stacks = {n: StackedModules([learners[i][1] for i in members]) if args.interventions.ema > 0 else None
                      for n, members in groups.items()} if many else {}  # fmt: skip
-    replays, interventions, obs = [], [], []
+    replays, interventions, probes, obs = [], [], [], []
     for run, (q, target, optimizer) in zip(runs, learners, strict=True):
         replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=run.device, generator=run.generator)
         target = None if target is q else target  # the EMA target, when there is one
@@ -331,8 +330,8 @@ def train(all_args: list[Args]) -> list[dict]:
             items = build_interventions(args.interventions, q, target, optimizer, sample_states(replay),
                                         xavier_uniform_zero_bias, HEAD_MODULES)  # fmt: skip
         interventions.append(items)
-        probe = PlasticityProbe(q, probe_batch=None)  # remembers the initial weights; its batch comes from replay
-        run.keep(q_network=q, optimizer=optimizer, interventions=items, replay=replay, probe=probe)
+        probes.append(PlasticityProbe(q, probe_batch=None))  # the initial weights; its batch comes from replay
+        run.keep(q_network=q, optimizer=optimizer, interventions=items, replay=replay, probe=probes[-1])
         if target is not None:
             run.keep(target_network=target)
         saved = run.resume()
@@ -354,19 +353,21 @@ def train(all_args: list[Args]) -> list[dict]:
                 runs[i].losses.add({key: value[j] for key, value in losses.items()})
 
     use_graph = not many and args.cuda_graph and graph_capture_available(runs[0].device) and interventions[0].graph_safe
-    step_all = CapturedStep(train_step, generators=[runs[0].generator]) if use_graph else train_step
-    step_all = batched_step if many else step_all
+    single_step = CapturedStep(train_step, generators=[runs[0].generator]) if use_graph else train_step
+    step_all = batched_step if many else single_step
     update_mode = "batched" if many else "cuda-graph" if use_graph else "eager"
     print(f"drq: update {update_mode}, {len(runs)} run(s)", flush=True)
 
+    acts, samplers = [greedy(q) for q in nets], [sample_states(replay) for replay in replays]
+
     # TRAINING LOOP
     explore = LinearEpsilon(args.learning_starts, args.epsilon_decay_steps, args.epsilon_final)  # dopamine's
-    for step in [run.steps() for run in runs][0]:
+    for step in [run.steps() for run in runs][0]:  # every run's clock starts; they step together
         epsilon = explore(step - 1)  # step - 1 agent steps taken so far
         if many:
             actions = epsilon_greedy_runs(runs, stacks, groups, obs, epsilon)
         else:
-            actions = [runs[0].epsilon_greedy(epsilon, obs[0], greedy(nets[0]))]
+            actions = [runs[0].epsilon_greedy(epsilon, obs[0], acts[0])]
 
         # The update is queued before the env steps, so on a GPU its kernels run while the CPU
         # steps the emulator. (dopamine trains just before choosing the action instead; acting
@@ -384,11 +385,11 @@ def train(all_args: list[Args]) -> list[dict]:
             obs[i] = run.env_step(replays[i], obs[i], actions[i], step, stepped[i])
             if run.report_due(step):
                 run.report(step, {"epsilon": epsilon}, interventions[i].metrics())
-            run.diagnose(step, run.objects["probe"], sample_states(replays[i]), replays[i].num_sampleable > 0)
-            run.evaluate_if_due(step, greedy(nets[i]), [nets[i]])
+            run.diagnose(step, probes[i], samplers[i], replays[i].num_sampleable > 0)
+            run.evaluate_if_due(step, acts[i], [nets[i]])
             run.checkpoint(step, obs=obs[i])
-    return [run.finish(greedy(q), [q], {"update_mode": update_mode}, models={"q_network": q})
-            for run, q in zip(runs, nets, strict=True)]  # fmt: skip
+    return [run.finish(act, [q], {"update_mode": update_mode}, models={"q_network": q})
+            for run, act, q in zip(runs, acts, nets, strict=True)]  # fmt: skip
 
 
 if __name__ == "__main__":

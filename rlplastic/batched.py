@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from rlplastic.runs import flat_config
+
 
 class StackedModules:
     """N modules of one architecture whose parameters (and buffers) are stacked along a new first
@@ -87,13 +89,10 @@ def epsilon_greedy_runs(
     obs: Sequence[Any],
     epsilon: float,
 ) -> list[int]:
-    """Each run's epsilon-greedy action, drawn from its own acting stream as Run.epsilon_greedy
-    draws it alone; the greedy actions of all runs that need one come from one batched forward per
-    stack (`groups` maps a stack's key to the indices of its runs)."""
-    actions: list[int | None] = []
-    for run in runs:
-        explore = run.rng.random() < epsilon
-        actions.append(int(run.rng.integers(run.env.action_space.n)) if explore else None)
+    """Each run's epsilon-greedy action, drawn from its own acting stream (Run.explore) as it is
+    alone; the greedy actions of all runs that need one come from one batched forward per stack
+    (`groups` maps a stack's key to the indices of its runs)."""
+    actions = [run.explore(epsilon) for run in runs]
     for key, members in groups.items():
         if any(actions[i] is None for i in members):
             stack = stacks[key]
@@ -113,8 +112,6 @@ PER_RUN = frozenset({"env_id", "seed", "output_dir"})
 def batch_problems(all_args: Sequence[Any], refused: Sequence[str] = ("cbp", "noise", "lifecycle")) -> list[str]:
     """Why these runs cannot share a process: they differ in more than game, seed and folder, a
     (game, seed) repeats, or a method that hooks one network's forward or optimizer is chosen."""
-    from rlplastic.runs import flat_config
-
     configs = [flat_config(args) for args in all_args]
     problems = [f"--{key.replace('_', '-')}: runs in one process share one configuration, not {values}"
                 for key in configs[0] if key not in PER_RUN

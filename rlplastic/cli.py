@@ -56,8 +56,11 @@ def replace_flags(args: T, **flags: object) -> T:
     return replace(args, **top, **{name: replace(nested[name], **parts[name]) for name in nested if parts[name]})
 
 
-def expand_runs(argv: Sequence[str], flags: Sequence[str] = ("--env-id", "--seed")) -> list[list[str]]:
-    """Split a command line that gives several values to `flags` (--env-id Pong Boxing --seed 1 2 3)
+RUN_FLAGS = ("--env-id", "--seed")  # the flags that may take several values: one run per combination
+
+
+def expand_runs(argv: Sequence[str]) -> list[list[str]]:
+    """Split a command line that gives several values to RUN_FLAGS (--env-id Pong Boxing --seed 1 2 3)
     into one command line per combination, games first, in the order given. An --output-dir with
     {game} and {seed} in it is filled in for each run; otherwise, with more than one run, DIR
     becomes DIR/{game}__seed{seed}."""
@@ -66,7 +69,7 @@ def expand_runs(argv: Sequence[str], flags: Sequence[str] = ("--env-id", "--seed
     tokens = list(argv)
     i = 0
     while i < len(tokens):
-        if tokens[i] in flags:
+        if tokens[i] in RUN_FLAGS:
             flag, j = tokens[i], i + 1
             while j < len(tokens) and not tokens[j].startswith("--"):
                 j += 1
@@ -79,18 +82,17 @@ def expand_runs(argv: Sequence[str], flags: Sequence[str] = ("--env-id", "--seed
             base.append(tokens[i])
             i += 1
     combos: list[list[tuple[str, str]]] = [[]]
-    for flag in flags:
+    for flag in RUN_FLAGS:
         if flag in values:
             combos = [combo + [(flag, value)] for combo in combos for value in values[flag]]
     where = base.index("--output-dir") + 1 if "--output-dir" in base[:-1] else None
     runs = []
     for combo in combos:
         command = list(base)
-        named = {flag.removeprefix("--").replace("-id", ""): value for flag, value in combo}  # env, seed
+        game, seed = dict(combo).get("--env-id", ""), dict(combo).get("--seed", "")
         if where is not None and ("{game}" in base[where] or "{seed}" in base[where]):
-            game, seed = named.get("env", ""), named.get("seed", "")
             command[where] = base[where].replace("{game}", game).replace("{seed}", seed)
         elif where is not None and len(combos) > 1:
-            command[where] = str(Path(base[where]) / f"{named.get('env', '')}__seed{named.get('seed', '')}")
+            command[where] = str(Path(base[where]) / f"{game}__seed{seed}")
         runs.append(command + [token for pair in combo for token in pair])
     return runs

@@ -43,9 +43,9 @@ def _serve(connection, specs: list[tuple[str, int, int]]) -> None:
             if command == "step":
                 answer = [_step(env, action) for env, action in zip(envs, argument, strict=True)]
             elif command == "reset":
-                answer = envs[argument].reset()[0]
+                answer = envs[argument[0]].reset()[0]
             elif command == "state":
-                answer = envs[argument].state_dict()
+                answer = envs[argument[0]].state_dict()
             elif command == "load":
                 index, state = argument
                 answer = envs[index].load_state_dict(state)
@@ -78,13 +78,13 @@ class WorkerEnv:
         self.action_space = Discrete(num_actions)
 
     def reset(self) -> tuple[np.ndarray, dict]:
-        return self.workers._ask(self.index, "reset", self.workers._local[self.index]), {}
+        return self.workers.ask(self.index, "reset"), {}
 
     def state_dict(self) -> dict:
-        return self.workers._ask(self.index, "state", self.workers._local[self.index])
+        return self.workers.ask(self.index, "state")
 
     def load_state_dict(self, state: dict) -> None:
-        self.workers._ask(self.index, "load", (self.workers._local[self.index], state))
+        self.workers.ask(self.index, "load", state)
 
     def close(self) -> None:
         self.workers.close()
@@ -120,9 +120,10 @@ class EnvWorkers:
             raise RuntimeError(f"environment worker {worker} failed:\n{answer}")
         return answer
 
-    def _ask(self, index: int, command: str, argument: Any) -> Any:
+    def ask(self, index: int, command: str, *payload: Any) -> Any:
+        """Run `command` on environment `index` in its worker (its place there, then `payload`)."""
         worker = self._owner[index]
-        self._connections[worker].send((command, argument))
+        self._connections[worker].send((command, (self._local[index], *payload)))
         return self._receive(worker)
 
     def step_all(self, actions: Sequence[int]) -> list[StepResult]:

@@ -346,6 +346,12 @@ class RunOptions:
         return problems + output_dir_problems(self.output_dir) + tracking_problems(self.track, self.track_tensorboard)
 
 
+def exit_on_problems(agent: str, problems: list[str]) -> None:
+    """Stop before any work with every problem of the arguments, one per line (exit status 1)."""
+    if problems:
+        sys.exit(f"{agent}: invalid arguments:\n  " + "\n  ".join(problems))
+
+
 def run_problems(args: Any) -> list[str]:
     """The problems of what every agent run has: the game (--env-id), its length (--total-steps)
     and its RunOptions (args.run)."""
@@ -470,8 +476,7 @@ class Run:
         """`args`: the agent's Args, with env_id, seed, total_steps and run (RunOptions). `problems`:
         what its validation found (the run exits with them before any work). `method`: the label
         reports group runs by. `code`: the agent's file, whose git commit the results record."""
-        if problems:  # before any work: nothing is created for a run that cannot start
-            sys.exit(f"{agent}: invalid arguments:\n  " + "\n  ".join(problems))
+        exit_on_problems(agent, problems)  # before any work: nothing is created for a run that cannot start
         options: RunOptions = args.run
         self.agent, self.options, self.method = agent, options, method
         self.game = game = canonical_game(args.env_id)
@@ -583,11 +588,17 @@ class Run:
         self.keep(env=env)
         return env
 
-    def epsilon_greedy(self, epsilon: float, obs: np.ndarray, greedy: Callable[[np.ndarray], np.ndarray]) -> int:
-        """A random action with probability epsilon (from the run's acting stream), else the greedy one."""
+    def explore(self, epsilon: float) -> int | None:
+        """With probability epsilon a random action, else None (the greedy one is wanted); both
+        drawn from the run's acting stream."""
         if self.rng.random() < epsilon:
             return int(self.rng.integers(self.env.action_space.n))
-        return int(greedy(obs[None])[0])  # the loop's one host sync: the env needs it
+        return None
+
+    def epsilon_greedy(self, epsilon: float, obs: np.ndarray, greedy: Callable[[np.ndarray], np.ndarray]) -> int:
+        """A random action with probability epsilon (explore), else the greedy one."""
+        action = self.explore(epsilon)
+        return action if action is not None else int(greedy(obs[None])[0])  # the loop's one host sync
 
     def env_step(self, replay: Any, obs: np.ndarray, action: int, step: int, result: tuple | None = None) -> np.ndarray:
         """Step the environment (or take `result`, the (obs, reward, terminated, truncated, info) of

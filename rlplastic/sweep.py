@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +191,12 @@ def expand_grid(
 PACKABLE_AGENTS = ("drq",)
 
 
+def check_packable(agents: Collection[str], size: int) -> None:
+    """--pack above 1 needs agents whose command line runs several (game, seed) in one process."""
+    if size > 1 and any(agent not in PACKABLE_AGENTS for agent in agents):
+        raise SweepError(f"--pack {size}: only {', '.join(PACKABLE_AGENTS)} runs several (game, seed) in one process")
+
+
 def pack_specs(specs: Sequence[RunSpec], size: int) -> list[tuple[RunSpec, ...]]:
     """The runs in packs of at most `size` that one process runs together (agents/drq.py --env-id
     A B --seed 1 2): runs of one agent and grid point, games that have the same seeds to run going
@@ -199,8 +205,7 @@ def pack_specs(specs: Sequence[RunSpec], size: int) -> list[tuple[RunSpec, ...]]
     command line expands it."""
     if size <= 1:
         return [(spec,) for spec in specs]
-    if any(spec.agent not in PACKABLE_AGENTS for spec in specs):
-        raise SweepError(f"--pack {size}: only {', '.join(PACKABLE_AGENTS)} runs several (game, seed) in one process")
+    check_packable({spec.agent for spec in specs}, size)
     groups: dict[tuple, dict[str, list[RunSpec]]] = {}
     for spec in specs:
         # interrupted runs pack apart from new ones: a pack resumes together, from one step
@@ -221,12 +226,17 @@ def pack_specs(specs: Sequence[RunSpec], size: int) -> list[tuple[RunSpec, ...]]
     return packs
 
 
+def pack_games_and_seeds(pack: Sequence[RunSpec]) -> tuple[list[str], list[str]]:
+    """The games and the seeds of a pack, each once, in order: the pack is their product."""
+    return list(dict.fromkeys(s.game for s in pack)), list(dict.fromkeys(str(s.seed) for s in pack))
+
+
 def pack_command(pack: Sequence[RunSpec]) -> list[str]:
     """One process for the runs of a pack: its games and seeds, each run's folder by template."""
     if len(pack) == 1:
         return pack[0].command()
     first = pack[0]
-    games, seeds = list(dict.fromkeys(s.game for s in pack)), list(dict.fromkeys(str(s.seed) for s in pack))
+    games, seeds = pack_games_and_seeds(pack)
     folders = first.run_dir.parent.parent / "{game}" / "seed{seed}"  # OUT/METHOD/GAME/seedN, as alone
     return [sys.executable, str(agent_path(first.agent)), *first.args, "--env-id", *games, "--seed", *seeds,
             "--output-dir", str(folders)]  # fmt: skip
@@ -235,7 +245,7 @@ def pack_command(pack: Sequence[RunSpec]) -> list[str]:
 def pack_log(pack: Sequence[RunSpec]) -> Path:
     if len(pack) == 1:
         return pack[0].log_path
-    games, seeds = dict.fromkeys(s.game for s in pack), dict.fromkeys(str(s.seed) for s in pack)
+    games, seeds = pack_games_and_seeds(pack)
     return pack[0].run_dir.parent.parent / f"pack_{'-'.join(games)}_seeds{'-'.join(seeds)}.log"
 
 

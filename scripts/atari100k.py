@@ -97,11 +97,12 @@ def run_sweep(args: Sweep) -> int:
         todo = [s for s in todo if str(s.run_dir) not in active]
     if args.pack > 1 and args.launcher != "local":
         raise sweep.SweepError(f"--pack {args.pack}: packs run with --launcher local (one slurm task per run)")
-    packs = sweep.pack_specs(todo, args.pack)  # refuses agents that cannot run several (game, seed)
+    sweep.check_packable([args.agent], args.pack)
     if args.dry_run:
         for spec in specs:
             print(f"  {status[spec]:10s} {' '.join(spec.command())}")
-        for pack in packs if args.pack > 1 else []:
+        # run_local packs the runs itself; here only to show the packs
+        for pack in sweep.pack_specs(todo, args.pack) if args.pack > 1 else []:
             print(f"  pack of {len(pack)}: {' '.join(sweep.pack_command(pack))}")
         return 0
     if not todo:
