@@ -55,6 +55,7 @@ import tyro
 
 from rlplastic.augment import drq_augment
 from rlplastic.cli import cli_with_presets
+from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
 from rlplastic.diagnostics import PlasticityProbe
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import InterventionOptions, ShrinkPerturb, build_interventions, ema_target
@@ -76,6 +77,10 @@ class Args:
     """agent steps of interaction (100k = 400k frames, the Atari-100k budget)"""
     amp: Literal["fp32", "bf16"] = "fp32"
     """precision of the forward passes: bf16 autocast (about 2x throughput on recent GPUs)"""
+    cuda_graph: bool = True
+    """on CUDA, capture the whole gradient step (prioritized sampling, augmentation, losses,
+    backward, AdamW, priorities, the interventions' per-step work) in a CUDA graph and replay it,
+    one graph per value of the annealed n (gamma is read from the device); ignored on the CPU"""
 
     # Network: Impala-CNN encoder, projection, dueling C51 head, SPR transition model and predictor
     width_scale: int = 4
@@ -408,6 +413,7 @@ def reset_interval(args: Args) -> int:
 
 
 def build_learner(args: Args, num_actions: int, device: torch.device):
+    """Online network, its EMA target, AdamW (capturable when the update may be graph-captured)."""
     online = BBFNetwork(num_actions, args.width_scale, args.hidden_dim, args.num_atoms)
     online = online.to(device, memory_format=torch.channels_last)
     target = ema_target(online)
@@ -415,7 +421,7 @@ def build_learner(args: Args, num_actions: int, device: torch.device):
     no_decay = [p for p in online.parameters() if p.ndim <= 1]  # biases: BBF masks them out of the decay
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate, eps=args.adam_eps, fused=True,
+        lr=args.learning_rate, eps=args.adam_eps, fused=True, capturable=args.cuda_graph and device.type == "cuda",
     )  # fmt: skip
     return online, target, optimizer
 
@@ -428,10 +434,12 @@ def update(
     replay: PrioritizedFrameReplay,
     generator: torch.Generator,
     support: torch.Tensor,
-    cycle_step: int,
+    n_step: int,
+    gamma: float | torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """One gradient step; returns device tensors (no host sync)."""
-    batch = replay.sample(args.batch_size, n_step=n_step_at(args, cycle_step), gamma=gamma_at(args, cycle_step))
+    """One gradient step with the annealed n and gamma (a float, or a device scalar that a
+    captured step reads); returns device tensors (no host sync)."""
+    batch = replay.sample(args.batch_size, n_step=n_step, gamma=gamma)
     b, k = batch.future_states.shape[:2]
     augment = (lambda x: drq_augment(x, generator)) if args.augment else (lambda x: x.float())
     states, next_states = augment(batch.states), augment(batch.next_states)
@@ -494,6 +502,26 @@ def main(args: Args) -> dict:
             q = q_values(target(torch.as_tensor(observations, device=device)), support)
         return q.argmax(1).cpu().numpy()
 
+    def train_step(n_step: int, gamma: float | torch.Tensor) -> None:
+        """One gradient step and the interventions' per-step device work: what a graph captures."""
+        run.losses.add(update(args, online, target, optimizer, replay, generator, support, n_step, gamma))
+        interventions.device_step()
+
+    use_graph = args.cuda_graph and graph_capture_available(device) and interventions.graph_safe
+    gamma_now = torch.zeros((), device=device)  # the captured steps read the annealed gamma here
+    captured: dict[int, CapturedStep] = {}  # n -> its graph: shapes depend on n, gamma does not
+
+    def gradient_step(cycle_step: int) -> None:
+        n_step, gamma = n_step_at(args, cycle_step), gamma_at(args, cycle_step)
+        if not use_graph:
+            return train_step(n_step, gamma)
+        gamma_now.fill_(gamma)
+        if n_step not in captured:
+            captured[n_step] = CapturedStep(lambda: train_step(n_step, gamma_now), generators=[generator])
+        captured[n_step]()
+
+    print(f"bbf: update {'cuda-graph' if use_graph else 'eager'}", flush=True)
+
     # TRAINING LOOP
     explore = LinearEpsilon(args.learning_starts, args.epsilon_decay_steps, args.epsilon_final)  # dopamine's
     saved = run.resume()
@@ -504,8 +532,8 @@ def main(args: Args) -> dict:
 
         if step >= args.learning_starts and replay.num_sampleable > 0:
             for _ in range(args.replay_ratio):
-                run.losses.add(update(args, online, target, optimizer, replay, generator, support, cycle_step))
-                interventions.step()
+                gradient_step(cycle_step)  # the update and the interventions' device work: one replay on CUDA
+                interventions.host_step()  # schedules and rare events, outside the graph
                 run.losses.tick()
                 grad_steps += 1
                 cycle_step += 1
@@ -523,7 +551,7 @@ def main(args: Args) -> dict:
         run.evaluate_if_due(step, greedy_actions, [online, target])
         run.checkpoint(step, obs=obs, counters=(grad_steps, cycle_step))
 
-    results = {"grad_steps": grad_steps, "resets": resets.resets}
+    results = {"grad_steps": grad_steps, "resets": resets.resets, "update_mode": "cuda-graph" if use_graph else "eager"}
     return run.finish(greedy_actions, [online, target], results, models={"target": target})
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import numpy as np
@@ -76,8 +76,8 @@ class Args:
     """agent steps of interaction (100k = 400k frames, the Atari-100k budget)"""
     cuda_graph: bool = True
     """on CUDA, capture the whole update (sampling, augmentation, loss, backward, Adam, the
-    interventions' per-step work) once in a CUDA graph and replay it; ignored on the CPU, and off
-    when an intervention decides on the host every step (--continual cbp, noise, lifecycle)"""
+    interventions' per-step work; all runs' batched update with several runs) once in a CUDA graph
+    and replay it; ignored on the CPU"""
 
     # Algorithm: dopamine DrQ_eps.gin
     learning_starts: int = 1_600
@@ -318,8 +318,7 @@ def train(all_args: list[Args]) -> list[dict]:
     check_lockstep(runs)
     groups = group_by([q.advantage.out_features for q in nets])  # runs with one number of actions
     stacks = {n: StackedModules([nets[i] for i in members]) for n, members in groups.items()} if many else {}
-    learners = [build_learner(replace(a, cuda_graph=a.cuda_graph and not many), 0, run.device, q)
-                for a, run, q in zip(all_args, runs, nets, strict=True)]  # fmt: skip
+    learners = [build_learner(a, 0, run.device, q) for a, run, q in zip(all_args, runs, nets, strict=True)]
     target_stacks = {n: StackedModules([learners[i][1] for i in members]) if args.interventions.ema > 0 else None
                      for n, members in groups.items()} if many else {}  # fmt: skip
     replays, interventions, probes, obs = [], [], [], []
@@ -352,10 +351,11 @@ def train(all_args: list[Args]) -> list[dict]:
                 interventions[i].device_step()
                 runs[i].losses.add({key: value[j] for key, value in losses.items()})
 
-    use_graph = not many and args.cuda_graph and graph_capture_available(runs[0].device) and interventions[0].graph_safe
-    single_step = CapturedStep(train_step, generators=[runs[0].generator]) if use_graph else train_step
-    step_all = batched_step if many else single_step
-    update_mode = "batched" if many else "cuda-graph" if use_graph else "eager"
+    use_graph = args.cuda_graph and graph_capture_available(runs[0].device) and all(i.graph_safe for i in interventions)
+    step_all = batched_step if many else train_step
+    if use_graph:  # every run's sampling and augmentation stream is registered with the one graph
+        step_all = CapturedStep(step_all, generators=[run.generator for run in runs])
+    update_mode = "-".join(["batched"] * many + ["cuda-graph"] * use_graph) or "eager"  # batched[-cuda-graph]
     print(f"drq: update {update_mode}, {len(runs)} run(s)", flush=True)
 
     acts, samplers = [greedy(q) for q in nets], [sample_states(replay) for replay in replays]

@@ -78,13 +78,14 @@ def drq_update_seconds(drq: ModuleType, args, device: torch.device, num_actions:
 
 
 def drq_batched_update_seconds(drq: ModuleType, args, device: torch.device, num_actions: int, runs: int,
-                               updates: int) -> float:  # fmt: skip
+                               updates: int, graph: bool = False) -> float:  # fmt: skip
     """Seconds per batched DrQ update of `runs` runs in one stack (drq.batched_update: one vmapped
-    forward and backward, each run's own optimizer step). The runs sample from one shared replay of
-    random frames: timing needs the shapes, and N replays would need N times the memory."""
+    forward and backward, each run's own optimizer step); graph=True: captured in one CUDA graph.
+    The runs sample from one shared replay of random frames: timing needs the shapes, and N
+    replays would need N times the memory."""
     nets = [drq.QNetwork(num_actions).to(device) for _ in range(runs)]
     stack = StackedModules(nets)
-    learners = [drq.build_learner(replace(args, cuda_graph=False), num_actions, device, q) for q in nets]
+    learners = [drq.build_learner(replace(args, cuda_graph=graph), num_actions, device, q) for q in nets]
     targets = StackedModules([target for _, target, _ in learners]) if args.interventions.ema > 0 else None
     generator = device_generator(device, 0)
     replay = random_replay(FrameReplay(5_000, args.n_step, args.gamma, device=device, generator=generator), num_actions)
@@ -94,7 +95,9 @@ def drq_batched_update_seconds(drq: ModuleType, args, device: torch.device, num_
         losses = drq.batched_update(args, stack, targets, optimizers, [replay] * runs, [generator] * runs)
         return losses["td_loss"].sum()
 
-    return time_steps(step, updates, device, warmup=2)
+    if graph:
+        step = CapturedStep(step, generators=[generator])
+    return time_steps(step, updates, device, warmup=4 if graph else 2)
 
 
 def time_worker_env_steps(game: str, runs: int, processes: int, steps: int) -> float:

@@ -193,13 +193,19 @@ class FrameReplay:
         targets = torch.rand(batch_size, device=self.device, generator=self.generator) * counts[-1]
         return torch.searchsorted(counts, targets, right=True)
 
-    def transitions(self, slots: torch.Tensor, n_step: int | None = None, gamma: float | None = None) -> Batch:
+    def transitions(
+        self, slots: torch.Tensor, n_step: int | None = None, gamma: float | torch.Tensor | None = None
+    ) -> Batch:
         """The n-step transitions starting at `slots` (which must be sampleable). n_step (at most
-        the capacity's n_step) and gamma may be given per call, for agents that anneal them."""
+        the capacity's n_step) and gamma may be given per call, for agents that anneal them; gamma
+        may be a 0-dim device tensor, changed in place between calls (a CUDA-graph-captured update)."""
         n_step = self.n_step if n_step is None else n_step
         if not 1 <= n_step <= self.n_step:
             raise ValueError(f"n_step {n_step}: must lie in 1..{self.n_step} (the replay's n_step)")
-        if gamma is None or (gamma == self.gamma and n_step == self.n_step):
+        if torch.is_tensor(gamma):
+            powers = gamma ** torch.arange(n_step, dtype=torch.float32, device=self.device)
+            gamma_n = gamma**n_step
+        elif gamma is None or (gamma == self.gamma and n_step == self.n_step):
             powers, gamma_n = self.discount_powers[:n_step], self.gamma**n_step
         else:
             powers, gamma_n = gamma ** torch.arange(n_step, dtype=torch.float32, device=self.device), gamma**n_step
@@ -236,8 +242,9 @@ class PrioritizedFrameReplay(FrameReplay):
     alpha = 0.5 on the loss, and weighs the loss by P^-0.5 (beta = 0.5) divided by the batch's
     largest weight. New slots get the largest priority ever set. Priorities live on the device
     next to the frames, and the running maximum is a device scalar: adding and sampling never
-    synchronize with the host. Sampling draws from all slots at once (torch.multinomial), O(capacity)
-    per batch instead of a sum tree's O(B log capacity); on 200k slots that is well under a
+    synchronize with the host. Sampling inverts the cumulative sum of all slots' priorities (one
+    scan and a binary search per draw, fixed shapes: capturable in a CUDA graph), O(capacity) per
+    batch instead of a sum tree's O(B log capacity); on 200k slots that is well under a
     millisecond on a GPU and a few on a CPU, against a BBF update of milliseconds / seconds.
     """
 
@@ -260,11 +267,17 @@ class PrioritizedFrameReplay(FrameReplay):
         self.priorities[slots] = priorities
         torch.maximum(self.max_priority, priorities.max(), out=self.max_priority)
 
-    def sample(self, batch_size: int, n_step: int | None = None, gamma: float | None = None) -> SequenceBatch:
+    def sample(
+        self, batch_size: int, n_step: int | None = None, gamma: float | torch.Tensor | None = None
+    ) -> SequenceBatch:
         if self.num_sampleable == 0:
             raise RuntimeError("replay holds no complete n-step transition yet")
         weights = self.priorities * self.sampleable
-        slots = torch.multinomial(weights, batch_size, replacement=True, generator=self.generator)
+        # Inverse CDF of the priorities (float64: exact enough over 10^5 slots), not torch.multinomial,
+        # which synchronizes with the host and so cannot be captured in a CUDA graph.
+        cdf = torch.cumsum(weights, 0, dtype=torch.float64)
+        targets = torch.rand(batch_size, dtype=torch.float64, device=self.device, generator=self.generator) * cdf[-1]
+        slots = torch.searchsorted(cdf, targets, right=True).clamp_(max=self.capacity - 1)
         probabilities = weights[slots] / weights.sum()
         importance = 1.0 / torch.sqrt(probabilities + 1e-10)
         base = self.transitions(slots, n_step, gamma)

@@ -21,6 +21,7 @@ from rlplastic.envs.atari import canonical_game, make_atari100k_env
 
 from rlplastic.bench import device_name, random_replay, time_env_steps, time_steps
 from rlplastic.cli import replace_flags
+from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
 from rlplastic.interventions import build_interventions
 from rlplastic.replay import PrioritizedFrameReplay
 from rlplastic.runs import device_generator, resolve_device
@@ -47,7 +48,9 @@ class BenchArgs:
     """steps for the env-speed measurement"""
 
 
-def time_updates(args: bbf.Args, device: torch.device, num_actions: int, updates: int) -> float:
+def time_updates(args: bbf.Args, device: torch.device, num_actions: int, updates: int, graph: bool = False) -> float:
+    """Seconds per gradient step (n = n_step_start, the EMA target update included); graph=True:
+    the step captured in a CUDA graph as the agent runs it on CUDA."""
     generator = device_generator(device, 0)
     replay = PrioritizedFrameReplay(
         10_000, args.n_step_start, args.gamma_end, future_steps=args.spr_steps, device=device, generator=generator
@@ -58,12 +61,21 @@ def time_updates(args: bbf.Args, device: torch.device, num_actions: int, updates
     interventions = build_interventions(args.interventions, online, target, optimizer, sample_states)
     support = torch.linspace(-args.v_max, args.v_max, args.num_atoms, device=device)
 
-    def step() -> torch.Tensor:
-        out = bbf.update(args, online, target, optimizer, replay, generator, support, cycle_step=0)
-        interventions.step()  # the EMA target update is part of every BBF gradient step
+    gamma = torch.full((), args.gamma_start, device=device) if graph else args.gamma_start
+
+    def device_work() -> torch.Tensor:
+        out = bbf.update(args, online, target, optimizer, replay, generator, support, args.n_step_start, gamma)
+        interventions.device_step()  # the EMA target update is part of every BBF gradient step
         return out["loss"]
 
-    # warm-up: allocator, kernels, optimizer state
+    captured = CapturedStep(device_work, generators=[generator]) if graph else device_work
+
+    def step() -> torch.Tensor:
+        loss = captured()
+        interventions.host_step()
+        return loss
+
+    # warm-up: allocator, kernels, optimizer state (and the capture)
     return time_steps(step, updates, device, warmup=2 if device.type == "cpu" else 10)
 
 
@@ -82,12 +94,15 @@ def main(bench: BenchArgs) -> None:
     params = sum(p.numel() for p in bbf.BBFNetwork(num_actions, args.width_scale, args.hidden_dim).parameters())
     print(f"network: {params / 1e6:.1f} M parameters")
     grad_steps = (args.total_steps - args.learning_starts + 1) * args.replay_ratio
-    for amp in ("fp32", "bf16"):
-        args.amp = amp
-        seconds = time_updates(args, device, num_actions, updates)
-        projected = args.total_steps * env_time + grad_steps * seconds
-        print(f"{amp}: {1 / seconds:8.2f} updates/s ({seconds * 1000:.0f} ms each); projected 100k-step run at "
-              f"replay ratio {args.replay_ratio} ({grad_steps:,} updates): {projected / 3600:.2f} h")  # fmt: skip
+    modes = ["eager", "cuda-graph"] if graph_capture_available(device) else ["eager"]
+    for mode in modes:
+        for amp in ("fp32", "bf16"):
+            args.amp = amp
+            seconds = time_updates(args, device, num_actions, updates, graph=mode == "cuda-graph")
+            projected = args.total_steps * env_time + grad_steps * seconds
+            print(f"{amp} {mode}: {1 / seconds:8.2f} updates/s ({seconds * 1000:.1f} ms each); projected 100k-step "
+                  f"run at replay ratio {args.replay_ratio} ({grad_steps:,} updates): {projected / 3600:.2f} h "
+                  f"({projected / 60:.0f} min)")  # fmt: skip
 
 
 if __name__ == "__main__":

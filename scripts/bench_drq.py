@@ -110,15 +110,23 @@ def main(bench: BenchArgs) -> None:
     print(
         f"env steps/s of 8 runs' environments in {processes} worker processes (--env-workers): {1 / worker_time:8.1f}"
     )
+    modes = ["eager", "cuda-graph"] if graph_capture_available(device) else ["eager"]
     for runs in bench.batched:
-        seconds = drq_batched_update_seconds(drq, args, device, num_actions, runs, bench.batched_updates)
-        # the environments of a batch step in the worker processes (--env-workers = the cores)
-        hours = -(-130 // runs) * 100_000 * (runs * worker_time + seconds) / 3600
-        env_share = runs * worker_time / (runs * worker_time + seconds)
-        print(
-            f"batched update, {runs:3d} runs: {runs / seconds:8.1f} run-updates/s ({seconds * 1e3:7.1f} ms each); "
-            f"26 x 5 table in batches of {runs}: {hours:.1f} h (env steps {100 * env_share:.0f}% of it)"
-        )
+        worker_time = time_worker_env_steps(game, runs, min(processes, runs), max(bench.env_steps // runs, 50))
+        print(f"env steps/s of {runs} runs' environments in {min(processes, runs)} worker processes: "
+              f"{1 / worker_time:8.1f}")  # fmt: skip
+        for mode in modes:
+            seconds = drq_batched_update_seconds(drq, args, device, num_actions, runs, bench.batched_updates,
+                                                 graph=mode == "cuda-graph")  # fmt: skip
+            # the environments of a batch step in the worker processes (--env-workers = the cores) while
+            # the GPU runs the queued update: a step costs about the larger of the two, at most their sum
+            env = runs * worker_time
+            hours = [-(-130 // runs) * 100_000 * t / 3600 for t in (max(env, seconds), env + seconds)]
+            print(
+                f"batched update ({mode}), {runs:3d} runs: {runs / seconds:8.1f} run-updates/s "
+                f"({seconds * 1e3:7.1f} ms each); 26 x 5 table in batches of {runs}: {hours[0]:.2f} h "
+                f"(env and update overlapped) to {hours[1]:.2f} h (one after the other)"
+            )
 
     with tempfile.TemporaryDirectory() as tmp:
         full_args = replace_flags(

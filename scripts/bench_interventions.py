@@ -3,9 +3,11 @@
     python scripts/bench_interventions.py [--device cpu|cuda] [--updates 30]
 
 For each intervention: the mean time of (update + every intervention's step()) over `updates`
-updates, against plain DrQ. Rare events (a head reset every 20k steps, a ReDo pass every 1k) would
-not occur in a short measurement, so each one is also timed when forced and amortized over its
-period: overhead = (per-step cost + event cost / period) / plain update time. Goal: <= 3%.
+updates, against plain DrQ; on CUDA also with the update and the interventions' device_step()
+captured in one CUDA graph (host_step() after each replay), as the agents run it. Rare events (a
+head reset every 20k steps, a ReDo pass every 1k) would not occur in a short measurement, so each
+one is also timed when forced and amortized over its period: overhead = (per-step cost + event
+cost / period) / plain update time. Goal: <= 3% (on a GPU, of the captured update).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import tyro
 
 from rlplastic.bench import device_name, random_replay, synchronize, time_steps
 from rlplastic.cli import replace_flags
+from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import build_interventions
 from rlplastic.replay import FrameReplay
@@ -60,16 +63,24 @@ def build(args: drq.Args, device: torch.device, replay: FrameReplay):
     return q, target, optimizer, interventions
 
 
-def update_seconds(args, device, replay, generator, updates) -> float:
-    """Seconds per DrQ update followed by its interventions' step."""
+def update_seconds(args, device, replay, generator, updates, graph: bool = False) -> float:
+    """Seconds per DrQ update followed by its interventions' step; graph=True: the update and the
+    interventions' device work captured in a CUDA graph, their host_step() after each replay."""
     q, target, optimizer, interventions = build(args, device, replay)
 
-    def step() -> torch.Tensor:
+    def device_work() -> torch.Tensor:
         loss = drq.update(args, q, target, optimizer, replay, generator)["td_loss"]
-        interventions.step()
+        interventions.device_step()
         return loss
 
-    return time_steps(step, updates, device, warmup=3)
+    captured = CapturedStep(device_work, generators=[generator]) if graph else device_work
+
+    def step() -> torch.Tensor:
+        loss = captured()
+        interventions.host_step()
+        return loss
+
+    return time_steps(step, updates, device, warmup=4)  # graph: 3 eager steps, then the capture
 
 
 def event_cost(args, device, replay, generator) -> tuple[float, int]:
@@ -98,20 +109,24 @@ def main(bench: BenchArgs) -> None:
     generator = device_generator(device, 0)
     replay = random_replay(FrameReplay(5_000, 10, 0.99, device=device, generator=generator), num_actions=4)
     base = replace_flags(drq.Args(), device=bench.device)
-    times: dict[str, list[float]] = {label: [] for label in CONFIGS}
-    for _ in range(bench.repeats):  # interleaved, so drifts in machine load hit every config alike
-        for label, (overrides, _) in CONFIGS.items():
-            args = replace_flags(base, **overrides)
-            times[label].append(update_seconds(args, device, replay, generator, bench.updates))
-    fastest = {label: min(values) for label, values in times.items()}
-    print(f"{'configuration':26s} {'ms/update':>10s} {'event ms':>9s} {'period':>7s} {'overhead':>9s}  vs")
-    for label, (overrides, baseline) in CONFIGS.items():
-        event, period = event_cost(replace_flags(base, **overrides), device, replay, generator)
-        amortized = fastest[label] + (event / period if period else 0.0)
-        overhead = 100 * (amortized / fastest[baseline] - 1)
-        event_text = f"{1000 * event:9.1f}" if period else f"{'-':>9s}"
-        period_text = f"{period:7d}" if period else f"{'-':>7s}"
-        print(f"{label:26s} {1000 * fastest[label]:10.2f} {event_text} {period_text} {overhead:+8.1f}%  {baseline}")
+    modes = ["eager", "cuda-graph"] if graph_capture_available(device) else ["eager"]
+    for mode in modes:
+        times: dict[str, list[float]] = {label: [] for label in CONFIGS}
+        for _ in range(bench.repeats):  # interleaved, so drifts in machine load hit every config alike
+            for label, (overrides, _) in CONFIGS.items():
+                args = replace_flags(base, **overrides)
+                times[label].append(update_seconds(args, device, replay, generator, bench.updates, mode != "eager"))
+        fastest = {label: min(values) for label, values in times.items()}
+        print(f"{mode} update: {'configuration':26s} {'ms/update':>10s} {'event ms':>9s} {'period':>7s} "
+              f"{'overhead':>9s}  vs")  # fmt: skip
+        for label, (overrides, baseline) in CONFIGS.items():
+            event, period = event_cost(replace_flags(base, **overrides), device, replay, generator)
+            amortized = fastest[label] + (event / period if period else 0.0)
+            overhead = 100 * (amortized / fastest[baseline] - 1)
+            event_text = f"{1000 * event:9.1f}" if period else f"{'-':>9s}"
+            period_text = f"{period:7d}" if period else f"{'-':>7s}"
+            print(f"{mode} update: {label:26s} {1000 * fastest[label]:10.2f} {event_text} {period_text} "
+                  f"{overhead:+8.1f}%  {baseline}")  # fmt: skip
 
 
 if __name__ == "__main__":

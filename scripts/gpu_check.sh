@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The project's one prepared GPU check, run on a lent CUDA machine from the repository root with the
-# wheels of gymnasium, ale-py and tyro in .whl/: the DrQ bench (eager vs CUDA-graph update, loop
-# rate, batched updates of 1/8/32/128 runs), a batched DrQ run of 8 seeds in one process, full-length
-# DrQ(eps) runs of two games at once with the defaults, then a short BBF run. Every figure lands in
-# $OUT: device.txt, bench_drq.txt, batched.txt, runs.log, drq_<Game>.json, bench_supervised.txt
-# (ResNet-18 img/s: fp32, bf16, channels-last, both, compile), bbf_smoke.txt.
-#   OUT=/tmp/out GAMES="Pong Kangaroo" RUN_LIMIT=420 bash scripts/gpu_check.sh
+# wheels of gymnasium, ale-py and tyro in .whl/. Every figure lands in $OUT, stage by stage, so a
+# run stopped by its time limit still returns what it measured:
+#   device.txt               the card, torch
+#   check_cuda_graphs.txt    captured updates (DrQ, its interventions, batched DrQ, BBF) = eager ones
+#   bench_drq.txt            env, eager vs graph update, 8..128 runs batched (eager and graph), the loop
+#   bench_bbf.txt            BBF update fp32 / bf16, eager / graph, projected 100k run
+#   bench_interventions.txt  each intervention's overhead, eager and captured
+#   batched.txt, batched_runs.json   one process running 32 DrQ runs (8 games x 4 seeds) end to end
+#   smoke.txt                short CUDA runs: BBF (graph), DrQ with CBP, noise, lifecycle (graph)
+#   bench_supervised.txt     ResNet-18 img/s: fp32, bf16, channels-last, both
+#   OUT=/tmp/out bash scripts/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/gpu_check}
-GAMES=${GAMES:-"Pong Kangaroo"}
-RUN_LIMIT=${RUN_LIMIT:-420}  # seconds a full run may take before it is stopped (runs.log then says so)
 mkdir -p "$OUT" /tmp/runs
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
@@ -17,32 +20,51 @@ elapsed() { echo "elapsed $(( $(date +%s) - start )) s"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit 1
 export PYTHONPATH=/tmp/site
-{ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; elapsed; } \
+{ nvidia-smi -L; nproc; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; elapsed; } \
   2>&1 | tee "$OUT/device.txt"
 
-timeout 150 python3 scripts/bench_drq.py --device cuda --env-steps 2000 --updates 300 --full-steps 3000 \
-  --learning-starts 200 2>&1 | grep -v '^step' | tee "$OUT/bench_drq.txt"
+timeout 90 python3 scripts/check_cuda_graphs.py 2>&1 | tee "$OUT/check_cuda_graphs.txt"
+elapsed | tee -a "$OUT/check_cuda_graphs.txt"
+
+timeout 170 python3 scripts/bench_drq.py --device cuda --env-steps 2000 --updates 300 --full-steps 3000 \
+  --learning-starts 200 --batched 1 8 32 128 --batched-updates 20 2>&1 | grep -v '^step' | tee "$OUT/bench_drq.txt"
 elapsed | tee -a "$OUT/bench_drq.txt"
 
-timeout 120 python3 agents/drq.py --env-id Pong --seed 1 2 3 4 5 6 7 8 --device cuda --total-steps 3000 \
-  --learning-starts 200 --eval-episodes 2 --checkpoint-every 0 --log-every 500 --output-dir /tmp/runs/batched 2>&1 \
-  | grep -E 'update batched|^step 3000|eval mean' | tee "$OUT/batched.txt"
+timeout 90 python3 scripts/bench_bbf.py --device cuda --updates 60 --env-steps 1000 2>&1 | tee "$OUT/bench_bbf.txt"
+elapsed | tee -a "$OUT/bench_bbf.txt"
+
+timeout 100 python3 scripts/bench_interventions.py --device cuda --updates 200 --repeats 2 2>&1 \
+  | tee "$OUT/bench_interventions.txt"
+elapsed | tee -a "$OUT/bench_interventions.txt"
+
+timeout 120 python3 agents/drq.py --env-id Pong Breakout Boxing Kangaroo MsPacman Seaquest Freeway Krull \
+  --seed 1 2 3 4 --device cuda --total-steps 3000 --env-workers "$(nproc)" --eval-episodes 0 --checkpoint-every 0 \
+  --log-every 500 --diag-every 0 --output-dir '/tmp/runs/batched/{game}/seed{seed}' > /tmp/runs/batched.log 2>&1
+{ grep -E 'update |Pong seed 1|^step' /tmp/runs/batched.log | grep -E 'update |Pong|^step (2000|2500|3000)/' | head -n 12;
+  tail -n 3 /tmp/runs/batched.log; } | tee "$OUT/batched.txt"
+python3 - <<'EOF' | tee -a "$OUT/batched.txt"
+import glob, json
+runs = [json.load(open(f)) for f in sorted(glob.glob("/tmp/runs/batched/*/seed*/results.json"))]
+times = [r["train_time_s"] for r in runs]
+print(f"{len(runs)} runs finished; train_time_s {min(times, default=0):.1f}..{max(times, default=0):.1f};",
+      f"update_mode {sorted({r.get('update_mode') for r in runs})}")
+json.dump([{k: r.get(k) for k in ("game", "seed", "train_time_s", "update_mode", "total_steps")} for r in runs],
+          open("/tmp/runs/batched_runs.json", "w"), indent=1)
+EOF
+cp /tmp/runs/batched_runs.json "$OUT/" 2>/dev/null
 elapsed | tee -a "$OUT/batched.txt"
 
-for game in $GAMES; do
-  timeout "$RUN_LIMIT" python3 agents/drq.py --env-id "$game" --seed 1 --device cuda --eval-envs 20 --checkpoint-every 0 \
-    --output-dir "/tmp/runs/$game" > "/tmp/runs/$game.log" 2>&1 &
-done
-wait
-for game in $GAMES; do
-  { echo "== $game"; grep -v '^step' "/tmp/runs/$game.log" | tail -n 8; grep '^step' "/tmp/runs/$game.log" | awk 'NR % 10 == 0'; } >> "$OUT/runs.log"
-  cp "/tmp/runs/$game/results.json" "$OUT/drq_$game.json" 2>/dev/null || echo "$game: no results.json" >> "$OUT/runs.log"
-done
-elapsed | tee -a "$OUT/runs.log"
+{
+  timeout 60 python3 agents/bbf.py --env-id Pong --device cuda --total-steps 2600 --eval-episodes 2 --eval-envs 2 \
+    --max-episode-steps 2000 --log-every 300 --output-dir /tmp/runs/bbf_smoke 2>&1 | grep -E 'update|^step (2400|2600)|eval mean'
+  for method in cbp noise lifecycle; do
+    timeout 40 python3 agents/drq.py --env-id Pong --device cuda --total-steps 2400 --continual $method \
+      --eval-episodes 2 --eval-envs 2 --max-episode-steps 2000 --log-every 400 --output-dir "/tmp/runs/drq_$method" 2>&1 \
+      | grep -E 'update|^step (2000|2400)|eval mean'
+  done
+} | tee "$OUT/smoke.txt"
+elapsed | tee -a "$OUT/smoke.txt"
 
-timeout 150 python3 scripts/bench_supervised.py --device cuda --batches 100 2>&1 | tee "$OUT/bench_supervised.txt"
+timeout 90 python3 scripts/bench_supervised.py --device cuda --batches 60 --variants fp32 bf16 channels-last \
+  bf16+channels-last 2>&1 | tee "$OUT/bench_supervised.txt"
 elapsed | tee -a "$OUT/bench_supervised.txt"
-
-timeout 50 python3 agents/bbf.py --env-id Pong --device cuda --total-steps 2300 --eval-episodes 4 --eval-envs 4 \
-  --max-episode-steps 2000 --log-every 100 --output-dir /tmp/runs/bbf_smoke 2>&1 | tail -n 10 | tee "$OUT/bbf_smoke.txt"
-elapsed | tee -a "$OUT/bbf_smoke.txt"

@@ -221,15 +221,19 @@ def test_one_update_trains_and_sets_priorities(bbf):
     interventions = build_interventions(args.interventions, online, target, optimizer, sample_states)
     before = online.head.value.weight.clone()
     support = torch.linspace(-10, 10, 51)
-    out = bbf.update(args, online, target, optimizer, replay, torch.Generator().manual_seed(0), support, 0)
+    out = bbf.update(args, online, target, optimizer, replay, torch.Generator().manual_seed(0), support, 10, 0.97)
     for intervention in interventions:
         intervention.step()
     assert set(out) == {"loss", "c51_loss", "spr_loss"} and torch.isfinite(out["loss"])
     assert not torch.equal(online.head.value.weight, before)
     assert not replay.priorities.eq(1.0).all()  # sampled slots got sqrt(loss + 1e-10)
-    no_spr = bbf.update(replace(args, no_spr=True), online, target, optimizer, replay, torch.Generator(), support, 0)
+    no_spr = bbf.update(
+        replace(args, no_spr=True), online, target, optimizer, replay, torch.Generator(), support, 10, 0.97
+    )
     assert "spr_loss" not in no_spr
-    bf16 = bbf.update(replace(args, amp="bf16"), online, target, optimizer, replay, torch.Generator(), support, 0)
+    bf16 = bbf.update(
+        replace(args, amp="bf16"), online, target, optimizer, replay, torch.Generator(), support, 10, 0.97
+    )
     assert torch.isfinite(bf16["loss"])
 
 

@@ -41,11 +41,15 @@ class ContinualBackprop(Intervention):
 
     h is what the unit delivers to the next layer (after its norm and activation), captured by a
     forward pre-hook on the first following layer on forwards that build a graph in training mode
-    (the update's forward, not target or acting forwards); call step() after optimizer.step().
-    Layers whose output joins a residual stream are not replaced (base.recyclable_layers).
-    """
+    (the update's forward, not target or acting forwards) into buffers of fixed shape; call step()
+    after optimizer.step(). Layers whose output joins a residual stream are not replaced
+    (base.recyclable_layers).
 
-    graph_safe = False  # decides on the host every step
+    Graph-safe: device_step() (the utility and mean-activation EMAs from the last training forward,
+    the ages) is device work an agent may capture in a CUDA graph with its update; host_step()
+    counts ages on the host, accumulates the replacement fraction and replaces units when one is
+    due (the rare event, in place, outside the graph).
+    """
 
     state_keys = ("state", "replaced")
 
@@ -77,8 +81,9 @@ class ContinualBackprop(Intervention):
                     "age": torch.zeros(units, device=device),
                     "host_age": np.zeros(units, dtype=np.int64),  # mirror: eligibility without a sync
                     "due": 0.0,
-                    "batch_abs": None,
-                    "batch_mean": None,
+                    "batch_abs": torch.zeros(units, device=device),  # the last training forward's
+                    "batch_mean": torch.zeros(units, device=device),
+                    "fed": False,  # whether a training forward has filled the two above yet
                 }
             )
         self._hooks = [
@@ -92,20 +97,32 @@ class ContinualBackprop(Intervention):
             return
         h = received_features(self.layers[index][0], received.detach())
         state = self.state[index]
-        state["batch_abs"], state["batch_mean"] = _unit_reduce(h.abs()), _unit_reduce(h)
+        state["batch_abs"].copy_(_unit_reduce(h.abs()))  # in place: a captured graph refills them
+        state["batch_mean"].copy_(_unit_reduce(h))
+        state["fed"] = True
 
     def metrics(self) -> dict[str, float]:
         return {"replaced": self.replaced}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Saved statistics go into the existing tensors, in place: a captured graph reads those."""
+        self.replaced = state["replaced"]
+        for mine, saved in zip(self.state, state["state"], strict=True):
+            for key, value in saved.items():
+                if torch.is_tensor(mine[key]) and value is not None:
+                    mine[key].copy_(value)
+                elif not torch.is_tensor(mine[key]):
+                    mine[key] = value.copy() if isinstance(value, np.ndarray) else value
 
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
 
     @torch.no_grad()
-    def host_step(self) -> None:
-        """Utilities and replacements: decided on the host every step (hence not graph-safe)."""
+    def device_step(self) -> None:
+        """The utility and mean-activation EMAs and the ages: device work, graph-capturable."""
         for (layer, following), state in zip(self.layers, self.state, strict=True):
-            if state["batch_abs"] is None:
+            if not state["fed"]:
                 continue
             # mean |w_out| over the next layers' rows first, then fold flatten blocks / kernel taps
             magnitudes = [_fold_inputs(layer, nxt, nxt.weight.abs().mean(0)) for nxt in following]
@@ -113,8 +130,13 @@ class ContinualBackprop(Intervention):
             state["utility"].lerp_(state["batch_abs"] * out_magnitude, 1 - self.decay)
             state["mean_activation"].lerp_(state["batch_mean"], 1 - self.decay)
             state["age"].add_(1)
+
+    def host_step(self) -> None:
+        """Ages on the host, the replacement fraction, and the replacements when due (rare)."""
+        for (layer, following), state in zip(self.layers, self.state, strict=True):
+            if not state["fed"]:
+                continue
             state["host_age"] += 1
-            state["batch_abs"] = state["batch_mean"] = None
             eligible = int((state["host_age"] > self.maturity).sum())
             state["due"] += self.replacement_rate * eligible
             count = int(state["due"])
@@ -122,6 +144,7 @@ class ContinualBackprop(Intervention):
                 state["due"] -= count
                 self._replace(layer, following, state, count)
 
+    @torch.no_grad()
     def _replace(self, layer: nn.Module, following: list[nn.Module], state: dict, count: int) -> None:
         correction = 1 - self.decay ** state["age"]
         utility = state["utility"] / correction

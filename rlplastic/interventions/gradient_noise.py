@@ -13,11 +13,13 @@ class GradientNoise(Intervention):
     experiments use sigma0 0.01 and decay 0.999.
 
     The noise is added inside optimizer.step() by a step pre-hook, so it works with any optimizer
-    and needs no call between backward() and step(); its step() does nothing and only exists so the
-    object sits in the same list as the other interventions. The cost is one normal draw per parameter per step.
+    and needs no call between backward() and step(). The hook is device work only: t lives in a
+    device counter that the hook advances, so an update captured in a CUDA graph with its optimizer
+    step replays the noise with the right sigma every time (graph-safe; draws from `generator`, or
+    the device's default generator, which CUDA graphs handle). step() only counts t on the host
+    for metrics() and checkpoints; the noise does not depend on it. The cost is one normal draw
+    per parameter per step.
     """
-
-    graph_safe = False  # decides on the host every step
 
     state_keys = ("t",)
 
@@ -32,6 +34,8 @@ class GradientNoise(Intervention):
             raise ValueError(f"sigma0 {sigma0} must be >= 0 and decay {decay} in (0, 1]")
         self.sigma0, self.decay, self.generator, self.t = sigma0, decay, generator, 0
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        # float64, so sigma0 * decay^t rounds to the same float32 as the host's double arithmetic
+        self.t_device = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
         self._hook = optimizer.register_step_pre_hook(lambda *_: self._perturb())
 
     @property
@@ -41,16 +45,23 @@ class GradientNoise(Intervention):
     def metrics(self) -> dict[str, float]:
         return {"sigma": self.sigma}
 
+    def host_step(self) -> None:
+        self.t += 1  # the host's count of optimizer steps, for metrics and checkpoints
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.t_device.fill_(self.t)
+
     @torch.no_grad()
     def _perturb(self) -> None:
-        sigma = self.sigma
         grads = [p.grad for p in self.params if p.grad is not None]
-        if sigma > 0 and grads:
+        if self.sigma0 > 0 and grads:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # ||g||, on the device
+            sigma = (self.sigma0 * torch.pow(self.decay, self.t_device)).to(norm.dtype)
             noise = [torch.randn(g.shape, device=g.device, dtype=g.dtype, generator=self.generator) for g in grads]
             torch._foreach_mul_(noise, norm * sigma)
             torch._foreach_add_(grads, noise)
-        self.t += 1
+        self.t_device.add_(1)
 
     def remove(self) -> None:
         self._hook.remove()

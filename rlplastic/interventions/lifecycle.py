@@ -149,26 +149,44 @@ class _Lifecycle:
 
     @torch.no_grad()
     def lifecycle_step(self) -> None:
-        host = self._host_counters()
-        # (A) warm-up ramp
+        """One tick of Algorithm 1: the device part, then the host's decisions."""
+        self.lifecycle_device_tick()
+        self.lifecycle_host_tick()
+
+    @torch.no_grad()
+    def lifecycle_device_tick(self) -> None:
+        """(A) the warm-up ramp and (B) the counters, on the device: no host sync, graph-capturable
+        (once the host mirror exists; it is read here the first time, before the counters move)."""
+        self._host_counters()
         self.scaler.copy_(torch.where(self.scaler < 1, (self.scaler + 1.0 / self.warmup).clamp(max=1.0), self.scaler))
-        # (B) counters
         self.life.sub_(self.active.long())
         self.recovery.sub_((~self.active).long())
+
+    @torch.no_grad()
+    def lifecycle_host_tick(self) -> None:
+        """(B) the host mirror of the counters, then (C) lysis and (D) revival of the units due:
+        decided on the host, applied in place to the affected rows (outside any captured graph)."""
+        host = self._host_counters()
         host["life"] -= host["active"]
         host["recovery"] -= ~host["active"]
-        # (C) lysis
         lyse = np.flatnonzero(host["active"] & (host["life"] <= 0))
         if len(lyse):
             host["active"][lyse] = False
             host["recovery"][lyse] = host["recovery_time"][lyse]
             self._lyse(torch.as_tensor(lyse, device=self.weight.device))
-        # (D) revival
         revive = np.flatnonzero(~host["active"] & (host["recovery"] <= 0))
         if len(revive):
             host["active"][revive] = True
             host["life"][revive] = host["lifespan"][revive]
             self._revive(torch.as_tensor(revive, device=self.weight.device))
+
+    def drive_externally(self) -> None:
+        """Stop ticking on the optimizer's steps (and on forwards): the caller calls
+        lifecycle_device_tick() and lifecycle_host_tick() once per training step instead, as
+        rlplastic.interventions.Lifecycle does so that an agent can capture the device part."""
+        if hasattr(self._clock_hook, "remove"):
+            self._clock_hook.remove()
+        self._clock_hook = "driven"
 
     def _lyse(self, units: torch.Tensor) -> None:
         self.memory_weight.index_copy_(0, units, self.weight.index_select(0, units))

@@ -29,7 +29,7 @@ from rlplastic.interventions.base import InitFn, Intervention, Interventions
 from rlplastic.interventions.continual_backprop import ContinualBackprop
 from rlplastic.interventions.gradient_noise import GradientNoise
 from rlplastic.interventions.hare_tortoise import HareTortoise
-from rlplastic.interventions.lifecycle import lifecycle_metrics, swap_in_lifecycle
+from rlplastic.interventions.lifecycle import _Lifecycle, lifecycle_metrics, swap_in_lifecycle
 from rlplastic.interventions.redo import ReDo
 from rlplastic.interventions.shrink_perturb import HeadReset, ShrinkPerturb
 
@@ -169,14 +169,27 @@ def swap_in_chosen_lifecycle(
 
 
 class Lifecycle(Intervention):
-    """The lifecycle layers' place in the list: they act inside their own forwards and optimizer
-    hooks, so nothing to step; metrics() reports the share of units resting. Never graph-captured:
-    the layers decide on the host at every optimizer step."""
-
-    graph_safe = False
+    """The lifecycle layers' clock as an intervention: it takes the layers' ticks over from their
+    optimizer hook (drive_externally), so device_step() is the per-step device work (warm-up ramp,
+    counters), graph-capturable, and host_step() decides deaths and revivals on the host and applies
+    them in place. metrics() reports the share of units resting. The layers tick in training mode
+    only, as under their optimizer hook."""
 
     def __init__(self, network: nn.Module):
         self.network = network
+        self.layers = [m for m in network.modules() if isinstance(m, _Lifecycle)]
+        for layer in self.layers:
+            layer.drive_externally()
+
+    def device_step(self) -> None:
+        for layer in self.layers:
+            if layer.training:
+                layer.lifecycle_device_tick()
+
+    def host_step(self) -> None:
+        for layer in self.layers:
+            if layer.training:
+                layer.lifecycle_host_tick()
 
     def metrics(self) -> dict[str, float]:
         return {key.split("/", 1)[1]: value for key, value in lifecycle_metrics(self.network).items()}
