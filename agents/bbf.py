@@ -448,7 +448,7 @@ def update(
     with torch.no_grad(), autocast:
         # double DQN: the online network picks the next action, the target's distribution backs it up
         next_action = q_values(online(next_states), support).argmax(1)
-        next_probs = target(next_states).float().softmax(-1)[torch.arange(b), next_action]
+        next_probs = target(next_states).float().softmax(-1)[torch.arange(b, device=states.device), next_action]
         target_dist = project_distribution(batch.returns, batch.discounts, next_probs, support)
         if use_spr:
             future = augment(batch.future_states.flatten(0, 1))
@@ -458,7 +458,7 @@ def update(
         logits = online.q_logits(latent)
         if use_spr:
             predictions = online.spr_predictions(latent, batch.future_actions)
-    chosen = logits.float()[torch.arange(b), batch.actions]
+    chosen = logits.float()[torch.arange(b, device=states.device), batch.actions]
     c51_loss = -(target_dist * chosen.log_softmax(-1)).sum(-1)
     loss = c51_loss
     if use_spr:

@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # The project's one prepared GPU check, run on a lent CUDA machine from the repository root with the
-# wheels of gymnasium, ale-py and tyro in .whl/. Every figure lands in $OUT, stage by stage, so a
-# run stopped by its time limit still returns what it measured:
-#   device.txt               the card, torch
-#   check_cuda_graphs.txt    captured updates (DrQ, its interventions, batched DrQ, BBF) = eager ones
-#   bench_drq.txt            env, eager vs graph update, 8..128 runs batched (eager and graph), the loop
-#   bench_bbf.txt            BBF update fp32 / bf16, eager / graph, projected 100k run
-#   bench_interventions.txt  each intervention's overhead, eager and captured
-#   batched.txt, batched_runs.json   one process running 32 DrQ runs (8 games x 4 seeds) end to end
-#   smoke.txt                short CUDA runs: BBF (graph), DrQ with CBP, noise, lifecycle (graph)
-#   bench_supervised.txt     ResNet-18 img/s: fp32, bf16, channels-last, both
+# wheels of gymnasium, ale-py and tyro in .whl/. Every figure lands in $OUT/gpu_check.txt, stage
+# by stage (the device tool returns few files), so a run stopped by its time limit still returns
+# what it measured: the card; check_cuda_graphs (captured updates of DrQ, its interventions,
+# batched DrQ and BBF = eager ones); bench_drq (env, eager vs graph update, 1..128 runs batched,
+# the loop); bench_bbf (fp32 / bf16, eager / graph, projected 100k run); bench_interventions (each
+# intervention's overhead, eager and captured); one process running 32 DrQ runs (8 games x 4 seeds)
+# end to end (+ batched_runs.json); short CUDA runs of BBF and of DrQ with CBP, noise, lifecycle;
+# bench_supervised (ResNet-18 img/s: fp32, bf16, channels-last, both).
 #   OUT=/tmp/out bash scripts/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/gpu_check}
@@ -19,30 +17,32 @@ start=$(date +%s)
 elapsed() { echo "elapsed $(( $(date +%s) - start )) s"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit 1
+ln -sfn "$PWD/agents" /tmp/site/agents  # load_agent finds the agents next to the installed package
 export PYTHONPATH=/tmp/site
 { nvidia-smi -L; nproc; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; elapsed; } \
-  2>&1 | tee "$OUT/device.txt"
+  2>&1 | tee -a "$OUT/gpu_check.txt"
 
-timeout 90 python3 scripts/check_cuda_graphs.py 2>&1 | tee "$OUT/check_cuda_graphs.txt"
-elapsed | tee -a "$OUT/check_cuda_graphs.txt"
+timeout 90 python3 scripts/check_cuda_graphs.py 2>&1 | tee -a "$OUT/gpu_check.txt"
+elapsed | tee -a "$OUT/gpu_check.txt"
 
 timeout 170 python3 scripts/bench_drq.py --device cuda --env-steps 2000 --updates 300 --full-steps 3000 \
-  --learning-starts 200 --batched 1 8 32 128 --batched-updates 20 2>&1 | grep -v '^step' | tee "$OUT/bench_drq.txt"
-elapsed | tee -a "$OUT/bench_drq.txt"
+  --learning-starts 200 --batched 1 8 32 128 --batched-updates 20 2>&1 | grep -v '^step' | tee -a "$OUT/gpu_check.txt"
+elapsed | tee -a "$OUT/gpu_check.txt"
 
-timeout 90 python3 scripts/bench_bbf.py --device cuda --updates 60 --env-steps 1000 2>&1 | tee "$OUT/bench_bbf.txt"
-elapsed | tee -a "$OUT/bench_bbf.txt"
+timeout 90 python3 scripts/bench_bbf.py --device cuda --updates 60 --env-steps 1000 2>&1 | tee -a "$OUT/gpu_check.txt"
+elapsed | tee -a "$OUT/gpu_check.txt"
 
 timeout 100 python3 scripts/bench_interventions.py --device cuda --updates 200 --repeats 2 2>&1 \
-  | tee "$OUT/bench_interventions.txt"
-elapsed | tee -a "$OUT/bench_interventions.txt"
+  | tee -a "$OUT/gpu_check.txt"
+elapsed | tee -a "$OUT/gpu_check.txt"
 
+rm -rf /tmp/runs/batched  # finished run folders are refused: a rerun starts afresh
 timeout 120 python3 agents/drq.py --env-id Pong Breakout Boxing Kangaroo MsPacman Seaquest Freeway Krull \
   --seed 1 2 3 4 --device cuda --total-steps 3000 --env-workers "$(nproc)" --eval-episodes 0 --checkpoint-every 0 \
   --log-every 500 --diag-every 0 --output-dir '/tmp/runs/batched/{game}/seed{seed}' > /tmp/runs/batched.log 2>&1
 { grep -E 'update |Pong seed 1|^step' /tmp/runs/batched.log | grep -E 'update |Pong|^step (2000|2500|3000)/' | head -n 12;
-  tail -n 3 /tmp/runs/batched.log; } | tee "$OUT/batched.txt"
-python3 - <<'EOF' | tee -a "$OUT/batched.txt"
+  tail -n 3 /tmp/runs/batched.log; } | tee -a "$OUT/gpu_check.txt"
+python3 - <<'EOF' | tee -a "$OUT/gpu_check.txt"
 import glob, json
 runs = [json.load(open(f)) for f in sorted(glob.glob("/tmp/runs/batched/*/seed*/results.json"))]
 times = [r["train_time_s"] for r in runs]
@@ -52,7 +52,8 @@ json.dump([{k: r.get(k) for k in ("game", "seed", "train_time_s", "update_mode",
           open("/tmp/runs/batched_runs.json", "w"), indent=1)
 EOF
 cp /tmp/runs/batched_runs.json "$OUT/" 2>/dev/null
-elapsed | tee -a "$OUT/batched.txt"
+rm -rf /tmp/runs/bbf_smoke /tmp/runs/drq_cbp /tmp/runs/drq_noise /tmp/runs/drq_lifecycle  # a rerun starts them afresh
+elapsed | tee -a "$OUT/gpu_check.txt"
 
 {
   timeout 60 python3 agents/bbf.py --env-id Pong --device cuda --total-steps 2600 --eval-episodes 2 --eval-envs 2 \
@@ -62,9 +63,9 @@ elapsed | tee -a "$OUT/batched.txt"
       --eval-episodes 2 --eval-envs 2 --max-episode-steps 2000 --log-every 400 --output-dir "/tmp/runs/drq_$method" 2>&1 \
       | grep -E 'update|^step (2000|2400)|eval mean'
   done
-} | tee "$OUT/smoke.txt"
-elapsed | tee -a "$OUT/smoke.txt"
+} | tee -a "$OUT/gpu_check.txt"
+elapsed | tee -a "$OUT/gpu_check.txt"
 
 timeout 90 python3 scripts/bench_supervised.py --device cuda --batches 60 --variants fp32 bf16 channels-last \
-  bf16+channels-last 2>&1 | tee "$OUT/bench_supervised.txt"
-elapsed | tee -a "$OUT/bench_supervised.txt"
+  bf16+channels-last 2>&1 | tee -a "$OUT/gpu_check.txt"
+elapsed | tee -a "$OUT/gpu_check.txt"
