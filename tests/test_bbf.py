@@ -191,6 +191,27 @@ def test_per_sampling_frequencies_match_priorities():
     assert replay.priorities[(replay.head - 1) % replay.capacity].item() == 4.0  # max recorded priority
 
 
+def test_a_gamma_on_the_device_gives_the_float_gammas_returns_and_update(bbf):
+    """A captured BBF step reads the annealed gamma from a device scalar filled in place: the
+    n-step returns and discounts, and one update from the same state, match the float gamma's."""
+    replay = filled_replay(terminal_at=(25,))
+    slots = torch.tensor(np.flatnonzero(replay._sampleable_host)[:8])
+    by_float = replay.transitions(slots, n_step=7, gamma=0.973)
+    by_tensor = replay.transitions(slots, n_step=7, gamma=torch.tensor(0.973))
+    torch.testing.assert_close(by_tensor.returns, by_float.returns)
+    torch.testing.assert_close(by_tensor.discounts, by_float.discounts)
+    losses = []
+    for gamma in (0.973, torch.tensor(0.973)):
+        torch.manual_seed(0)
+        args, online, target, optimizer = small_learner(bbf, batch_size=8)
+        support = torch.linspace(-10, 10, 51)
+        out = bbf.update(args, online, target, optimizer, filled_replay(), torch.Generator().manual_seed(0),
+                         support, 7, gamma)  # fmt: skip
+        losses.append((out["loss"], online.head.value.weight.detach().clone()))
+    torch.testing.assert_close(losses[0][0], losses[1][0])
+    torch.testing.assert_close(losses[0][1], losses[1][1])
+
+
 def test_future_sequences_stop_at_episode_boundaries():
     replay = filled_replay(terminal_at=(12,))
     batch = replay.sample(256)

@@ -315,6 +315,28 @@ def test_cbp_utility_is_an_ema_of_activation_times_outgoing_magnitude():
     assert state["age"].tolist() == [2.0, 2.0]
 
 
+def test_cbp_device_and_host_parts_and_a_resume_that_keeps_its_tensors():
+    """device_step() moves the statistics (device work a CUDA graph may capture), host_step()
+    counts ages and replaces units; loading a checkpoint copies into the existing tensors, which
+    a captured graph goes on reading."""
+    net = tiny_cbp_net()
+    cbp = ContinualBackprop(net, None, replacement_rate=0.0, decay=0.9, maturity=0)
+    net(torch.tensor([[1.0, 3.0], [3.0, 1.0]])).sum().backward()
+    state = cbp.state[0]
+    cbp.device_step()
+    assert state["age"].tolist() == [1.0, 1.0] and state["host_age"].tolist() == [0, 0]
+    cbp.host_step()
+    assert state["host_age"].tolist() == [1, 1]
+    saved = cbp.state_dict()
+    tensors = {key: state[key] for key in ("utility", "mean_activation", "age", "batch_abs", "batch_mean")}
+    cbp.device_step(), cbp.host_step()
+    cbp.load_state_dict(saved)
+    for key, tensor in tensors.items():
+        assert state[key] is tensor  # the same storage, refilled
+    assert state["age"].tolist() == [1.0, 1.0] and state["host_age"].tolist() == [1, 1]
+    assert torch.allclose(state["utility"], 0.1 * torch.tensor([2.0 * 2.0, 2.0 * 0.5]))
+
+
 def test_cbp_replaces_the_lowest_utility_mature_unit_and_moves_its_contribution_to_the_bias():
     net = tiny_cbp_net()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -357,6 +379,24 @@ def test_gradient_noise_is_isotropic_with_the_gradient_norm_and_decays():
     assert abs(added.std().item() - 0.5 * 5.0) < 0.1 and abs(added.mean().item()) < 0.1
     assert added[:4].abs().sum() > 0 and (-q.detach()).abs().mean() > 1.0  # zero-gradient entries move too
     assert noise.t == 1 and noise.sigma == 0.25
+    assert noise.t_device.item() == 1  # the optimizer step advanced the device counter the noise reads
+
+
+def test_gradient_noise_reads_sigma_from_its_device_counter():
+    """The hook (captured in an agent's CUDA graph with the optimizer step) scales the noise by
+    sigma0 * decay^t with t counted on the device; a checkpoint restores that counter."""
+    p = nn.Parameter(torch.zeros(4000))
+    optimizer = torch.optim.SGD([p], lr=1.0)
+    noise = GradientNoise(optimizer, sigma0=0.5, decay=0.5, generator=torch.Generator().manual_seed(1))
+    noise.load_state_dict({"t": 3})  # as a resumed run
+    assert noise.t == 3 and noise.t_device.item() == 3
+    p.grad = torch.zeros(4000)
+    p.grad[:2] = torch.tensor([3.0, 4.0])  # ||g|| = 5
+    gradient = p.grad.clone()
+    optimizer.step()
+    added = -p.detach() - gradient
+    assert abs(added.std().item() - 0.5 * 0.5**3 * 5.0) < 0.01  # sigma_3 ||g|| = 0.3125
+    assert noise.t_device.item() == 4 and noise.t == 3  # the host counts in step(), once per gradient step
     assert GradientNoise(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)).sigma == 0.01  # the paper's
 
 

@@ -254,3 +254,34 @@ def test_a_layer_gated_after_its_norm_keeps_the_gate_in_deep_copies():
     plain = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     (layer,) = swap_in_lifecycle(plain, names=["0"], norms={})
     assert layer.gated_after is None  # {}: the gate stays on the layer's output
+
+
+def test_the_lifecycle_intervention_takes_the_clock_over_and_ticks_as_the_optimizer_did():
+    """rlplastic.interventions.Lifecycle (what the agents build) drives the layers itself, device
+    part then host part, so an agent can capture the device part in a CUDA graph: the optimizer
+    no longer ticks them, and (optimizer step + Lifecycle.step()) gives the counters and weights
+    the optimizer-driven clock gives."""
+    from rlplastic.interventions.options import Lifecycle
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        swap_in_lifecycle(model, optimizer=optimizer, lifespan=(2, 4), recovery=(1, 3), warmup=2)
+        return model, optimizer
+
+    (hooked, hooked_opt), (driven, driven_opt) = build(), build()
+    clock = Lifecycle(driven)
+    x = torch.randn(16, 3)
+    for step in range(8):
+        for model, optimizer in ((hooked, hooked_opt), (driven, driven_opt)):
+            optimizer.zero_grad()
+            model(x).pow(2).mean().backward()
+            optimizer.step()
+        if step == 0:  # the optimizer alone no longer moves the driven clock
+            assert driven[0].life.tolist() == driven[0].lifespan.tolist()
+        clock.step()
+        for name in ("active", "life", "recovery", "scaler"):
+            assert torch.equal(getattr(hooked[0], name), getattr(driven[0], name)), (step, name)
+        assert torch.equal(hooked[0].weight, driven[0].weight)
+    assert (~hooked[0].active).any() or hooked[0].scaler.lt(1).any()  # deaths happened along the way
