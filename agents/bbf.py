@@ -13,9 +13,8 @@ for the online and the target network alike, three times in a 100k run (after 20
     python agents/bbf.py hare-tortoise --env-id Pong        # Hare & Tortoise's BBF: --reset hare-tortoise --no-spr
     python agents/bbf.py cpu-smoke                          # width 1, 3,000 steps: minutes on a CPU
 
-Which published number each configuration compares with: the default (2 updates per step, BBF.gin)
-with the authors' own RR2 per-run scores (scores/RR2_BBF.csv in the reference repository; IQM about
-0.89), --replay-ratio 8 with the paper's headline BBF (IQM about 1.045, scores/RR8_BBF.csv).
+Published numbers to compare with: the default (RR2, BBF.gin) with the authors' RR2 per-run scores
+(scores/RR2_BBF.csv, IQM about 0.89); --replay-ratio 8 with the paper's BBF (IQM 1.045, RR8_BBF.csv).
 
 Differences from the reference, on purpose:
 - replay priorities are sampled from all slots at once on the device instead of a sum tree;
@@ -32,12 +31,10 @@ Differences from the reference, on purpose:
 - --amp bf16 runs the forward passes under torch.autocast in bfloat16 (the reference's half
   precision is float16 with loss scaling); losses are computed in float32.
 
-Resets are expressed with rlplastic.interventions.ShrinkPerturb (one object, both networks, each
-with its own fresh draw) and the EMA target (--ema, momentum 0.995 = the reference's tau 0.005)
-with rlplastic.interventions.HareTortoise, which copies the target into the online network every
---ht-every gradient steps with --reset hare-tortoise. The interventions' flags
-(rlplastic.interventions.InterventionOptions) and the run's (rlplastic.runs.RunOptions) are the
-same as DrQ's; BBF's own reset interval, --bbf-reset-every, counts agent steps as the reference does.
+Resets are one rlplastic.interventions.ShrinkPerturb over both networks; the EMA target (--ema 0.995,
+the reference's tau 0.005) is rlplastic.interventions.HareTortoise. The interventions' and the run's
+flags are DrQ's; --bbf-reset-every counts agent steps as the reference does. On CUDA the gradient
+step is replayed from CUDA graphs (--cuda-graph).
 """
 
 from __future__ import annotations
@@ -55,7 +52,7 @@ import tyro
 
 from rlplastic.augment import drq_augment
 from rlplastic.cli import cli_with_presets
-from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
+from rlplastic.cuda_graphs import CapturedSteps, graph_capture_available
 from rlplastic.diagnostics import PlasticityProbe
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import InterventionOptions, ShrinkPerturb, build_interventions, ema_target
@@ -78,9 +75,7 @@ class Args:
     amp: Literal["fp32", "bf16"] = "fp32"
     """precision of the forward passes: bf16 autocast (about 2x throughput on recent GPUs)"""
     cuda_graph: bool = True
-    """on CUDA, capture the whole gradient step (prioritized sampling, augmentation, losses,
-    backward, AdamW, priorities, the interventions' per-step work) in a CUDA graph and replay it,
-    one graph per value of the annealed n (gamma is read from the device); ignored on the CPU"""
+    """on CUDA, capture the whole gradient step in CUDA graphs (one per annealed n); ignored on the CPU"""
 
     # Network: Impala-CNN encoder, projection, dueling C51 head, SPR transition model and predictor
     width_scale: int = 4
@@ -478,14 +473,11 @@ def update(
 def main(args: Args) -> dict:
     # the run: its folder, logs, checkpoints, results and random streams; exits on invalid arguments
     run = Run("bbf", args, validate(args), method_label(args), __file__)
-    device, generator = run.device, run.generator
-    env = run.make_env()
+    device, generator, env = run.device, run.generator, run.make_env()
     support = torch.linspace(-args.v_max, args.v_max, args.num_atoms, device=device)
     online, target, optimizer = build_learner(args, int(env.action_space.n), device)
-    replay = PrioritizedFrameReplay(
-        args.buffer_size, args.n_step_start, args.gamma_end, future_steps=args.spr_steps, device=device,
-        generator=generator,
-    )  # fmt: skip
+    replay = PrioritizedFrameReplay(args.buffer_size, args.n_step_start, args.gamma_end, future_steps=args.spr_steps,
+                                    device=device, generator=generator)  # fmt: skip
     resets = bbf_reset(args, online, target, optimizer)
     reset_schedule = ResetSchedule(reset_interval(args), args.no_resets_after)
     sample_states = lambda n: replay.sample(n).states  # noqa: E731
@@ -502,25 +494,23 @@ def main(args: Args) -> dict:
             q = q_values(target(torch.as_tensor(observations, device=device)), support)
         return q.argmax(1).cpu().numpy()
 
-    def train_step(n_step: int, gamma: float | torch.Tensor) -> None:
-        """One gradient step and the interventions' per-step device work: what a graph captures."""
+    def train_step(n_step: int, gamma: float | torch.Tensor) -> None:  # what a CUDA graph captures
         run.losses.add(update(args, online, target, optimizer, replay, generator, support, n_step, gamma))
         interventions.device_step()
 
     use_graph = args.cuda_graph and graph_capture_available(device) and interventions.graph_safe
     gamma_now = torch.zeros((), device=device)  # the captured steps read the annealed gamma here
-    captured: dict[int, CapturedStep] = {}  # n -> its graph: shapes depend on n, gamma does not
+    captured = CapturedSteps(lambda n: train_step(n, gamma_now), generators=[generator])  # a graph per n
 
     def gradient_step(cycle_step: int) -> None:
         n_step, gamma = n_step_at(args, cycle_step), gamma_at(args, cycle_step)
-        if not use_graph:
-            return train_step(n_step, gamma)
-        gamma_now.fill_(gamma)
-        if n_step not in captured:
-            captured[n_step] = CapturedStep(lambda: train_step(n_step, gamma_now), generators=[generator])
-        captured[n_step]()
+        if use_graph:
+            gamma_now.fill_(gamma)
+            return captured(n_step)
+        train_step(n_step, gamma)
 
-    print(f"bbf: update {'cuda-graph' if use_graph else 'eager'}", flush=True)
+    update_mode = "cuda-graph" if use_graph else "eager"
+    print(f"bbf: update {update_mode}", flush=True)
 
     # TRAINING LOOP
     explore = LinearEpsilon(args.learning_starts, args.epsilon_decay_steps, args.epsilon_final)  # dopamine's
@@ -551,7 +541,7 @@ def main(args: Args) -> dict:
         run.evaluate_if_due(step, greedy_actions, [online, target])
         run.checkpoint(step, obs=obs, counters=(grad_steps, cycle_step))
 
-    results = {"grad_steps": grad_steps, "resets": resets.resets, "update_mode": "cuda-graph" if use_graph else "eager"}
+    results = {"grad_steps": grad_steps, "resets": resets.resets, "update_mode": update_mode}
     return run.finish(greedy_actions, [online, target], results, models={"target": target})
 
 

@@ -21,7 +21,7 @@ The outputs of a replay are the same tensors every time: read or accumulate them
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -67,3 +67,17 @@ class CapturedStep(Generic[T]):
 def graph_capture_available(device: torch.device) -> bool:
     """CUDA graphs need a CUDA device and graph-safe custom generators (torch >= 2.5)."""
     return device.type == "cuda" and hasattr(torch.cuda.CUDAGraph(), "register_generator_state")
+
+
+class CapturedSteps(Generic[T]):
+    """One CapturedStep per key, for a step whose shapes depend on a host value that takes a few
+    values (BBF's annealed n): steps(key) runs step(key), captured the first time a key comes."""
+
+    def __init__(self, step: Callable[[Any], T], warmup: int = 3, generators: Sequence[torch.Generator] = ()):
+        self.step, self.warmup, self.generators = step, warmup, list(generators)
+        self.captured: dict[Any, CapturedStep[T]] = {}
+
+    def __call__(self, key: Any) -> T:
+        if key not in self.captured:
+            self.captured[key] = CapturedStep(lambda: self.step(key), self.warmup, self.generators)
+        return self.captured[key]()
