@@ -16,7 +16,6 @@ with momentum 0.995, hare <- tortoise every 4,000 gradient steps; the online net
 dopamine's DrQ):
 
     python agents/drq.py hare-tortoise --env-id Pong     # = --updates-per-step 2 --ema 0.995 --reset hare-tortoise
-    python agents/drq.py --env-id Pong --updates-per-step 2 --reset head --head-every 20000
     python agents/drq.py hare-tortoise --env-id Pong --reset hare-tortoise head --head-every 40000
 
 Differences from the reference, on purpose:
@@ -30,9 +29,8 @@ Differences from the reference, on purpose:
   path also asks ALE for at most 100,000 frames (25k steps, noop frames included), which would end
   a few very long evaluation episodes earlier.
 
-Interventions (rlplastic.interventions.InterventionOptions, every interval in gradient steps):
---reset hare-tortoise (with --ema), head, shrink-perturb, redo; --continual cbp, noise, lifecycle.
-The run folder, logs, checkpoints and evaluation are rlplastic.runs.Run's (RunOptions' flags).
+Interventions (rlplastic.interventions.InterventionOptions): --reset hare-tortoise (with --ema), head, shrink-perturb,
+redo; --continual cbp, noise, lifecycle. Run folder, logs, checkpoints, evaluation: rlplastic.runs.Run (RunOptions).
 """
 
 from __future__ import annotations
@@ -41,7 +39,8 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from functools import partial
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -54,7 +53,7 @@ from torch.func import vmap
 from rlplastic.augment import drq_augment
 from rlplastic.batched import StackedModules, batch_problems, check_lockstep, epsilon_greedy_runs, group_by
 from rlplastic.cli import cli_with_presets, expand_runs
-from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
+from rlplastic.cuda_graphs import CapturedStep, ConcurrentSteps, graph_capture_available
 from rlplastic.diagnostics import PlasticityProbe
 from rlplastic.env_workers import EnvWorkers
 from rlplastic.init import xavier_uniform_zero_bias
@@ -78,6 +77,9 @@ class Args:
     """on CUDA, capture the whole update (sampling, augmentation, loss, backward, Adam, the
     interventions' per-step work; all runs' batched update with several runs) once in a CUDA graph
     and replay it; ignored on the CPU"""
+    batched_update: Literal["vmap", "concurrent"] = "vmap"
+    """several runs: one vmapped update per stack of runs, or each run's own update (on CUDA each
+    captured and replayed side by side on a pool of streams; on a CPU one after another, as alone)"""
 
     # Algorithm: dopamine DrQ_eps.gin
     learning_starts: int = 1_600
@@ -121,12 +123,10 @@ PRESETS = {
 def validate(args: Args) -> list[str]:
     """Every problem with the arguments, each naming the value and what is allowed."""
     problems = run_problems(args)  # --env-id, --total-steps and the run's options
-    for name in ("n_step", "updates_per_step"):
-        if getattr(args, name) <= 0:
-            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
-    for name in ("learning_starts", "epsilon_decay_steps"):
-        if getattr(args, name) < 0:
-            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
+    for name, low, allowed in (("n_step", 1, "a positive integer"), ("updates_per_step", 1, "a positive integer"),
+                               ("learning_starts", 0, ">= 0"), ("epsilon_decay_steps", 0, ">= 0")):  # fmt: skip
+        if getattr(args, name) < low:
+            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {allowed}")
     if args.learning_starts > args.total_steps:
         problems.append(f"--learning-starts {args.learning_starts}: must be <= --total-steps {args.total_steps}")
     if not 0.0 <= args.epsilon_final <= 1.0:
@@ -299,14 +299,13 @@ def main(args: Args) -> dict:
 
 def train(all_args: list[Args]) -> list[dict]:
     """One run, or several (game, seed) runs of one configuration in one process, in lockstep: each
-    has its own network, optimizer, replay, interventions, environment, random streams and run folder
-    (the same files as alone), while the runs of games with one number of actions share one batched
-    forward and backward (rlplastic.batched.StackedModules). A single run is exactly a run alone."""
-    many = len(all_args) > 1
+    with its own network, optimizer, replay, interventions, environment, random streams and run
+    folder; runs with one number of actions share batched forwards (rlplastic.batched)."""
+    many, args = len(all_args) > 1, all_args[0]
     problems = [f"{a.env_id} seed {a.seed}: {p}" if many else p for a in all_args for p in validate(a)]
     problems += batch_problems(all_args) if many else []
     exit_on_problems("drq", problems)
-    args, runs, nets = all_args[0], [], []
+    runs, nets = [], []
     games, cap = [(canonical_game(a.env_id), a.seed) for a in all_args], args.run.max_episode_steps
     workers = EnvWorkers(games, args.run.env_workers, cap) if many and args.run.env_workers else None
     for i, run_args in enumerate(all_args):  # each run seeds, then draws its network, as alone
@@ -337,11 +336,9 @@ def train(all_args: list[Args]) -> list[dict]:
         replays.append(replay)
         obs.append(saved["obs"] if saved else run.env.reset()[0])
 
-    def train_step() -> None:
-        """One run's gradient step and its interventions' per-step device work, summed into the log
-        accumulators on the device: the unit a CUDA graph captures."""
-        runs[0].losses.add(update(args, *learners[0][:2], learners[0][2], replays[0], runs[0].generator))
-        interventions[0].device_step()
+    def train_step(i: int = 0) -> None:  # run i's update, its interventions' device work: what a graph captures
+        runs[i].losses.add(update(args, *learners[i][:2], learners[i][2], replays[i], runs[i].generator))
+        interventions[i].device_step()
 
     def batched_step() -> None:
         for n, members in groups.items():
@@ -352,10 +349,15 @@ def train(all_args: list[Args]) -> list[dict]:
                 runs[i].losses.add({key: value[j] for key, value in losses.items()})
 
     use_graph = args.cuda_graph and graph_capture_available(runs[0].device) and all(i.graph_safe for i in interventions)
+    concurrent = many and args.batched_update == "concurrent"
     step_all = batched_step if many else train_step
-    if use_graph:  # every run's sampling and augmentation stream is registered with the one graph
+    if concurrent:  # each run's own update; on CUDA one graph each, replayed side by side
+        step_all = ConcurrentSteps(
+            [partial(train_step, i) for i in range(len(runs))], [r.generator for r in runs], use_graph
+        )
+    elif use_graph:  # every run's sampling and augmentation stream is registered with the one graph
         step_all = CapturedStep(step_all, generators=[run.generator for run in runs])
-    update_mode = "-".join(["batched"] * many + ["cuda-graph"] * use_graph) or "eager"  # batched[-cuda-graph]
+    update_mode = "-".join(["batched"] * many + ["concurrent"] * concurrent + ["cuda-graph"] * use_graph) or "eager"
     print(f"drq: update {update_mode}, {len(runs)} run(s)", flush=True)
 
     acts, samplers = [greedy(q) for q in nets], [sample_states(replay) for replay in replays]
@@ -364,14 +366,13 @@ def train(all_args: list[Args]) -> list[dict]:
     explore = LinearEpsilon(args.learning_starts, args.epsilon_decay_steps, args.epsilon_final)  # dopamine's
     for step in [run.steps() for run in runs][0]:  # every run's clock starts; they step together
         epsilon = explore(step - 1)  # step - 1 agent steps taken so far
-        if many:
+        if many:  # one batched forward per stack for the greedy actions
             actions = epsilon_greedy_runs(runs, stacks, groups, obs, epsilon)
         else:
             actions = [runs[0].epsilon_greedy(epsilon, obs[0], acts[0])]
 
-        # The update is queued before the env steps, so on a GPU its kernels run while the CPU
-        # steps the emulator. (dopamine trains just before choosing the action instead; acting
-        # on parameters one update older is the only difference.)
+        # Queued before the env steps, so a GPU runs it while the CPU steps the emulator (dopamine
+        # trains just before acting: acting on parameters one update older is the only difference).
         if step >= args.learning_starts and all(replay.num_sampleable > 0 for replay in replays):
             for _ in range(args.updates_per_step):
                 step_all()  # the update(s) and the interventions' device work: one graph replay on CUDA

@@ -109,9 +109,14 @@ def epsilon_greedy_runs(
 PER_RUN = frozenset({"env_id", "seed", "output_dir"})
 
 
-def batch_problems(all_args: Sequence[Any], refused: Sequence[str] = ("cbp", "noise", "lifecycle")) -> list[str]:
+def batch_problems(all_args: Sequence[Any], refused: Sequence[str] | None = None) -> list[str]:
     """Why these runs cannot share a process: they differ in more than game, seed and folder, a
-    (game, seed) repeats, or a method that hooks one network's forward or optimizer is chosen."""
+    (game, seed) repeats, or a refused method is chosen: by default those that hook one network's
+    forward or optimizer (a vmapped update runs neither) and lifecycle layers (they replace the
+    network's layers after the runs' parameters are stacked)."""
+    if refused is None:  # a concurrent update runs each run's own forward and optimizer: hooks work there
+        concurrent = getattr(all_args[0], "batched_update", "vmap") == "concurrent"
+        refused = ("lifecycle",) if concurrent else ("cbp", "noise", "lifecycle")
     configs = [flat_config(args) for args in all_args]
     problems = [f"--{key.replace('_', '-')}: runs in one process share one configuration, not {values}"
                 for key in configs[0] if key not in PER_RUN
@@ -121,8 +126,9 @@ def batch_problems(all_args: Sequence[Any], refused: Sequence[str] = ("cbp", "no
         problems.append(f"--env-id / --seed: a (game, seed) repeats in {pairs}")
     chosen = [m for m in getattr(all_args[0].interventions, "continual", ()) if m in refused]
     if chosen:
-        problems.append(f"--continual {' '.join(chosen)}: not in batched runs (they hook one network's forward or "
-                        "optimizer); run these one (game, seed) at a time")  # fmt: skip
+        problems.append(f"--continual {' '.join(chosen)}: not in these batched runs (cbp and noise hook one network's "
+                        "forward or optimizer: --batched-update concurrent runs them; lifecycle layers replace the "
+                        "stacked layers); run these one (game, seed) at a time")  # fmt: skip
     return problems
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from rlplastic.batched import StackedModules
-from rlplastic.cuda_graphs import CapturedStep
+from rlplastic.cuda_graphs import CapturedStep, ConcurrentSteps
 from rlplastic.envs.atari import make_atari100k_env
 from rlplastic.replay import FrameReplay
 from rlplastic.runs import device_generator
@@ -97,6 +97,26 @@ def drq_batched_update_seconds(drq: ModuleType, args, device: torch.device, num_
 
     if graph:
         step = CapturedStep(step, generators=[generator])
+    return time_steps(step, updates, device, warmup=4 if graph else 2)
+
+
+def drq_concurrent_update_seconds(drq: ModuleType, args, device: torch.device, num_actions: int, runs: int,
+                                  updates: int, graph: bool = False) -> float:  # fmt: skip
+    """Seconds per round of `runs` DrQ updates, each run's own (agents/drq.py --batched-update
+    concurrent): graph=True captures each in its own CUDA graph and replays them side by side on a
+    pool of streams (rlplastic.cuda_graphs.ConcurrentSteps). Each run has a small replay of random
+    frames and its own generator, as in a batch."""
+    generators = [device_generator(device, i) for i in range(runs)]
+    replays = [random_replay(FrameReplay(1_000, args.n_step, args.gamma, device=device, generator=g), num_actions,
+                             steps=1_000) for g in generators]  # fmt: skip
+    learners = [drq.build_learner(replace(args, cuda_graph=graph), num_actions, device) for _ in range(runs)]
+    steps = [lambda i=i: drq.update(args, *learners[i], replays[i], generators[i]) for i in range(runs)]
+    concurrent = ConcurrentSteps(steps, generators, capture=graph)
+
+    def step() -> torch.Tensor:
+        concurrent()
+        return learners[0][0].value.bias.sum()  # on the main stream, after every run's update
+
     return time_steps(step, updates, device, warmup=4 if graph else 2)
 
 

@@ -81,3 +81,39 @@ class CapturedSteps(Generic[T]):
         if key not in self.captured:
             self.captured[key] = CapturedStep(lambda: self.step(key), self.warmup, self.generators)
         return self.captured[key]()
+
+
+class ConcurrentSteps:
+    """Independent steps (one per run: its own parameters, optimizer, replay, generator) side by
+    side. On CUDA each is captured in its own graph (its own memory pool) and the replays are
+    spread over a pool of streams, so the GPU runs them at once: one launch-bound update leaves
+    most of the GPU idle, N of them together fill it. Without capture they run one after another,
+    each exactly as it runs alone.
+
+        steps = ConcurrentSteps([run_1_step, ..., run_n_step], generators=[g_1, ..., g_n])
+        steps()   # every run's step; later work on the current stream waits for all of them
+    """
+
+    def __init__(
+        self, steps: Sequence[Callable[[], object]], generators: Sequence[torch.Generator], capture: bool = True,
+        streams: int = 8,
+    ):  # fmt: skip
+        if capture:
+            self.steps = [CapturedStep(s, generators=[g]) for s, g in zip(steps, generators, strict=True)]
+            self.streams = [torch.cuda.Stream() for _ in range(min(streams, len(steps)))]
+        else:
+            self.steps, self.streams = list(steps), []
+
+    def __call__(self) -> None:
+        if not self.streams:
+            for step in self.steps:
+                step()
+            return
+        main = torch.cuda.current_stream()
+        for stream in self.streams:
+            stream.wait_stream(main)  # the steps read what the main stream wrote (replay, parameters)
+        for i, step in enumerate(self.steps):
+            with torch.cuda.stream(self.streams[i % len(self.streams)]):
+                step()
+        for stream in self.streams:
+            main.wait_stream(stream)

@@ -4,8 +4,9 @@
     python scripts/bench_drq.py --device cuda --full-steps 3000
 
 Prints env steps/s alone (gymnasium path, and ale-py's AtariVectorEnv for comparison), updates/s
-alone, environments of 8 runs stepped in worker processes, batched updates of N runs
-(run-updates/s and the projected hours of the 26 x 5 table, its environments in the workers),
+alone, environments of 8 runs stepped in worker processes, batched updates of N runs (one vmapped
+update; and each run's own update side by side, --batched-update concurrent: run-updates/s and the
+projected hours of the 26 x 5 table, its environments in the workers),
 the full training loop's steps/s, and ratio = ideal / full time, where the ideal spends exactly
 (env step + update) per step and nothing else. Goal: ratio >= 0.85 on the CPU.
 """
@@ -28,6 +29,7 @@ from rlplastic.envs.atari import canonical_game, make_atari100k_env
 from rlplastic.bench import (
     device_name,
     drq_batched_update_seconds,
+    drq_concurrent_update_seconds,
     drq_update_seconds,
     time_env_steps,
     time_worker_env_steps,
@@ -125,6 +127,14 @@ def main(bench: BenchArgs) -> None:
             print(
                 f"batched update ({mode}), {runs:3d} runs: {runs / seconds:8.1f} run-updates/s "
                 f"({seconds * 1e3:7.1f} ms each); 26 x 5 table in batches of {runs}: {hours[0]:.2f} h "
+                f"(env and update overlapped) to {hours[1]:.2f} h (one after the other)"
+            )
+            seconds = drq_concurrent_update_seconds(drq, args, device, num_actions, runs, bench.batched_updates,
+                                                    graph=mode == "cuda-graph")  # fmt: skip
+            hours = [-(-130 // runs) * 100_000 * t / 3600 for t in (max(env, seconds), env + seconds)]
+            print(
+                f"concurrent updates ({mode}), {runs:3d} runs: {runs / seconds:8.1f} run-updates/s "
+                f"({seconds * 1e3:7.1f} ms per round); 26 x 5 table in batches of {runs}: {hours[0]:.2f} h "
                 f"(env and update overlapped) to {hours[1]:.2f} h (one after the other)"
             )
 

@@ -25,7 +25,7 @@ import tyro
 from rlplastic.batched import StackedModules
 from rlplastic.bench import random_replay
 from rlplastic.cli import replace_flags
-from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
+from rlplastic.cuda_graphs import CapturedStep, ConcurrentSteps, graph_capture_available
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import build_interventions
 from rlplastic.replay import FrameReplay, PrioritizedFrameReplay
@@ -137,6 +137,25 @@ def compare(build: Callable, steps: int) -> tuple[float, float]:
     return param_diff, (eager_losses - graph_losses).abs().max().item()
 
 
+def compare_concurrent(runs: int, steps: int) -> float:
+    """Largest parameter difference between `runs` DrQ learners stepped eagerly one after another
+    and the same learners each captured in its own graph, replayed side by side on streams
+    (agents/drq.py --batched-update concurrent)."""
+    results = []
+    for graph in (False, True):
+        builds = [drq_case({})(seed, graph) for seed in range(runs)]
+        concurrent = ConcurrentSteps(
+            [b[0] for b in builds], [b[3] for b in builds], capture=graph and DEVICE.type == "cuda"
+        )
+        for _ in range(steps):
+            concurrent()
+            for build in builds:
+                for host_step in build[1]:
+                    host_step()
+        results.append([p.detach().clone() for build in builds for p in build[2]])
+    return max((a - b).abs().max().item() for a, b in zip(*results, strict=True))
+
+
 def main(check: CheckArgs) -> None:
     global DEVICE
     DEVICE = torch.device(check.device)
@@ -170,6 +189,15 @@ def main(check: CheckArgs) -> None:
         ok = param_diff <= check.tolerance
         failed += [] if ok else [name]
         print(f"{'ok  ' if ok else 'FAIL'}  {name}: max |param diff| {param_diff:.2e}, max |loss diff| {loss_diff:.2e}")
+    try:
+        param_diff = compare_concurrent(4, check.steps)
+        ok = param_diff <= check.tolerance
+        failed += [] if ok else ["drq concurrent"]
+        print(f"{'ok  ' if ok else 'FAIL'}  drq, 4 runs each in its own graph on streams: "
+              f"max |param diff| {param_diff:.2e}")  # fmt: skip
+    except Exception as error:
+        print(f"FAIL  drq concurrent: {type(error).__name__}: {error}")
+        failed.append("drq concurrent")
     random_cases = {
         "drq, augmentation and full replay": drq_case({}, deterministic=False),
         "drq + gradient noise": drq_case({"continual": ("noise",)}, deterministic=False),

@@ -6,7 +6,7 @@
 # batched DrQ and BBF = eager ones); bench_drq (env, eager vs graph update, 1..128 runs batched,
 # the loop); bench_bbf (fp32 / bf16, eager / graph, projected 100k run); bench_interventions (each
 # intervention's overhead, eager and captured); one process running 32 DrQ runs (8 games x 4 seeds)
-# end to end (+ batched_runs.json); short CUDA runs of BBF and of DrQ with CBP, noise, lifecycle;
+# end to end, vmapped and concurrent (+ batched_runs.json); short CUDA runs of BBF and of DrQ with CBP, noise, lifecycle;
 # bench_supervised (ResNet-18 img/s: fp32, bf16, channels-last, both).
 #   OUT=/tmp/out bash scripts/gpu_check.sh
 set -u
@@ -52,6 +52,11 @@ json.dump([{k: r.get(k) for k in ("game", "seed", "train_time_s", "update_mode",
           open("/tmp/runs/batched_runs.json", "w"), indent=1)
 EOF
 cp /tmp/runs/batched_runs.json "$OUT/" 2>/dev/null
+rm -rf /tmp/runs/concurrent
+timeout 120 python3 agents/drq.py --env-id Pong Breakout Boxing Kangaroo MsPacman Seaquest Freeway Krull \
+  --seed 1 2 3 4 --device cuda --total-steps 3000 --env-workers "$(nproc)" --eval-episodes 0 --checkpoint-every 0 \
+  --log-every 500 --diag-every 0 --batched-update concurrent --output-dir '/tmp/runs/concurrent/{game}/seed{seed}' \
+  2>&1 | grep -E 'update |^step (2000|2500|3000)/' | sort | uniq -c | head -n 6 | tee -a "$OUT/gpu_check.txt"
 rm -rf /tmp/runs/bbf_smoke /tmp/runs/drq_cbp /tmp/runs/drq_noise /tmp/runs/drq_lifecycle  # a rerun starts them afresh
 elapsed | tee -a "$OUT/gpu_check.txt"
 

@@ -87,9 +87,17 @@ def test_runs_that_cannot_share_a_process_are_refused(drq):
     assert "--learning-rate: runs in one process share one configuration" in problems
     assert "a (game, seed) repeats" in "\n".join(batch_problems([base, base]))
     lifecycle = with_flags(base, continual=("lifecycle",))
-    assert "--continual lifecycle: not in batched runs" in "\n".join(
+    assert "--continual lifecycle: not in these batched runs" in "\n".join(
         batch_problems([lifecycle, with_flags(lifecycle, seed=2)])
     )
+    cbp = with_flags(base, continual=("cbp", "noise"))
+    assert "--continual cbp noise: not in these batched runs" in "\n".join(
+        batch_problems([cbp, with_flags(cbp, seed=2)])
+    )
+    concurrent = [with_flags(cbp, batched_update="concurrent", seed=seed) for seed in (1, 2)]
+    assert batch_problems(concurrent) == []  # each run's own update: its hooks work
+    concurrent_lifecycle = [with_flags(lifecycle, batched_update="concurrent", seed=seed) for seed in (1, 2)]
+    assert "lifecycle" in "\n".join(batch_problems(concurrent_lifecycle))
 
 
 TINY = ["--total-steps", "240", "--learning-starts", "80", "--buffer-size", "1000", "--batch-size", "8",
@@ -181,3 +189,25 @@ def test_environments_in_worker_processes_give_the_same_runs(drq, tmp_path):
         for key in ("train_log", "train_episodes", "eval_returns"):
             assert a[key] == b[key]
     assert here[1]["train_episodes"], "Boxing's 80-step episodes end within the run"
+
+
+@pytest.mark.slow
+def test_concurrent_updates_give_each_run_exactly_its_single_run(drq, tmp_path):
+    """--batched-update concurrent steps each run's own update (on CUDA: its own captured graph,
+    replayed side by side on streams; on a CPU one after another): every number equals the run
+    alone, continual backprop (which hooks the run's forward) and head resets included."""
+
+    def args(folder, game, seed):
+        return with_flags(drq.Args(), env_id=game, seed=seed, total_steps=200, learning_starts=60, buffer_size=1000,
+                          batch_size=8, log_every=50, eval_episodes=1, eval_envs=1, max_episode_steps=80,
+                          diag_every=0, checkpoint_every=0, device="cpu", track_tensorboard=False,
+                          batched_update="concurrent", continual=("cbp",), cbp_rate=0.01, cbp_maturity=10,
+                          reset=("head",), head_every=50,
+                          output_dir=str(tmp_path / folder / f"{game}{seed}"))  # fmt: skip
+
+    together = drq.train([args("together", "Pong", 1), args("together", "Boxing", 2)])
+    for (game, seed), result in zip((("Pong", 1), ("Boxing", 2)), together, strict=True):
+        alone = drq.train([args("alone", game, seed)])[0]
+        assert result["update_mode"] == "batched-concurrent"
+        for key in ("train_log", "train_episodes", "eval_returns"):
+            assert result[key] == alone[key], (game, key)
