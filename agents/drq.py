@@ -59,7 +59,7 @@ from rlplastic.env_workers import EnvWorkers
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import InterventionOptions, build_interventions, ema_target, swap_in_chosen_lifecycle
 from rlplastic.replay import FrameReplay
-from rlplastic.runs import Run, RunOptions, exit_on_problems, run_problems
+from rlplastic.runs import Run, RunOptions, exit_on_problems, final_evaluations, run_problems
 from rlplastic.schedules import LinearEpsilon
 
 FLAT = tyro.conf.arg(name="")  # a nested dataclass whose flags stay flat: --reset, not --interventions.reset
@@ -329,9 +329,8 @@ def train(all_args: list[Args]) -> list[dict]:
                                         xavier_uniform_zero_bias, HEAD_MODULES)  # fmt: skip
         interventions.append(items)
         probes.append(PlasticityProbe(q, probe_batch=None))  # the initial weights; its batch comes from replay
-        run.keep(q_network=q, optimizer=optimizer, interventions=items, replay=replay, probe=probes[-1])
-        if target is not None:
-            run.keep(target_network=target)
+        run.keep(q_network=q, optimizer=optimizer, interventions=items, replay=replay, probe=probes[-1],
+                 target_network=target)  # fmt: skip
         saved = run.resume()
         replays.append(replay)
         obs.append(saved["obs"] if saved else run.env.reset()[0])
@@ -389,8 +388,9 @@ def train(all_args: list[Args]) -> list[dict]:
             run.diagnose(step, probes[i], samplers[i], replays[i].num_sampleable > 0)
             run.evaluate_if_due(step, acts[i], [nets[i]])
             run.checkpoint(step, obs=obs[i])
-    return [run.finish(act, [q], {"update_mode": update_mode}, models={"q_network": q})
-            for run, act, q in zip(runs, acts, nets, strict=True)]  # fmt: skip
+    evaluations = final_evaluations(runs, acts, nets, args.run.env_workers)  # several runs: on all cores at once
+    return [run.finish(act, [q], {"update_mode": update_mode}, models={"q_network": q}, evaluation=evaluation)
+            for run, act, q, evaluation in zip(runs, acts, nets, evaluations, strict=True)]  # fmt: skip
 
 
 if __name__ == "__main__":

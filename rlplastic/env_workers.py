@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from rlplastic.evaluation import step_env
+
 StepResult = tuple[np.ndarray, float, bool, bool, dict]
 
 
@@ -41,7 +43,7 @@ def _serve(connection, specs: list[tuple[str, int, int]]) -> None:
             return
         try:
             if command == "step":
-                answer = [_step(env, action) for env, action in zip(envs, argument, strict=True)]
+                answer = [step_env(env, action) for env, action in zip(envs, argument, strict=True)]
             elif command == "reset":
                 answer = envs[argument[0]].reset()[0]
             elif command == "state":
@@ -59,13 +61,6 @@ def _serve(connection, specs: list[tuple[str, int, int]]) -> None:
             connection.send(("ok", answer))
         except Exception:  # noqa: BLE001
             connection.send(("error", traceback.format_exc()))
-
-
-def _step(env: Any, action: int) -> StepResult:
-    obs, reward, terminated, truncated, info = env.step(action)
-    if terminated or truncated:
-        obs, _ = env.reset()
-    return obs, reward, terminated, truncated, info
 
 
 class WorkerEnv:
@@ -126,9 +121,10 @@ class EnvWorkers:
         self._connections[worker].send((command, (self._local[index], *payload)))
         return self._receive(worker)
 
-    def step_all(self, actions: Sequence[int]) -> list[StepResult]:
+    def step_all(self, actions: Sequence[int | None]) -> list[StepResult | None]:
         """Step every environment with its action, all workers at once; an ended episode is
-        followed by the next one's first observation."""
+        followed by the next one's first observation. An action None leaves its environment alone
+        (None comes back); rlplastic.evaluation.SAMPLE draws from the environment's action space."""
         for worker, connection in enumerate(self._connections):
             connection.send(("step", [a for i, a in enumerate(actions) if self._owner[i] == worker]))
         answers = [self._receive(worker) for worker in range(len(self._connections))]

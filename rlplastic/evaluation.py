@@ -1,12 +1,16 @@
-"""Final evaluation: epsilon-greedy episodes on several environments in lockstep."""
+"""Final evaluation: epsilon-greedy episodes on several environments in lockstep, for one run or
+for the runs of one process at once (their environments then step in worker processes)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
+
+SAMPLE = -1  # an action that tells the environment to draw from its own action space (exploration)
 
 
 @dataclass
@@ -17,6 +21,40 @@ class EvalResult:
     @property
     def mean(self) -> float | None:
         return float(np.mean(self.returns)) if self.returns else None
+
+
+def step_env(env: gym.Env, action: int | None) -> tuple | None:
+    """One step (None: none; SAMPLE: a draw from the env's own action space); an ended episode is
+    followed by the next one's first observation, its info kept."""
+    if action is None:
+        return None
+    obs, reward, terminated, truncated, info = env.step(int(env.action_space.sample()) if action == SAMPLE else action)
+    if terminated or truncated:
+        obs, _ = env.reset()
+    return obs, reward, terminated, truncated, info
+
+
+class LocalEnvs:
+    """Environments in this process, with rlplastic.env_workers.EnvWorkers' step_all interface."""
+
+    def __init__(self, envs: Sequence[gym.Env]):
+        self.envs = list(envs)
+
+    def env(self, index: int) -> gym.Env:
+        return self.envs[index]
+
+    def step_all(self, actions: Sequence[int | None]) -> list:
+        return [step_env(env, action) for env, action in zip(self.envs, actions, strict=True)]
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def episode_quotas(num_episodes: int, num_envs: int) -> list[int]:
+    """Each environment's share of the episodes, fixed up front."""
+    num_envs = max(1, min(num_envs, num_episodes))
+    return [num_episodes // num_envs + (i < num_episodes % num_envs) for i in range(num_envs)]
 
 
 def evaluate_episodes(
@@ -33,30 +71,56 @@ def evaluate_episodes(
     finish would over-represent short episodes, a bias of parallel evaluation loops.
     greedy_actions maps a (n, *obs_shape) batch of observations to n greedy actions.
     """
-    result = EvalResult()
     if num_episodes <= 0:
-        return result
-    num_envs = max(1, min(num_envs, num_episodes))
-    quota = [num_episodes // num_envs + (i < num_episodes % num_envs) for i in range(num_envs)]
-    envs = [make_env(seed + i) for i in range(num_envs)]
-    rng = np.random.default_rng(seed)
-    per_env: list[list[dict]] = [[] for _ in envs]
-    obs = [env.reset()[0] for env in envs]
-    running = [i for i in range(num_envs) if quota[i] > 0]
-    while running:
-        actions = greedy_actions(np.stack([obs[i] for i in running]))
-        explore = rng.random(len(running)) < epsilon
-        for j, i in enumerate(running):
-            action = int(envs[i].action_space.sample()) if explore[j] else int(actions[j])
-            obs[i], _, terminated, truncated, info = envs[i].step(action)
+        return EvalResult()
+    envs = LocalEnvs([make_env(seed + i) for i in range(len(episode_quotas(num_episodes, num_envs)))])
+    try:
+        return evaluate_runs(envs, [greedy_actions], num_episodes, num_envs, epsilon, [seed])[0]
+    finally:
+        envs.close()
+
+
+def evaluate_runs(
+    envs: Any,
+    acts: Sequence[Callable[[np.ndarray], np.ndarray]],
+    num_episodes: int,
+    num_envs: int,
+    epsilon: float,
+    seeds: Sequence[int],
+) -> list[EvalResult]:
+    """evaluate_episodes for several runs at once: run r plays on environments r * E .. r * E + E - 1
+    of `envs` (E = len(episode_quotas(num_episodes, num_envs)); built with seeds seeds[r] + i, as
+    evaluate_episodes builds them), choosing with acts[r] and exploring with its own generator.
+    `envs` steps them all at once (LocalEnvs, or EnvWorkers: the emulators of all runs on all
+    cores). Each run's episodes are the ones it plays alone."""
+    quota = episode_quotas(num_episodes, num_envs)
+    per_run = len(quota)
+    total = per_run * len(acts)
+    obs = [envs.env(k).reset()[0] for k in range(total)]
+    episodes: list[list[dict]] = [[] for _ in range(total)]
+    rngs = [np.random.default_rng(seed) for seed in seeds]
+    running = [[k for k in range(r * per_run, (r + 1) * per_run) if quota[k % per_run] > 0] for r in range(len(acts))]
+    while any(running):
+        actions: list[int | None] = [None] * total
+        for r, live in enumerate(running):
+            if not live:
+                continue
+            greedy = acts[r](np.stack([obs[k] for k in live]))
+            explore = rngs[r].random(len(live)) < epsilon
+            for j, k in enumerate(live):
+                actions[k] = SAMPLE if explore[j] else int(greedy[j])
+        for k, result in enumerate(envs.step_all(actions)):
+            if result is None:
+                continue
+            obs[k], _, terminated, truncated, info = result
             if terminated or truncated:
-                per_env[i].append(info["episode"])
-                if len(per_env[i]) < quota[i]:
-                    obs[i] = envs[i].reset()[0]
-        running = [i for i in running if len(per_env[i]) < quota[i]]
-    for env in envs:
-        env.close()
-    for episodes in per_env:
-        result.returns.extend(float(e["r"]) for e in episodes)
-        result.lengths.extend(int(e["l"]) for e in episodes)
-    return result
+                episodes[k].append(info["episode"])
+        running = [[k for k in live if len(episodes[k]) < quota[k % per_run]] for live in running]
+    results = []
+    for r in range(len(acts)):
+        result = EvalResult()
+        for k in range(r * per_run, (r + 1) * per_run):
+            result.returns.extend(float(e["r"]) for e in episodes[k])
+            result.lengths.extend(int(e["l"]) for e in episodes[k])
+        results.append(result)
+    return results

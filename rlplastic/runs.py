@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, clip_reward, make_atari100k_env
-from rlplastic.evaluation import EvalResult, evaluate_episodes
+from rlplastic.evaluation import EvalResult, episode_quotas, evaluate_episodes, evaluate_runs
 from rlplastic.files import atomic_torch_save, atomic_write_json, read_failure, safe_torch_load
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -515,8 +515,11 @@ class Run:
 
     # Checkpoints
     def keep(self, **objects: Any) -> None:
-        """Register stateful objects (state_dict() / load_state_dict()) for checkpoints."""
+        """Register stateful objects (state_dict() / load_state_dict()) for checkpoints; one given
+        as None is an optional part the run does not have (an EMA target without --ema): skipped."""
         for name, obj in objects.items():
+            if obj is None:
+                continue
             if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
                 raise TypeError(f"{name}: a {type(obj).__name__} has no state_dict() / load_state_dict() to keep")
             if name in self.objects:
@@ -670,6 +673,10 @@ class Run:
 
         return evaluate_episodes(make_env, act, episodes, self.options.eval_envs, self.options.eval_epsilon, seed)
 
+    @property
+    def final_eval_seed(self) -> int:
+        return self.seed + 10_000  # evaluation episodes never replay the training seed's starts
+
     def evaluate_if_due(self, step: int, act: Callable[[np.ndarray], np.ndarray], modules: Sequence[Any]) -> None:
         """Every --eval-every steps before the last: a point of the eval curve (modules in eval mode)."""
         every = self.options.eval_every
@@ -690,11 +697,13 @@ class Run:
         modules: Sequence[Any],
         results: dict[str, Any],
         models: dict[str, torch.nn.Module] | None = None,
+        evaluation: EvalResult | None = None,
     ) -> dict[str, Any]:
-        """The final evaluation (modules in eval mode), then results.json, written atomically with
-        `results` and the run's records; --save-model saves each of `models` as <name>.pt (a plain
-        state_dict). The checkpoint goes: the results supersede it, and it holds the whole replay. The
-        training environment is closed."""
+        """The final evaluation (modules in eval mode; `evaluation` if it was played already, by
+        final_evaluations), then results.json, written atomically with `results` and the run's
+        records; --save-model saves each of `models` as <name>.pt (a plain state_dict). The
+        checkpoint goes: the results supersede it, and it holds the whole replay. The training
+        environment is closed."""
         train_time = self.train_time()
         if self.options.save_model:
             for name, model in (models or {}).items():
@@ -703,8 +712,8 @@ class Run:
               flush=True)  # fmt: skip
         for module in modules:
             module.eval()
-        # evaluation episodes never replay the training seed's starts
-        evaluation = self.evaluate(act, self.options.eval_episodes, self.seed + 10_000)
+        if evaluation is None:
+            evaluation = self.evaluate(act, self.options.eval_episodes, self.final_eval_seed)
         if evaluation.returns:
             self.records["eval_curve"].append(
                 {"step": self.total_steps, "mean": evaluation.mean, "returns": evaluation.returns}
@@ -724,3 +733,28 @@ class Run:
         if self.env is not None:
             self.env.close()
         return results
+
+
+def final_evaluations(
+    runs: Sequence[Run], acts: Sequence[Callable[[np.ndarray], np.ndarray]], modules: Sequence[Any], processes: int
+) -> list[EvalResult | None]:
+    """The final evaluations of the runs of one process at once, every run's evaluation
+    environments stepping in `processes` worker processes: the episodes each run plays alone in
+    Run.finish (same environments, seeds and exploration draws), on all cores. Hand each result to
+    its run's finish(evaluation=...). `modules` go to eval mode first. Nones (each run evaluates
+    in its finish) for a single run, no workers or no evaluation episodes."""
+    from rlplastic.env_workers import EnvWorkers
+
+    options = runs[0].options
+    if len(runs) < 2 or processes < 1 or options.eval_episodes < 1:
+        return [None] * len(runs)
+    per_run = len(episode_quotas(options.eval_episodes, options.eval_envs))
+    for module in modules:
+        module.eval()
+    seeds = [run.final_eval_seed for run in runs]
+    workers = EnvWorkers([(run.game, seed + i) for run, seed in zip(runs, seeds, strict=True) for i in range(per_run)],
+                         processes, options.max_episode_steps)  # fmt: skip
+    try:
+        return evaluate_runs(workers, acts, options.eval_episodes, options.eval_envs, options.eval_epsilon, seeds)
+    finally:
+        workers.close()

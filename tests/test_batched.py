@@ -173,13 +173,14 @@ def test_a_killed_batch_resumes_every_run_to_the_straight_numbers(drq, tmp_path,
 
 @pytest.mark.slow
 def test_environments_in_worker_processes_give_the_same_runs(drq, tmp_path):
-    """--env-workers moves the runs' environments into processes stepped in parallel: the same
-    episodes, losses and evaluations as stepping them in the training process."""
+    """--env-workers moves the runs' environments into processes stepped in parallel, and their
+    final evaluations too: the same episodes, losses and evaluations as in the training process."""
 
     def batch(folder, workers):
         base = with_flags(drq.Args(), total_steps=200, learning_starts=60, buffer_size=1000, batch_size=8,
-                          log_every=50, eval_episodes=1, eval_envs=1, max_episode_steps=80, diag_every=0,
-                          checkpoint_every=100, device="cpu", track_tensorboard=False, env_workers=workers)  # fmt: skip
+                          log_every=50, eval_episodes=3, eval_envs=2, eval_epsilon=0.3, max_episode_steps=80,
+                          diag_every=0, checkpoint_every=100, device="cpu", track_tensorboard=False,
+                          env_workers=workers)  # fmt: skip
         return [with_flags(base, env_id=game, seed=seed, output_dir=str(tmp_path / folder / f"{game}{seed}"))
                 for game, seed in (("Pong", 1), ("Boxing", 1), ("Pong", 2))]  # fmt: skip
 
@@ -211,3 +212,35 @@ def test_concurrent_updates_give_each_run_exactly_its_single_run(drq, tmp_path):
         assert result["update_mode"] == "batched-concurrent"
         for key in ("train_log", "train_episodes", "eval_returns"):
             assert result[key] == alone[key], (game, key)
+
+
+@pytest.mark.slow
+def test_final_evaluations_of_several_runs_together_are_each_runs_own():
+    """rlplastic.evaluation.evaluate_runs plays the evaluations of several runs at once, their
+    environments in this process or in worker processes: each run's episodes (returns, lengths)
+    are the ones evaluate_episodes plays for it alone, exploration draws included."""
+    from rlplastic.envs.atari import make_atari100k_env
+
+    from rlplastic.env_workers import EnvWorkers
+    from rlplastic.evaluation import LocalEnvs, episode_quotas, evaluate_episodes, evaluate_runs
+
+    games, seeds, episodes, envs_per_run, cap = ("Pong", "Boxing"), (10_001, 10_002), 3, 2, 60
+
+    def policy(offset):  # greedy actions that depend on the observations
+        return lambda obs: (obs.reshape(len(obs), -1).sum(1) + offset) % 3
+
+    acts = [policy(0), policy(1)]
+    alone = [evaluate_episodes(lambda s, g=game: make_atari100k_env(g, s, max_episode_steps=cap), act, episodes,
+                               envs_per_run, 0.3, seed)
+             for game, act, seed in zip(games, acts, seeds, strict=True)]  # fmt: skip
+    assert all(len(result.returns) == episodes for result in alone)
+    per_run = len(episode_quotas(episodes, envs_per_run))
+    specs = [(game, seed + i) for game, seed in zip(games, seeds, strict=True) for i in range(per_run)]
+    local = LocalEnvs([make_atari100k_env(game, seed, max_episode_steps=cap) for game, seed in specs])
+    workers = EnvWorkers(specs, processes=2, max_episode_steps=cap)
+    try:
+        for envs in (local, workers):
+            together = evaluate_runs(envs, acts, episodes, envs_per_run, 0.3, seeds)
+            assert [(r.returns, r.lengths) for r in together] == [(r.returns, r.lengths) for r in alone]
+    finally:
+        local.close(), workers.close()
