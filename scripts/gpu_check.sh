@@ -25,8 +25,8 @@ export PYTHONPATH=/tmp/site
 timeout 90 python3 scripts/check_cuda_graphs.py 2>&1 | tee -a "$OUT/gpu_check.txt"
 elapsed | tee -a "$OUT/gpu_check.txt"
 
-timeout 170 python3 scripts/bench_drq.py --device cuda --env-steps 2000 --updates 300 --full-steps 3000 \
-  --learning-starts 200 --batched 1 8 32 128 --batched-updates 20 2>&1 | grep -v '^step' | tee -a "$OUT/gpu_check.txt"
+timeout 240 python3 scripts/bench_drq.py --device cuda --env-steps 2000 --updates 300 --full-steps 3000 \
+  --learning-starts 200 --batched 8 32 128 --batched-updates 20 2>&1 | grep -v '^step' | tee -a "$OUT/gpu_check.txt"
 elapsed | tee -a "$OUT/gpu_check.txt"
 
 timeout 90 python3 scripts/bench_bbf.py --device cuda --updates 60 --env-steps 1000 2>&1 | tee -a "$OUT/gpu_check.txt"
@@ -37,10 +37,10 @@ timeout 100 python3 scripts/bench_interventions.py --device cuda --updates 200 -
 elapsed | tee -a "$OUT/gpu_check.txt"
 
 rm -rf /tmp/runs/batched  # finished run folders are refused: a rerun starts afresh
-timeout 120 python3 agents/drq.py --env-id Pong Breakout Boxing Kangaroo MsPacman Seaquest Freeway Krull \
-  --seed 1 2 3 4 --device cuda --total-steps 3000 --env-workers "$(nproc)" --eval-episodes 0 --checkpoint-every 0 \
+timeout 100 python3 agents/drq.py --env-id Pong Breakout Boxing Kangaroo MsPacman Seaquest Freeway Krull \
+  --seed 1 2 3 4 --device cuda --total-steps 2600 --env-workers "$(nproc)" --eval-episodes 0 --checkpoint-every 0 \
   --log-every 500 --diag-every 0 --output-dir '/tmp/runs/batched/{game}/seed{seed}' > /tmp/runs/batched.log 2>&1
-{ grep -E 'update |Pong seed 1|^step' /tmp/runs/batched.log | grep -E 'update |Pong|^step (2000|2500|3000)/' | head -n 12;
+{ grep -E 'update |Pong seed 1|^step' /tmp/runs/batched.log | grep -E 'update |Pong|^step (2000|2500|2600)/' | head -n 12;
   tail -n 3 /tmp/runs/batched.log; } | tee -a "$OUT/gpu_check.txt"
 python3 - <<'EOF' | tee -a "$OUT/gpu_check.txt"
 import glob, json
@@ -53,10 +53,10 @@ json.dump([{k: r.get(k) for k in ("game", "seed", "train_time_s", "update_mode",
 EOF
 cp /tmp/runs/batched_runs.json "$OUT/" 2>/dev/null
 rm -rf /tmp/runs/concurrent
-timeout 120 python3 agents/drq.py --env-id Pong Breakout Boxing Kangaroo MsPacman Seaquest Freeway Krull \
-  --seed 1 2 3 4 --device cuda --total-steps 3000 --env-workers "$(nproc)" --eval-episodes 0 --checkpoint-every 0 \
+timeout 100 python3 agents/drq.py --env-id Pong Breakout Boxing Kangaroo MsPacman Seaquest Freeway Krull \
+  --seed 1 2 3 4 --device cuda --total-steps 2600 --env-workers "$(nproc)" --eval-episodes 0 --checkpoint-every 0 \
   --log-every 500 --diag-every 0 --batched-update concurrent --output-dir '/tmp/runs/concurrent/{game}/seed{seed}' \
-  2>&1 | grep -E 'update |^step (2000|2500|3000)/' | sort | uniq -c | head -n 6 | tee -a "$OUT/gpu_check.txt"
+  2>&1 | grep -E 'update |^step (2000|2500|2600)/' | sort | uniq -c | head -n 6 | tee -a "$OUT/gpu_check.txt"
 rm -rf /tmp/runs/bbf_smoke /tmp/runs/drq_cbp /tmp/runs/drq_noise /tmp/runs/drq_lifecycle  # a rerun starts them afresh
 elapsed | tee -a "$OUT/gpu_check.txt"
 
