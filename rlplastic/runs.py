@@ -512,6 +512,7 @@ class Run:
         self.env: Any = None  # make_env()
         self.time_before = 0.0  # train time of earlier, interrupted sessions of this run
         self.start_time = time.time()
+        self.end_time: float | None = None  # when training ended (stop_clock), before the final evaluation
 
     # Checkpoints
     def keep(self, **objects: Any) -> None:
@@ -579,7 +580,12 @@ class Run:
         return range(self.start_step, self.total_steps + 1)
 
     def train_time(self) -> float:
-        return self.time_before + time.time() - self.start_time
+        """Seconds of training (all sessions), up to stop_clock() once it has been called."""
+        return self.time_before + (self.end_time or time.time()) - self.start_time
+
+    def stop_clock(self) -> None:
+        """Training is over: what follows (the final evaluation) is not training time."""
+        self.end_time = self.end_time or time.time()
 
     def make_env(self) -> Any:
         """The training environment (Atari-100k protocol, seeded with the run), kept for checkpoints."""
@@ -704,7 +710,7 @@ class Run:
         records; --save-model saves each of `models` as <name>.pt (a plain state_dict). The
         checkpoint goes: the results supersede it, and it holds the whole replay. The training
         environment is closed."""
-        train_time = self.train_time()
+        self.stop_clock()
         if self.options.save_model:
             for name, model in (models or {}).items():
                 atomic_torch_save(self.folder / f"{name}.pt", {k: v.cpu() for k, v in model.state_dict().items()})
@@ -721,7 +727,8 @@ class Run:
         results = {"agent": self.agent, "method": self.method, "game": self.game, "seed": self.seed,
                    "total_steps": self.total_steps, **results, "eval_episodes": len(evaluation.returns),
                    "eval_returns": evaluation.returns, "eval_lengths": evaluation.lengths, "eval_mean": evaluation.mean,
-                   **self.records, "wall_time_s": self.train_time(), "train_time_s": train_time, "config": self.config,
+                   **self.records, "wall_time_s": self.time_before + time.time() - self.start_time,
+                   "train_time_s": self.train_time(), "config": self.config,
                    "git_commit": self.commit, "torch_version": torch.__version__}  # fmt: skip
         if self.writer:
             log_final_evaluation(self.writer, evaluation.returns, evaluation.mean, self.total_steps)
@@ -742,10 +749,13 @@ def final_evaluations(
     environments stepping in `processes` worker processes: the episodes each run plays alone in
     Run.finish (same environments, seeds and exploration draws), on all cores. Hand each result to
     its run's finish(evaluation=...). `modules` go to eval mode first. Nones (each run evaluates
-    in its finish) for a single run, no workers or no evaluation episodes."""
+    in its finish) for a single run, no workers or no evaluation episodes. Every run's training
+    clock stops here, so no run counts another's evaluation as training time."""
     from rlplastic.env_workers import EnvWorkers
 
     options = runs[0].options
+    for run in runs:  # all trained together: none of them trains during another's evaluation
+        run.stop_clock()
     if len(runs) < 2 or processes < 1 or options.eval_episodes < 1:
         return [None] * len(runs)
     per_run = len(episode_quotas(options.eval_episodes, options.eval_envs))
