@@ -50,8 +50,8 @@ import tyro
 from rlplastic.envs.atari import canonical_game
 from torch.func import vmap
 
+from rlplastic import batched
 from rlplastic.augment import drq_augment
-from rlplastic.batched import StackedModules, batch_problems, check_lockstep, epsilon_greedy_runs, group_by
 from rlplastic.cli import cli_with_presets, expand_runs
 from rlplastic.cuda_graphs import CapturedStep, ConcurrentSteps, graph_capture_available
 from rlplastic.diagnostics import PlasticityProbe
@@ -77,9 +77,9 @@ class Args:
     """on CUDA, capture the whole update (sampling, augmentation, loss, backward, Adam, the
     interventions' per-step work; all runs' batched update with several runs) once in a CUDA graph
     and replay it; ignored on the CPU"""
-    batched_update: Literal["vmap", "concurrent"] = "vmap"
-    """several runs: one vmapped update per stack of runs, or each run's own update (on CUDA each
-    captured and replayed side by side on a pool of streams; on a CPU one after another, as alone)"""
+    batched_update: Literal["auto", "vmap", "concurrent"] = "auto"
+    """several runs: one vmapped update per stack, or each run's own (on CUDA captured and replayed
+    side by side on streams; on a CPU one after another, as alone); auto: concurrent on a CPU, vmap on CUDA"""
 
     # Algorithm: dopamine DrQ_eps.gin
     learning_starts: int = 1_600
@@ -255,8 +255,8 @@ def update(
 
 def batched_update(
     args: Args,
-    online: StackedModules,
-    target: StackedModules | None,
+    online: batched.StackedModules,
+    target: batched.StackedModules | None,
     optimizers: list[torch.optim.Optimizer],
     replays: list[FrameReplay],
     generators: list[torch.Generator],
@@ -303,7 +303,7 @@ def train(all_args: list[Args]) -> list[dict]:
     folder; runs with one number of actions share batched forwards (rlplastic.batched)."""
     many, args = len(all_args) > 1, all_args[0]
     problems = [f"{a.env_id} seed {a.seed}: {p}" if many else p for a in all_args for p in validate(a)]
-    problems += batch_problems(all_args) if many else []
+    problems += batched.batch_problems(all_args) if many else []
     exit_on_problems("drq", problems)
     runs, nets = [], []
     games, cap = [(canonical_game(a.env_id), a.seed) for a in all_args], args.run.max_episode_steps
@@ -314,12 +314,12 @@ def train(all_args: list[Args]) -> list[dict]:
         nets.append(QNetwork(int(env.action_space.n)).to(runs[-1].device))
         if many:
             runs[-1].own_global_rng()  # its later fresh draws come from its own copy of torch's generators
-    check_lockstep(runs)
-    groups = group_by([q.advantage.out_features for q in nets])  # runs with one number of actions
-    stacks = {n: StackedModules([nets[i] for i in members]) for n, members in groups.items()} if many else {}
+    batched.check_lockstep(runs)
+    groups = batched.group_by([q.advantage.out_features for q in nets])  # runs with one number of actions
+    stacks = {n: batched.StackedModules([nets[i] for i in members]) for n, members in groups.items()} if many else {}
     learners = [build_learner(a, 0, run.device, q) for a, run, q in zip(all_args, runs, nets, strict=True)]
-    target_stacks = {n: StackedModules([learners[i][1] for i in members]) if args.interventions.ema > 0 else None
-                     for n, members in groups.items()} if many else {}  # fmt: skip
+    target_stacks = {n: batched.StackedModules([learners[i][1] for i in members]) if args.interventions.ema > 0
+                     else None for n, members in groups.items()} if many else {}  # fmt: skip
     replays, interventions, probes, obs = [], [], [], []
     for run, (q, target, optimizer) in zip(runs, learners, strict=True):
         replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=run.device, generator=run.generator)
@@ -348,7 +348,7 @@ def train(all_args: list[Args]) -> list[dict]:
                 runs[i].losses.add({key: value[j] for key, value in losses.items()})
 
     use_graph = args.cuda_graph and graph_capture_available(runs[0].device) and all(i.graph_safe for i in interventions)
-    concurrent = many and args.batched_update == "concurrent"
+    concurrent = many and batched.update_mode_of(args) == "concurrent"
     step_all = batched_step if many else train_step
     if concurrent:  # each run's own update; on CUDA one graph each, replayed side by side
         step_all = ConcurrentSteps(
@@ -366,7 +366,7 @@ def train(all_args: list[Args]) -> list[dict]:
     for step in [run.steps() for run in runs][0]:  # every run's clock starts; they step together
         epsilon = explore(step - 1)  # step - 1 agent steps taken so far
         if many:  # one batched forward per stack for the greedy actions
-            actions = epsilon_greedy_runs(runs, stacks, groups, obs, epsilon)
+            actions = batched.epsilon_greedy_runs(runs, stacks, groups, obs, epsilon)
         else:
             actions = [runs[0].epsilon_greedy(epsilon, obs[0], acts[0])]
 

@@ -109,14 +109,24 @@ def epsilon_greedy_runs(
 PER_RUN = frozenset({"env_id", "seed", "output_dir"})
 
 
+def update_mode_of(args: Any) -> str:
+    """The update of several runs in one process: --batched-update vmap or concurrent; auto is
+    concurrent on a CPU (2.2x vmap's run-updates/s for 8 runs on this project's 2 cores: vmap's
+    grouped convolutions are slower than plain ones there) and vmap on CUDA (the one measured)."""
+    mode = getattr(args, "batched_update", "vmap")
+    if mode == "auto":
+        on_cuda = args.run.device == "cuda" or (args.run.device == "auto" and torch.cuda.is_available())
+        return "vmap" if on_cuda else "concurrent"
+    return mode
+
+
 def batch_problems(all_args: Sequence[Any], refused: Sequence[str] | None = None) -> list[str]:
     """Why these runs cannot share a process: they differ in more than game, seed and folder, a
     (game, seed) repeats, or a refused method is chosen: by default those that hook one network's
     forward or optimizer (a vmapped update runs neither) and lifecycle layers (they replace the
     network's layers after the runs' parameters are stacked)."""
     if refused is None:  # a concurrent update runs each run's own forward and optimizer: hooks work there
-        concurrent = getattr(all_args[0], "batched_update", "vmap") == "concurrent"
-        refused = ("lifecycle",) if concurrent else ("cbp", "noise", "lifecycle")
+        refused = ("lifecycle",) if update_mode_of(all_args[0]) == "concurrent" else ("cbp", "noise", "lifecycle")
     configs = [flat_config(args) for args in all_args]
     problems = [f"--{key.replace('_', '-')}: runs in one process share one configuration, not {values}"
                 for key in configs[0] if key not in PER_RUN

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, with_flags
 from test_drq import filled_replay
 
-from rlplastic.batched import StackedModules, batch_problems, group_by
+from rlplastic.batched import StackedModules, batch_problems, group_by, update_mode_of
 from rlplastic.cli import expand_runs
 
 
@@ -90,7 +90,7 @@ def test_runs_that_cannot_share_a_process_are_refused(drq):
     assert "--continual lifecycle: not in these batched runs" in "\n".join(
         batch_problems([lifecycle, with_flags(lifecycle, seed=2)])
     )
-    cbp = with_flags(base, continual=("cbp", "noise"))
+    cbp = with_flags(base, continual=("cbp", "noise"), batched_update="vmap")
     assert "--continual cbp noise: not in these batched runs" in "\n".join(
         batch_problems([cbp, with_flags(cbp, seed=2)])
     )
@@ -98,6 +98,9 @@ def test_runs_that_cannot_share_a_process_are_refused(drq):
     assert batch_problems(concurrent) == []  # each run's own update: its hooks work
     concurrent_lifecycle = [with_flags(lifecycle, batched_update="concurrent", seed=seed) for seed in (1, 2)]
     assert "lifecycle" in "\n".join(batch_problems(concurrent_lifecycle))
+    # auto: each run's own update on a CPU (faster there, and exactly the runs alone), vmap on CUDA
+    assert update_mode_of(with_flags(base, device="cpu")) == "concurrent"
+    assert update_mode_of(with_flags(base, device="cuda")) == "vmap"
 
 
 TINY = ["--total-steps", "240", "--learning-starts", "80", "--buffer-size", "1000", "--batch-size", "8",
@@ -114,10 +117,14 @@ def run_drq(argv, timeout=900):
 
 @pytest.mark.slow
 def test_games_and_seeds_run_together_with_each_runs_files_and_numbers(drq, tmp_path):
-    proc = run_drq(["--env-id", "Pong", "Boxing", "--seed", "1", "2", "--output-dir", str(tmp_path / "b"), *TINY])
+    """The vmapped update (--batched-update vmap; auto picks it on CUDA): one batched forward and
+    backward per stack, each run's numbers up to the order of float sums."""
+    proc = run_drq(["--env-id", "Pong", "Boxing", "--seed", "1", "2", "--output-dir", str(tmp_path / "b"),
+                    "--batched-update", "vmap", *TINY])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "update batched, 4 run(s)" in proc.stdout
-    alone = run_drq(["--env-id", "Boxing", "--seed", "2", "--output-dir", str(tmp_path / "alone"), *TINY])
+    alone = run_drq(["--env-id", "Boxing", "--seed", "2", "--output-dir", str(tmp_path / "alone"),
+                     "--batched-update", "vmap", *TINY])  # fmt: skip
     assert alone.returncode == 0, alone.stderr[-3000:]
     single = json.loads((tmp_path / "alone" / "results.json").read_text())
     for game in ("Pong", "Boxing"):
@@ -139,8 +146,8 @@ class Killed(Exception):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("env_workers", [0, 2])
-def test_a_killed_batch_resumes_every_run_to_the_straight_numbers(drq, tmp_path, monkeypatch, env_workers):
+@pytest.mark.parametrize("env_workers, mode", [(0, "vmap"), (2, "auto")])
+def test_a_killed_batch_resumes_every_run_to_the_straight_numbers(drq, tmp_path, monkeypatch, env_workers, mode):
     """Also with the environments in worker processes: their states travel through the checkpoint."""
     from rlplastic import runs
 
@@ -148,7 +155,7 @@ def test_a_killed_batch_resumes_every_run_to_the_straight_numbers(drq, tmp_path,
         base = with_flags(drq.Args(), total_steps=160, learning_starts=60, buffer_size=1000, batch_size=8,
                           log_every=40, eval_episodes=1, eval_envs=1, max_episode_steps=100, diag_every=0,
                           checkpoint_every=80, device="cpu", track_tensorboard=False, reset=("redo",),
-                          redo_every=20, redo_batch=16, env_workers=env_workers)  # fmt: skip
+                          redo_every=20, redo_batch=16, env_workers=env_workers, batched_update=mode)  # fmt: skip
         return [with_flags(base, env_id="Pong", seed=seed, output_dir=str(tmp_path / folder / str(seed)))
                 for seed in (1, 2)]  # fmt: skip
 

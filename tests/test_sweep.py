@@ -219,7 +219,7 @@ def test_a_packed_sweep_runs_each_pack_in_one_process_into_the_usual_folders(tmp
     assert "4 run(s) finished, 0 failed" in done.stdout
     assert len(sorted(out.rglob("results.json"))) == 4 and (out / "drq" / "pack_Pong-Breakout_seeds1-2.log").exists()
     results = json.loads((out / "drq" / "Breakout" / "seed2" / "results.json").read_text())
-    assert results["update_mode"] == "batched" and results["method"] == "drq"
+    assert results["update_mode"] == "batched-concurrent" and results["method"] == "drq"  # auto, on a CPU
     again = sweep_cli("sweep", "--agent", "drq", "--games", "Pong,Breakout", "--seeds", "1-2", *sets, "--out", str(out),
                       "--pack", "4")  # fmt: skip
     assert "4 finished (skipped)" in again.stdout and "every run is finished" in again.stdout
