@@ -336,7 +336,7 @@ def train(all_args: list[Args]) -> list[dict]:
         obs.append(saved["obs"] if saved else run.env.reset()[0])
 
     def train_step(i: int = 0) -> None:  # run i's update, its interventions' device work: what a graph captures
-        runs[i].losses.add(update(args, *learners[i][:2], learners[i][2], replays[i], runs[i].generator))
+        runs[i].losses.add(update(args, *learners[i], replays[i], runs[i].generator))
         interventions[i].device_step()
 
     def batched_step() -> None:

@@ -120,13 +120,12 @@ def update_mode_of(args: Any) -> str:
     return mode
 
 
-def batch_problems(all_args: Sequence[Any], refused: Sequence[str] | None = None) -> list[str]:
+def batch_problems(all_args: Sequence[Any]) -> list[str]:
     """Why these runs cannot share a process: they differ in more than game, seed and folder, a
-    (game, seed) repeats, or a refused method is chosen: by default those that hook one network's
-    forward or optimizer (a vmapped update runs neither) and lifecycle layers (they replace the
-    network's layers after the runs' parameters are stacked)."""
-    if refused is None:  # a concurrent update runs each run's own forward and optimizer: hooks work there
-        refused = ("lifecycle",) if update_mode_of(all_args[0]) == "concurrent" else ("cbp", "noise", "lifecycle")
+    (game, seed) repeats, or a refused method is chosen: lifecycle layers (they replace the
+    network's layers after the runs' parameters are stacked) and, under a vmapped update, the
+    methods that hook one network's forward or optimizer (a concurrent update runs each run's own)."""
+    refused = ("lifecycle",) if update_mode_of(all_args[0]) == "concurrent" else ("cbp", "noise", "lifecycle")
     configs = [flat_config(args) for args in all_args]
     problems = [f"--{key.replace('_', '-')}: runs in one process share one configuration, not {values}"
                 for key in configs[0] if key not in PER_RUN

@@ -202,10 +202,8 @@ class FrameReplay:
         n_step = self.n_step if n_step is None else n_step
         if not 1 <= n_step <= self.n_step:
             raise ValueError(f"n_step {n_step}: must lie in 1..{self.n_step} (the replay's n_step)")
-        if torch.is_tensor(gamma):
-            powers = gamma ** torch.arange(n_step, dtype=torch.float32, device=self.device)
-            gamma_n = gamma**n_step
-        elif gamma is None or (gamma == self.gamma and n_step == self.n_step):
+        # a device gamma is never compared on the host (that would sync): it takes the general path
+        if gamma is None or (not torch.is_tensor(gamma) and gamma == self.gamma and n_step == self.n_step):
             powers, gamma_n = self.discount_powers[:n_step], self.gamma**n_step
         else:
             powers, gamma_n = gamma ** torch.arange(n_step, dtype=torch.float32, device=self.device), gamma**n_step

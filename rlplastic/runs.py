@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, clip_reward, make_atari100k_env
-from rlplastic.evaluation import EvalResult, episode_quotas, evaluate_episodes, evaluate_runs
+from rlplastic.evaluation import EvalResult, episode_quotas, evaluate_episodes, evaluate_runs, step_env
 from rlplastic.files import atomic_torch_save, atomic_write_json, read_failure, safe_torch_load
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -616,9 +616,7 @@ class Run:
         dopamine's terminal_on_life_loss), record a finished episode and start the next. Returns the
         observation to act on."""
         if result is None:
-            result = self.env.step(action)
-            if result[2] or result[3]:
-                result = (self.env.reset()[0], *result[1:])
+            result = step_env(self.env, action)  # as a worker steps it: the next episode starts at once
         next_obs, reward, terminated, truncated, info = result
         replay.add(obs[-1], action, clip_reward(reward), terminated or info["life_loss"], truncated)
         if terminated or truncated:
