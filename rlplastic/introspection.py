@@ -22,11 +22,14 @@ class _LayerLeafTracer(fx.Tracer):
 
 
 # Modules and functions that act on each unit alone (or only rescale it), so unit i of a layer is
-# still unit i of the next layer's input after them.
+# still unit i of the next layer's input after them. Padding modules pad each channel on its own
+# (DrQ's TensorFlow-style 'SAME' convolutions are a ZeroPad2d before each Conv2d): leaving them out
+# made every padded layer look unit-mixing, and ReDo and continual backprop skipped it.
 UNITWISE_MODULES = (
     nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Flatten,
     nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.modules.padding._ConstantPadNd,
+    nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd,
 )  # fmt: skip
 _JOINS = {operator.add, operator.sub, operator.iadd, torch.add, torch.sub, "add", "sub", "add_"}
 _REINDEXING = {torch.cat, torch.stack, torch.concat}  # unit i lands elsewhere (CReLU's [relu(x), -relu(-x)])

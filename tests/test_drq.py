@@ -262,10 +262,15 @@ def test_flags_build_the_interventions_with_their_schedules(drq):
 
 def test_unit_replacing_interventions_act_on_the_drq_network(drq):
     args = with_flags(drq.Args(), batch_size=4, reset=("redo",), redo_every=5, redo_tau=0.5, redo_batch=16)
-    _, _, (redo,) = run_updates(drq, args, 10)
-    assert len(redo.recycled) == 2 and sum(redo.recycled) > 0
+    q, _, (redo,) = run_updates(drq, args, 10)
+    # every hidden layer, the three 'SAME'-padded convolutions included (Sokar et al. 2023 recycle
+    # the dormant units of all layers), the dueling outputs never
+    hidden = [q.encoder[0][1], q.encoder[2][1], q.encoder[4][1], q.head[0]]
+    assert [layer for layer, _ in redo.layers] == hidden
+    assert len(redo.recycled) == 2 and sum(redo.recycled) > 0  # two passes
     args = with_flags(drq.Args(), batch_size=4, continual=("cbp", "noise"), cbp_rate=0.05, cbp_maturity=3)
-    _, _, (cbp, noise) = run_updates(drq, args, 8)
+    q, _, (cbp, noise) = run_updates(drq, args, 8)
+    assert [layer for layer, _ in cbp.layers] == [q.encoder[0][1], q.encoder[2][1], q.encoder[4][1], q.head[0]]
     assert cbp.replaced > 0 and noise.t == 8
     lifecycle = dict(continual=("lifecycle",), lifecycle_lifespan=(2, 4), lifecycle_recovery=(1, 2))
     args = with_flags(drq.Args(), batch_size=4, **lifecycle)
