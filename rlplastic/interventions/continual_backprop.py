@@ -15,12 +15,23 @@ def _unit_reduce(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=[0, *range(2, x.dim())])
 
 
+def _reduce_into(buffer: torch.Tensor, x: torch.Tensor) -> None:
+    """buffer <- _unit_reduce(x), in place (a captured graph refills it); one kernel when the dtypes
+    agree."""
+    if x.dtype == buffer.dtype:
+        torch.mean(x, dim=[0, *range(2, x.dim())], out=buffer)
+    else:
+        buffer.copy_(_unit_reduce(x))
+
+
 def _fold_inputs(layer: nn.Module, next_layer: nn.Module, values: torch.Tensor) -> torch.Tensor:
     """Per-input values of `next_layer`, shaped (..., in) or (..., in, kh, kw) like its weight's
     trailing dims, summed per unit of `layer`: over kernel taps, or over the block of flattened
-    positions a conv channel owns."""
+    positions a conv channel owns (nothing to sum when each unit owns one input)."""
     if isinstance(next_layer, nn.Conv2d):
         return values.sum(dim=(-2, -1))
+    if values.shape[-1] == num_units(layer):
+        return values
     return values.reshape(*values.shape[:-1], num_units(layer), -1).sum(-1)
 
 
@@ -97,8 +108,8 @@ class ContinualBackprop(Intervention):
             return
         h = received_features(self.layers[index][0], received.detach())
         state = self.state[index]
-        state["batch_abs"].copy_(_unit_reduce(h.abs()))  # in place: a captured graph refills them
-        state["batch_mean"].copy_(_unit_reduce(h))
+        _reduce_into(state["batch_abs"], h.abs())
+        _reduce_into(state["batch_mean"], h)
         state["fed"] = True
 
     def metrics(self) -> dict[str, float]:
@@ -120,16 +131,26 @@ class ContinualBackprop(Intervention):
 
     @torch.no_grad()
     def device_step(self) -> None:
-        """The utility and mean-activation EMAs and the ages: device work, graph-capturable."""
-        for (layer, following), state in zip(self.layers, self.state, strict=True):
-            if not state["fed"]:
-                continue
+        """The utility and mean-activation EMAs and the ages: device work, graph-capturable; the
+        updates of all layers are fused (foreach) kernels."""
+        fed = [(layer, following, state) for (layer, following), state in zip(self.layers, self.state, strict=True)
+               if state["fed"]]  # fmt: skip
+        if not fed:
+            return
+        absolute = iter(torch._foreach_abs([nxt.weight for _, following, _ in fed for nxt in following]))
+        out_magnitudes = []
+        for layer, following, _ in fed:
             # mean |w_out| over the next layers' rows first, then fold flatten blocks / kernel taps
-            magnitudes = [_fold_inputs(layer, nxt, nxt.weight.abs().mean(0)) for nxt in following]
-            out_magnitude = torch.stack(magnitudes).mean(0)
-            state["utility"].lerp_(state["batch_abs"] * out_magnitude, 1 - self.decay)
-            state["mean_activation"].lerp_(state["batch_mean"], 1 - self.decay)
-            state["age"].add_(1)
+            magnitudes = [_fold_inputs(layer, nxt, next(absolute).mean(0)) for nxt in following]
+            out_magnitudes.append(magnitudes[0] if len(magnitudes) == 1 else torch.stack(magnitudes).mean(0))
+        states = [state for _, _, state in fed]
+        utilities = torch._foreach_mul([state["batch_abs"] for state in states], out_magnitudes)
+        torch._foreach_lerp_(
+            [state["utility"] for state in states] + [state["mean_activation"] for state in states],
+            [*utilities, *(state["batch_mean"] for state in states)],
+            1 - self.decay,
+        )
+        torch._foreach_add_([state["age"] for state in states], 1)
 
     def host_step(self) -> None:
         """Ages on the host, the replacement fraction, and the replacements when due (rare)."""

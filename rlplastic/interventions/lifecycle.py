@@ -34,6 +34,10 @@ class _Lifecycle:
     acting, target and double-DQN forwards age nothing). An unbound layer falls back to ticking at
     every training-mode forward that builds a graph. Forwards apply the mask and scaler.
 
+    The per-step device work of many layers runs as three fused (foreach) kernels in all
+    (tick_lifecycles), whatever the number of layers, so it costs almost nothing inside a captured
+    update.
+
     Each unit draws its own lifespan and recovery time once; "life = L_max" and
     "recovery = R_max" in Algorithm 1 are read as these per-unit values. warmup <= 1 turns the
     warm-up off. Revival also zeroes the bound optimizer's moments of the revived rows: Algorithm 1
@@ -77,6 +81,14 @@ class _Lifecycle:
         self.register_buffer("memory_weight", self.weight.detach().clone())
         bias = self.bias.detach().clone() if self.bias is not None else torch.zeros(units, device=device)
         self.register_buffer("memory_bias", bias)
+        # What each counter loses per tick (life: 1 while active; recovery: 1 while resting), kept
+        # beside `active` so the tick is one fused subtraction; derived, so not saved.
+        self.register_buffer("life_step", self.active.long(), persistent=False)
+        self.register_buffer("recovery_step", (~self.active).long(), persistent=False)
+
+    def _derive_steps(self) -> None:
+        self.life_step.copy_(self.active)
+        self.recovery_step.copy_(~self.active)
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Tick this layer's clock once per optimizer.step() (in training mode), and zero the
@@ -128,16 +140,18 @@ class _Lifecycle:
         return super().extra_repr() + f", warmup={self.warmup}, revival={self.revival}"
 
     def gate(self) -> torch.Tensor:
-        """d = active * scaler, one factor per unit."""
-        return self.active.to(self.scaler.dtype) * self.scaler
+        """d = active * scaler, one factor per unit (one kernel: a float times a bool tensor)."""
+        return self.scaler * self.active
 
     def refresh_counters(self) -> None:
         """Re-read the counters from the buffers; call after changing them by hand."""
         self._host = None
+        self._derive_steps()
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._host = None
+        self._derive_steps()
 
     def _host_counters(self) -> dict[str, np.ndarray]:
         # The lifecycle is a clock: which units die or revive never depends on data, so a host
@@ -153,14 +167,9 @@ class _Lifecycle:
         self.lifecycle_device_tick()
         self.lifecycle_host_tick()
 
-    @torch.no_grad()
     def lifecycle_device_tick(self) -> None:
-        """(A) the warm-up ramp and (B) the counters, on the device: no host sync, graph-capturable
-        (once the host mirror exists; it is read here the first time, before the counters move)."""
-        self._host_counters()
-        self.scaler.copy_(torch.where(self.scaler < 1, (self.scaler + 1.0 / self.warmup).clamp(max=1.0), self.scaler))
-        self.life.sub_(self.active.long())
-        self.recovery.sub_((~self.active).long())
+        """(A) the warm-up ramp and (B) the counters of this layer: tick_lifecycles([self])."""
+        tick_lifecycles([self])
 
     @torch.no_grad()
     def lifecycle_host_tick(self) -> None:
@@ -195,6 +204,7 @@ class _Lifecycle:
         self.active.index_fill_(0, units, False)
         self.recovery.index_copy_(0, units, self.recovery_time.index_select(0, units))
         self.scaler.index_fill_(0, units, 1.0)
+        self._derive_steps()
 
     def _revive(self, units: torch.Tensor) -> None:
         if self.revival == "memory":
@@ -213,10 +223,30 @@ class _Lifecycle:
         self.active.index_fill_(0, units, True)
         self.life.index_copy_(0, units, self.lifespan.index_select(0, units))
         self.scaler.index_fill_(0, units, 1.0 / self.warmup)
+        self._derive_steps()
         optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
         for param in (self.weight, self.bias):
             if param is not None:
                 zero_optimizer_state(optimizer, param, units, 0)
+
+
+@torch.no_grad()
+def tick_lifecycles(layers: Sequence[_Lifecycle]) -> None:
+    """(A) the warm-up ramp and (B) the counters of every layer in `layers`, on the device: three
+    fused (foreach) kernels for all of them, no host sync, graph-capturable (once each layer's host
+    mirror exists; it is read here the first time, before the counters move).
+
+    (A) scaler <- min(scaler + 1/warmup, 1): a unit at 1 (every active unit past its warm-up, every
+    resting one) stays at 1. (B) life -= active, recovery -= not active."""
+    if not layers:
+        return
+    for layer in layers:
+        layer._host_counters()
+    counters = [layer.life for layer in layers] + [layer.recovery for layer in layers]
+    torch._foreach_sub_(counters, [layer.life_step for layer in layers] + [layer.recovery_step for layer in layers])
+    scalers = [layer.scaler for layer in layers]
+    torch._foreach_add_(scalers, [1.0 / layer.warmup for layer in layers])
+    torch._foreach_clamp_max_(scalers, 1.0)
 
 
 class LifecycleLinear(_Lifecycle, nn.Linear):

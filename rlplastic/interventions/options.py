@@ -29,7 +29,7 @@ from rlplastic.interventions.base import InitFn, Intervention, Interventions
 from rlplastic.interventions.continual_backprop import ContinualBackprop
 from rlplastic.interventions.gradient_noise import GradientNoise
 from rlplastic.interventions.hare_tortoise import HareTortoise
-from rlplastic.interventions.lifecycle import _Lifecycle, lifecycle_metrics, swap_in_lifecycle
+from rlplastic.interventions.lifecycle import _Lifecycle, lifecycle_metrics, swap_in_lifecycle, tick_lifecycles
 from rlplastic.interventions.redo import ReDo
 from rlplastic.interventions.shrink_perturb import HeadReset, ShrinkPerturb
 
@@ -182,9 +182,7 @@ class Lifecycle(Intervention):
             layer.drive_externally()
 
     def device_step(self) -> None:
-        for layer in self.layers:
-            if layer.training:
-                layer.lifecycle_device_tick()
+        tick_lifecycles([layer for layer in self.layers if layer.training])  # three fused kernels for all
 
     def host_step(self) -> None:
         for layer in self.layers:
