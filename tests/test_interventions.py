@@ -382,6 +382,22 @@ def test_gradient_noise_is_isotropic_with_the_gradient_norm_and_decays():
     assert noise.t_device.item() == 1  # the optimizer step advanced the device counter the noise reads
 
 
+def test_gradient_noise_draws_each_parameter_its_own_noise_and_skips_those_without_a_gradient():
+    """One flat draw per step, each parameter's noise a slice of it: parameters get different noise,
+    a parameter with no gradient (frozen, unused) gets none and counts nothing in ||g||."""
+    p, q, frozen = (nn.Parameter(torch.zeros(2000)) for _ in range(3))
+    optimizer = torch.optim.SGD([p, frozen, q], lr=1.0)
+    GradientNoise(optimizer, sigma0=0.5, decay=0.5, generator=torch.Generator().manual_seed(2))  # hooks the optimizer
+    p.grad, q.grad = torch.zeros(2000), torch.zeros(2000)
+    p.grad[0], q.grad[0] = 3.0, 4.0  # ||g|| = 5 over p and q
+    g_p, g_q = p.grad.clone(), q.grad.clone()
+    optimizer.step()
+    assert not frozen.any()
+    added_p, added_q = -p.detach() - g_p, -q.detach() - g_q
+    assert not torch.equal(added_p, added_q)
+    assert abs(torch.cat([added_p, added_q]).std().item() - 0.5 * 5.0) < 0.1
+
+
 def test_gradient_noise_reads_sigma_from_its_device_counter():
     """The hook (captured in an agent's CUDA graph with the optimizer step) scales the noise by
     sigma0 * decay^t with t counted on the device; a checkpoint restores that counter."""
