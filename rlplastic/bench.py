@@ -5,18 +5,48 @@ tests and sweeps do."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from types import ModuleType
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlplastic.batched import StackedModules
 from rlplastic.cuda_graphs import CapturedStep, ConcurrentSteps
 from rlplastic.envs.atari import make_atari100k_env
 from rlplastic.replay import FrameReplay
 from rlplastic.runs import device_generator
+
+# Operators that allocate or re-label memory without launching a kernel.
+_FREE_OPS = {"empty", "empty_strided", "detach", "lift_fresh", "alias", "set_"}
+
+
+class DeviceOpCounter(TorchDispatchMode):
+    """Counts the tensor operators a block of code runs (views and bare allocations left out): on a
+    GPU each is a kernel launch, or a node of a captured graph, so the count is a device-free
+    measure of a step's launch overhead.
+
+        with DeviceOpCounter() as ops:
+            update()
+        ops.total, ops.counts.most_common(5)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _FREE_OPS:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,6 +8,10 @@ captured in one CUDA graph (host_step() after each replay), as the agents run it
 head reset every 20k steps, a ReDo pass every 1k) would not occur in a short measurement, so each
 one is also timed when forced and amortized over its period: overhead = (per-step cost + event
 cost / period) / plain update time. Goal: <= 3% (on a GPU, of the captured update).
+
+The "ops" column counts the tensor operators of one update with its interventions' device work
+(rlplastic.bench.DeviceOpCounter): on a GPU each is a kernel (a node of the captured graph), so it
+shows the launch overhead an intervention adds on any machine, a CPU included.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Literal
 import torch
 import tyro
 
-from rlplastic.bench import device_name, random_replay, synchronize, time_steps
+from rlplastic.bench import DeviceOpCounter, device_name, random_replay, synchronize, time_steps
 from rlplastic.cli import replace_flags
 from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
 from rlplastic.init import xavier_uniform_zero_bias
@@ -83,6 +87,19 @@ def update_seconds(args, device, replay, generator, updates, graph: bool = False
     return time_steps(step, updates, device, warmup=4)  # graph: 3 eager steps, then the capture
 
 
+def device_ops(args, device, replay, generator) -> int:
+    """Tensor operators (kernels on a GPU) of one update followed by its interventions' device
+    work, after a few updates (state allocated, hooks fed)."""
+    q, target, optimizer, interventions = build(args, device, replay)
+    for _ in range(3):
+        drq.update(args, q, target, optimizer, replay, generator)
+        interventions.step()
+    with DeviceOpCounter() as ops:
+        drq.update(args, q, target, optimizer, replay, generator)
+        interventions.device_step()
+    return ops.total
+
+
 def event_cost(args, device, replay, generator) -> tuple[float, int]:
     """Seconds of one scheduled event (reset, recycling pass) and its period; (0, 0) if none."""
     q, target, optimizer, interventions = build(args, device, replay)
@@ -110,6 +127,8 @@ def main(bench: BenchArgs) -> None:
     replay = random_replay(FrameReplay(5_000, 10, 0.99, device=device, generator=generator), num_actions=4)
     base = replace_flags(drq.Args(), device=bench.device)
     modes = ["eager", "cuda-graph"] if graph_capture_available(device) else ["eager"]
+    ops = {label: device_ops(replace_flags(base, **overrides), device, replay, generator)
+           for label, (overrides, _) in CONFIGS.items()}  # fmt: skip
     for mode in modes:
         times: dict[str, list[float]] = {label: [] for label in CONFIGS}
         for _ in range(bench.repeats):  # interleaved, so drifts in machine load hit every config alike
@@ -118,7 +137,7 @@ def main(bench: BenchArgs) -> None:
                 times[label].append(update_seconds(args, device, replay, generator, bench.updates, mode != "eager"))
         fastest = {label: min(values) for label, values in times.items()}
         print(f"{mode} update: {'configuration':26s} {'ms/update':>10s} {'event ms':>9s} {'period':>7s} "
-              f"{'overhead':>9s}  vs")  # fmt: skip
+              f"{'overhead':>9s} {'ops':>5s} {'+ops':>5s}  vs")  # fmt: skip
         for label, (overrides, baseline) in CONFIGS.items():
             event, period = event_cost(replace_flags(base, **overrides), device, replay, generator)
             amortized = fastest[label] + (event / period if period else 0.0)
@@ -126,7 +145,7 @@ def main(bench: BenchArgs) -> None:
             event_text = f"{1000 * event:9.1f}" if period else f"{'-':>9s}"
             period_text = f"{period:7d}" if period else f"{'-':>7s}"
             print(f"{mode} update: {label:26s} {1000 * fastest[label]:10.2f} {event_text} {period_text} "
-                  f"{overhead:+8.1f}%  {baseline}")  # fmt: skip
+                  f"{overhead:+8.1f}% {ops[label]:5d} {ops[label] - ops[baseline]:+5d}  {baseline}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -32,3 +32,22 @@ def test_bench_script_runs_and_prints_its_figures(name):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for text in expected:
         assert text in proc.stdout, (name, text, proc.stdout[-2000:])
+
+
+def test_the_op_counter_counts_kernels_not_views_or_allocations():
+    """Each counted operator is a kernel on a GPU; views and bare allocations launch none, and the
+    fused (foreach) form of a per-tensor loop counts once."""
+    import torch
+
+    from rlplastic.bench import DeviceOpCounter
+
+    tensors = [torch.ones(3) for _ in range(4)]
+    with DeviceOpCounter() as ops:
+        x = torch.empty(6).view(2, 3).t()  # allocation and views: free
+        y = x.abs() + 1.0  # two kernels
+        torch._foreach_add_(tensors, 1.0)  # one fused kernel for four tensors
+    assert ops.total == 3 and ops.counts == {"abs": 1, "add": 1, "_foreach_add_": 1} and y.shape == (3, 2)
+    with DeviceOpCounter() as ops:
+        for t in tensors:
+            t.add_(1.0)
+    assert ops.total == 4
