@@ -97,11 +97,12 @@ class Intervention:
     is the per-step tensor work, free of host syncs and Python decisions, so an agent may capture it
     in a CUDA graph with its update; host_step() keeps the schedule and runs the rare events (resets,
     recycling) outside the graph, changing parameters and optimizer state in place so the captured
-    graph needs no re-capture. graph_safe says whether the intervention may be captured at all;
-    those that decide on the host every step or hook into the forward or the optimizer (continual
-    backprop, gradient noise) are not, and the agent keeps an eager update for them. Calling all
-    device_steps, then all host_steps, is the same as calling each step() in turn as long as only
-    one intervention has device work (tested with the DrQ interventions).
+    graph needs no re-capture. graph_safe says whether the intervention's device work may be
+    captured at all (every intervention here: the ones that hook into the forward or the optimizer,
+    continual backprop and gradient noise, write into fixed buffers and count on the device); an
+    agent keeps an eager update for one that is not. Calling all device_steps, then all host_steps,
+    is the same as calling each step() in turn as long as only one intervention has device work
+    (tested with the DrQ interventions).
     """
 
     state_keys: tuple[str, ...] = ()
