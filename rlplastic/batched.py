@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from rlplastic.replay import FrameReplay
 from rlplastic.runs import flat_config
 
 
@@ -124,7 +125,9 @@ def batch_problems(all_args: Sequence[Any]) -> list[str]:
     """Why these runs cannot share a process: they differ in more than game, seed and folder, a
     (game, seed) repeats, or a refused method is chosen: lifecycle layers (they replace the
     network's layers after the runs' parameters are stacked) and, under a vmapped update, the
-    methods that hook one network's forward or optimizer (a concurrent update runs each run's own)."""
+    methods that hook one network's forward or optimizer (a concurrent update runs each run's own).
+    Then whether every run's replay (0.7 GB each at --buffer-size 100000) fits in the device's
+    free memory at once."""
     refused = ("lifecycle",) if update_mode_of(all_args[0]) == "concurrent" else ("cbp", "noise", "lifecycle")
     configs = [flat_config(args) for args in all_args]
     problems = [f"--{key.replace('_', '-')}: runs in one process share one configuration, not {values}"
@@ -138,7 +141,8 @@ def batch_problems(all_args: Sequence[Any]) -> list[str]:
         problems.append(f"--continual {' '.join(chosen)}: not in these batched runs (cbp and noise hook one network's "
                         "forward or optimizer: --batched-update concurrent runs them; lifecycle layers replace the "
                         "stacked layers); run these one (game, seed) at a time")  # fmt: skip
-    return problems
+    args = all_args[0]
+    return problems or FrameReplay.memory_problems(args.buffer_size, args.run.device, runs=len(all_args))
 
 
 def group_by(keys: Sequence[Any]) -> dict[Any, list[int]]:

@@ -51,11 +51,18 @@ class FrameReplay:
             problems.append(f"--batch-size {batch_size}: larger than the replay (--buffer-size {capacity})")
         if capacity <= n_step + 4:
             problems.append(f"--buffer-size {capacity}: must exceed the n-step's n + 4 = {n_step + 4}")
-        if not problems and device in ("auto", "cpu", "cuda") and (device != "cuda" or torch.cuda.is_available()):
-            needed = cls.memory_bytes(capacity, prioritized=prioritized)
-            problem = memory_problem(needed, resolve_device(device), f"--buffer-size {capacity} (the replay)")
-            problems += [problem] if problem else []
-        return problems
+        return problems or cls.memory_problems(capacity, device, prioritized=prioritized)
+
+    @classmethod
+    def memory_problems(cls, capacity: int, device: str, runs: int = 1, prioritized: bool = False) -> list[str]:
+        """A refusal when `runs` replays of `capacity` slots (one per run of a process) would not fit
+        in the free memory of `device`, else none."""
+        if device not in ("auto", "cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+            return []
+        needed = runs * cls.memory_bytes(capacity, prioritized=prioritized)
+        what = f"--buffer-size {capacity} (the replay)" + (f" x {runs} runs in one process" if runs > 1 else "")
+        problem = memory_problem(needed, resolve_device(device), what)
+        return [problem] if problem else []
 
     def __init__(
         self,

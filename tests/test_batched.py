@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +102,22 @@ def test_runs_that_cannot_share_a_process_are_refused(drq):
     # auto: each run's own update on a CPU (faster there, and exactly the runs alone), vmap on CUDA
     assert update_mode_of(with_flags(base, device="cpu")) == "concurrent"
     assert update_mode_of(with_flags(base, device="cuda")) == "vmap"
+
+
+def test_a_batch_whose_replays_do_not_fit_together_is_refused_before_any_work(drq):
+    """Each run's replay fits alone (the per-run check passes), but the process holds one per run:
+    the batch is refused with the total it needs and the number of runs, before anything is built."""
+    from rlplastic.replay import FrameReplay
+    from rlplastic.runs import memory_problem
+
+    free = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("MemAvailable")).split()[1]) * 1024  # fmt: skip
+    buffer_size = free // (3 * FrameReplay.memory_bytes(1))  # a third of the free memory each
+    assert memory_problem(FrameReplay.memory_bytes(buffer_size), torch.device("cpu"), "one") is None
+    runs = [with_flags(drq.Args(), device="cpu", buffer_size=buffer_size, seed=seed) for seed in (1, 2, 3, 4)]
+    problems = batch_problems(runs)
+    assert len(problems) == 1 and f"--buffer-size {buffer_size} (the replay) x 4 runs in one process" in problems[0]
+    assert batch_problems(runs[:2]) == []  # two thirds fit
 
 
 TINY = ["--total-steps", "240", "--learning-starts", "80", "--buffer-size", "1000", "--batch-size", "8",
