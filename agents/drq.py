@@ -318,8 +318,9 @@ def train(all_args: list[Args]) -> list[dict]:
     groups = batched.group_by([q.advantage.out_features for q in nets])  # runs with one number of actions
     stacks = {n: batched.StackedModules([nets[i] for i in members]) for n, members in groups.items()} if many else {}
     learners = [build_learner(a, 0, run.device, q) for a, run, q in zip(all_args, runs, nets, strict=True)]
+    vmapped = many and batched.update_mode_of(args) == "vmap"  # else each run's own update, no target stacks
     target_stacks = {n: batched.StackedModules([learners[i][1] for i in members]) if args.interventions.ema > 0
-                     else None for n, members in groups.items()} if many else {}  # fmt: skip
+                     else None for n, members in groups.items()} if vmapped else {}  # fmt: skip
     replays, interventions, probes, obs = [], [], [], []
     for run, (q, target, optimizer) in zip(runs, learners, strict=True):
         replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=run.device, generator=run.generator)
@@ -348,12 +349,11 @@ def train(all_args: list[Args]) -> list[dict]:
                 runs[i].losses.add({key: value[j] for key, value in losses.items()})
 
     use_graph = args.cuda_graph and graph_capture_available(runs[0].device) and all(i.graph_safe for i in interventions)
-    concurrent = many and batched.update_mode_of(args) == "concurrent"
+    concurrent = many and not vmapped
     step_all = batched_step if many else train_step
     if concurrent:  # each run's own update; on CUDA one graph each, replayed side by side
-        step_all = ConcurrentSteps(
-            [partial(train_step, i) for i in range(len(runs))], [r.generator for r in runs], use_graph
-        )
+        step_all = ConcurrentSteps([partial(train_step, i) for i in range(len(runs))], [r.generator for r in runs],
+                                   use_graph)  # fmt: skip
     elif use_graph:  # every run's sampling and augmentation stream is registered with the one graph
         step_all = CapturedStep(step_all, generators=[run.generator for run in runs])
     update_mode = "-".join(["batched"] * many + ["concurrent"] * concurrent + ["cuda-graph"] * use_graph) or "eager"
