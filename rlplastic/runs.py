@@ -3,14 +3,14 @@
 Run holds a run's folder (one writer at a time, never overwriting a finished run), its tensorboard
 writer and progress line, its records (training episodes, losses, diagnostics, evaluations), its
 checkpoints, built from a registry of stateful objects so that saving and resuming are one call
-each, and its results.json, written atomically. RunOptions are the flags that go with it.
+each, and its results.json, written atomically. RunOptions are the flags that go with it. The
+folder lock and the checkpoint files themselves are rlplastic.checkpoints'.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import os
 import random
 import subprocess
@@ -24,9 +24,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from rlplastic.checkpoints import (
+    CHECKPOINT_FORMAT,
+    RESUMABLE_CHANGES,
+    hold_run_folder,
+    load_checkpoint,
+    output_dir_problems,
+    save_checkpoint,
+    stop_if_not_finite,
+)
 from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, clip_reward, make_atari100k_env
 from rlplastic.evaluation import EvalResult, episode_quotas, evaluate_episodes, evaluate_runs, step_env
-from rlplastic.files import atomic_torch_save, atomic_write_json, read_failure, safe_torch_load
+from rlplastic.files import atomic_torch_save, atomic_write_json
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -58,66 +67,6 @@ def device_generator(device: torch.device, seed: int) -> torch.Generator:
     return generator
 
 
-# Arguments of an agent run that may differ when an interrupted run resumes: they change how it is
-# run and logged, not its results.
-RESUMABLE_CHANGES = frozenset({"device", "log_every", "checkpoint_every", "track_tensorboard", "track",
-                               "wandb_project_name", "wandb_entity", "save_model", "env_workers"})  # fmt: skip
-
-
-def output_dir_problems(output_dir: str | None) -> list[str]:
-    """--output-dir must be a folder (or not exist yet) and must not hold a finished run."""
-    if output_dir is None:
-        return []
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        return [f"--output-dir {output_dir}: is a file, not a folder; choose a folder for the run"]
-    if (path / "results.json").exists():
-        return [f"--output-dir {output_dir}: already holds a finished run (results.json); choose another folder "
-                "or remove it"]  # fmt: skip
-    return []
-
-
-_HELD_FOLDERS: dict[Path, Any] = {}  # folder -> its open lock file, for the life of this process
-
-
-def hold_run_folder(folder: Path, agent: str) -> None:
-    """One writer per run folder: an exclusive flock on `<folder>/.lock`, held until this process
-    ends. The OS releases it when the holder dies however it dies (kill -9 included), so a folder
-    whose run was killed can be resumed at once; a second process is refused with the live
-    holder's PID. Re-entrant within one process (a resumed main() in the same interpreter)."""
-    import fcntl
-
-    folder.mkdir(parents=True, exist_ok=True)
-    key = folder.resolve()
-    if key in _HELD_FOLDERS:
-        return
-    lock_file = open(folder / ".lock", "a+")  # noqa: SIM115 (kept open: the lock lives as long as the file)
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock_file.seek(0)
-        holder = lock_file.read().strip() or "unknown"
-        lock_file.close()
-        sys.exit(f"{agent}: {folder} is in use by a live run (PID {holder}); wait for it to end or choose "
-                 "another --output-dir")  # fmt: skip
-    lock_file.seek(0)
-    lock_file.truncate()
-    lock_file.write(str(os.getpid()))
-    lock_file.flush()
-    _HELD_FOLDERS[key] = lock_file
-
-
-def save_checkpoint(path: Path, payload: Any, agent: str) -> None:
-    """atomic_torch_save, and if the write fails (disk full, I/O error) stop with a message: the
-    previous checkpoint is untouched, since the new one was written beside it."""
-    try:
-        atomic_torch_save(path, payload)
-    except OSError as e:
-        kept = f"the previous checkpoint {path} is kept" if path.exists() else "no earlier checkpoint exists"
-        sys.exit(f"{agent}: could not write the checkpoint {path} ({e.strerror or e}); {kept}; free space and run "
-                 "the same command again to resume")  # fmt: skip
-
-
 def memory_problem(needed_bytes: int, device: torch.device, what: str) -> str | None:
     """A refusal when `needed_bytes` will not fit in the free memory of `device` (the host's
     available RAM for the CPU, torch.cuda.mem_get_info for a GPU), else None."""
@@ -133,63 +82,6 @@ def memory_problem(needed_bytes: int, device: torch.device, what: str) -> str | 
         return (f"{what} needs {needed_bytes / 2**30:.2f} GiB but {device} has {free / 2**30:.2f} GiB free; "
                 "make it smaller")  # fmt: skip
     return None
-
-
-def read_checkpoint(path: Path, device: torch.device | str, who: str) -> dict | None:
-    """The checkpoint in `path` written by save_checkpoint, or None if there is none. A file that is
-    not one (truncated, corrupt, foreign, or carrying code: it is read as plain data only) stops the
-    run with its name and what to do, never a traceback."""
-    if not path.exists():
-        return None
-    try:
-        checkpoint = safe_torch_load(path, device)
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
-            raise ValueError("no run configuration in it")
-    except Exception as e:  # any reading failure is the file's fault
-        sys.exit(f"{who}: {path} is not a readable checkpoint ({read_failure(e)}); move it away to start the run over")
-    return checkpoint
-
-
-# The layout of agent checkpoints. 2: the Run harness's (objects by name, records, extras);
-# 1: each agent's own keys, written before the harness existed.
-CHECKPOINT_FORMAT = 2
-
-
-def load_checkpoint(
-    path: Path, config: dict[str, Any], resumable: set[str], device: torch.device, agent: str
-) -> dict | None:
-    """The checkpoint of an interrupted agent run in `path` (read_checkpoint), or None. One of
-    another layout, or written with other arguments than `config` (apart from `resumable` ones),
-    stops the run with a message that says why and what to do."""
-    checkpoint = read_checkpoint(path, device, agent)
-    if checkpoint is None:
-        return None
-    found = checkpoint.get("format", 1)
-    if found != CHECKPOINT_FORMAT:
-        sys.exit(
-            f"{agent}: {path} is a checkpoint of format {found}, written by "
-            f"{'an earlier' if found < CHECKPOINT_FORMAT else 'a later'} rlplastic; this one reads format "
-            f"{CHECKPOINT_FORMAT} only (the layout changed with the run harness), so it cannot resume that run: "
-            "finish it with the rlplastic version that wrote it, or start over in another --output-dir"
-        )
-    changed = {k for k in config if k not in resumable and checkpoint["config"].get(k) != config[k]}
-    if changed:
-        sys.exit(
-            f"{agent}: {path} was written with other arguments ({', '.join(sorted(changed))}); "
-            "resume with the same ones or choose another --output-dir"
-        )
-    return checkpoint
-
-
-def stop_if_not_finite(agent: str, losses: dict[str, float], step: int, checkpoint_path: Path) -> None:
-    """Stop a diverged run where its losses are read anyway: say at which step and which loss,
-    keep the last good checkpoint, write no results.json, exit non-zero."""
-    bad = {key: value for key, value in losses.items() if not math.isfinite(value)}
-    if bad:
-        kept = (
-            f"the last good checkpoint {checkpoint_path} is kept" if checkpoint_path.exists() else "no checkpoint yet"
-        )
-        sys.exit(f"{agent}: training diverged by step {step} ({bad}); {kept}; no results written")
 
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:

@@ -13,13 +13,13 @@ import pytest
 import torch
 from conftest import ROOT
 
-from rlplastic import runs
+from rlplastic import checkpoints, files, runs
 
 
 def test_a_second_process_is_refused_with_the_holders_pid_and_a_killed_holder_frees_the_folder(tmp_path):
     folder = tmp_path / "run"
     code = (
-        "import sys, time; from pathlib import Path; from rlplastic.runs import hold_run_folder; "
+        "import sys, time; from pathlib import Path; from rlplastic.checkpoints import hold_run_folder; "
         f"hold_run_folder(Path({str(folder)!r}), 'drq'); print('held', flush=True); time.sleep(60)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -31,14 +31,14 @@ def test_a_second_process_is_refused_with_the_holders_pid_and_a_killed_holder_fr
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    runs.hold_run_folder(folder, "drq")  # the OS dropped the dead holder's lock: resumable at once
-    runs.hold_run_folder(folder, "drq")  # and re-entrant within one process
+    checkpoints.hold_run_folder(folder, "drq")  # the OS dropped the dead holder's lock: resumable at once
+    checkpoints.hold_run_folder(folder, "drq")  # and re-entrant within one process
     assert (folder / ".lock").read_text() == str(os.getpid())
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_stops_with_a_message(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    runs.save_checkpoint(path, {"step": 1, "weights": torch.ones(3)}, "drq")
+    checkpoints.save_checkpoint(path, {"step": 1, "weights": torch.ones(3)}, "drq")
     real_save = torch.save
 
     def disk_full(obj, f):
@@ -47,28 +47,28 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_stops_with_a_messa
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit, match="No space left on device.*previous checkpoint .* is kept"):
-        runs.save_checkpoint(path, {"step": 2, "weights": torch.zeros(3)}, "drq")
+        checkpoints.save_checkpoint(path, {"step": 2, "weights": torch.zeros(3)}, "drq")
     monkeypatch.setattr(torch, "save", real_save)
-    assert runs.safe_torch_load(path)["step"] == 1  # intact
+    assert files.safe_torch_load(path)["step"] == 1  # intact
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
 
 
 def test_output_dir_problems_and_memory_refusals(tmp_path):
     a_file = tmp_path / "taken"
     a_file.write_text("x")
-    assert "is a file, not a folder" in runs.output_dir_problems(str(a_file))[0]
+    assert "is a file, not a folder" in checkpoints.output_dir_problems(str(a_file))[0]
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "results.json").write_text("{}")
-    assert "already holds a finished run" in runs.output_dir_problems(str(tmp_path / "done"))[0]
-    assert runs.output_dir_problems(str(tmp_path / "new")) == [] and runs.output_dir_problems(None) == []
+    assert "already holds a finished run" in checkpoints.output_dir_problems(str(tmp_path / "done"))[0]
+    assert checkpoints.output_dir_problems(str(tmp_path / "new")) == [] and checkpoints.output_dir_problems(None) == []
     message = runs.memory_problem(1 << 60, torch.device("cpu"), "--buffer-size 10**14 (the replay)")
     assert message.startswith("--buffer-size 10**14 (the replay) needs 1073741824.00 GiB but cpu has")
     assert runs.memory_problem(1024, torch.device("cpu"), "tiny") is None
 
 
 def test_to_plain_turns_string_subclasses_into_plain_strings(tmp_path):
-    runs.atomic_torch_save(tmp_path / "v.pt", {"torch_version": torch.__version__})
-    assert runs.safe_torch_load(tmp_path / "v.pt")["torch_version"] == str(torch.__version__)
+    files.atomic_torch_save(tmp_path / "v.pt", {"torch_version": torch.__version__})
+    assert files.safe_torch_load(tmp_path / "v.pt")["torch_version"] == str(torch.__version__)
 
 
 def _cli(*args, cwd=None):

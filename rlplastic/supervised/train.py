@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlplastic.checkpoints import read_checkpoint, save_checkpoint
 from rlplastic.diagnostics import (
     PlasticityProbe,
     expected_calibration_error,
@@ -45,7 +46,7 @@ from rlplastic.interventions import (
 from rlplastic.interventions.base import Every
 from rlplastic.interventions.lifecycle import REVIVALS
 from rlplastic.introspection import hidden_layers
-from rlplastic.runs import git_commit, read_checkpoint, resolve_device, save_checkpoint, seed_everything
+from rlplastic.runs import git_commit, resolve_device, seed_everything
 from rlplastic.supervised.data import DATASETS, Dataset, load_dataset, subset_with_noise
 from rlplastic.supervised.models import MODELS, MODELS_WITH_HIDDEN_FC, Classifier, CReLU, build_model
 
