@@ -7,7 +7,8 @@
 # the loop); bench_bbf (fp32 / bf16, eager / graph, projected 100k run); bench_interventions (each
 # intervention's overhead, eager and captured); one process running 32 DrQ runs (8 games x 4 seeds)
 # end to end, vmapped and concurrent (+ batched_runs.json); short CUDA runs of BBF and of DrQ with CBP, noise, lifecycle;
-# bench_supervised (ResNet-18 img/s: fp32, bf16, channels-last, both).
+# bench_supervised (ResNet-18 img/s: fp32, bf16, channels-last, both; then both + torch.compile).
+# The stages add up to more than one 10-minute device call: run it in two calls if need be.
 #   OUT=/tmp/out bash scripts/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/gpu_check}
@@ -73,4 +74,10 @@ elapsed | tee -a "$OUT/gpu_check.txt"
 
 timeout 90 python3 scripts/bench_supervised.py --device cuda --batches 60 --variants fp32 bf16 channels-last \
   bf16+channels-last 2>&1 | tee -a "$OUT/gpu_check.txt"
+elapsed | tee -a "$OUT/gpu_check.txt"
+
+# torch.compile of ResNet-18 (the compile itself takes a minute or more): last, so a time limit
+# cuts only this stage.
+timeout 200 python3 scripts/bench_supervised.py --device cuda --batches 100 --variants bf16+channels-last \
+  bf16+channels-last+compile 2>&1 | tee -a "$OUT/gpu_check.txt"
 elapsed | tee -a "$OUT/gpu_check.txt"
