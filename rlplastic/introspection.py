@@ -25,11 +25,15 @@ class _LayerLeafTracer(fx.Tracer):
 # still unit i of the next layer's input after them. Padding modules pad each channel on its own
 # (DrQ's TensorFlow-style 'SAME' convolutions are a ZeroPad2d before each Conv2d): leaving them out
 # made every padded layer look unit-mixing, and ReDo and continual backprop skipped it.
+# Every elementwise activation counts (a missing one silently took its layer out of recycling).
 UNITWISE_MODULES = (
-    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Flatten,
-    nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.modules.padding._ConstantPadNd,
-    nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.LogSigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.Identity, nn.Flatten,
+    nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd, nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd,
 )  # fmt: skip
 _JOINS = {operator.add, operator.sub, operator.iadd, torch.add, torch.sub, "add", "sub", "add_"}
 _REINDEXING = {torch.cat, torch.stack, torch.concat}  # unit i lands elsewhere (CReLU's [relu(x), -relu(-x)])

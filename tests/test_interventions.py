@@ -537,6 +537,32 @@ def test_redo_never_recycles_across_a_residual_shortcut():
     assert [layer for layer, _ in cbp.layers] == [model.conv1]
 
 
+@pytest.mark.parametrize(
+    "between",
+    [nn.Mish(), nn.Softplus(), nn.Hardswish(), nn.ReLU6(), nn.PReLU(4), nn.SELU(), nn.LeakyReLU(0.1)],
+    ids=lambda m: type(m).__name__,
+)
+def test_a_layer_behind_any_elementwise_activation_is_recyclable(between):
+    """An activation that acts on each unit alone keeps unit i of a layer as unit i of the next
+    layer's input; a norm over the units (LayerNorm) mixes them, so its layer is left alone."""
+    from rlplastic.introspection import recyclable_layers
+
+    model = nn.Sequential(nn.Linear(3, 4), between, nn.Linear(4, 2))
+    assert [layer for layer, _ in recyclable_layers(model)] == [model[0]]
+    mixed = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    assert recyclable_layers(mixed) == []
+
+
+def test_a_layer_behind_padding_and_pooling_is_recyclable():
+    """Padding and pooling act on each channel alone (DrQ's 'SAME' convolutions pad before each conv)."""
+    from rlplastic.introspection import recyclable_layers
+
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ZeroPad2d((0, 1, 0, 1)), nn.ReflectionPad2d(1), nn.MaxPool2d(2),
+                          nn.Conv2d(3, 2, 3), nn.AvgPool2d(2), nn.Flatten(), nn.LazyLinear(2))  # fmt: skip
+    model(torch.zeros(1, 1, 12, 12))
+    assert [layer for layer, _ in recyclable_layers(model)] == [model[0], model[4]]
+
+
 def test_the_interventions_container_steps_saves_and_reports_each_ones_activity():
     """Interventions: one step() for all, state_dict round trip, metrics() under each one's name
     (no device sync: host counters), and lifecycle_metrics for lifecycle layers."""
