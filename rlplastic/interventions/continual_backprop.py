@@ -10,18 +10,14 @@ from rlplastic.interventions.redo import LayerPairs
 from rlplastic.introspection import num_units, received_features, recyclable_layers
 
 
-def _unit_reduce(x: torch.Tensor) -> torch.Tensor:
-    """(N, units[, positions]) -> (units,): mean over the batch and positions."""
-    return x.mean(dim=[0, *range(2, x.dim())])
-
-
 def _reduce_into(buffer: torch.Tensor, x: torch.Tensor) -> None:
-    """buffer <- _unit_reduce(x), in place (a captured graph refills it); one kernel when the dtypes
-    agree."""
+    """buffer <- the mean of x (N, units[, positions]) over the batch and positions, in place (a
+    captured graph refills it); one kernel when the dtypes agree."""
+    dims = [0, *range(2, x.dim())]
     if x.dtype == buffer.dtype:
-        torch.mean(x, dim=[0, *range(2, x.dim())], out=buffer)
+        torch.mean(x, dim=dims, out=buffer)
     else:
-        buffer.copy_(_unit_reduce(x))
+        buffer.copy_(x.mean(dim=dims))
 
 
 def _fold_inputs(layer: nn.Module, next_layer: nn.Module, values: torch.Tensor) -> torch.Tensor:

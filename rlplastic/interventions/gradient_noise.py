@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from rlplastic.interventions.base import Intervention
@@ -37,7 +39,7 @@ class GradientNoise(Intervention):
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.flat_noise = torch.empty(sum(p.numel() for p in self.params), device=self.params[0].device,
                                       dtype=self.params[0].dtype)  # fmt: skip
-        offsets = torch.tensor([0] + [p.numel() for p in self.params]).cumsum(0).tolist()
+        offsets = list(accumulate((p.numel() for p in self.params), initial=0))
         self.noise_views = [self.flat_noise[start:end].view_as(p) for p, start, end
                             in zip(self.params, offsets[:-1], offsets[1:], strict=True)]  # fmt: skip
         # float64, so sigma0 * decay^t rounds to the same float32 as the host's double arithmetic
