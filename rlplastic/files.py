@@ -40,7 +40,12 @@ _NDARRAY = "__ndarray__"
 
 def to_plain(obj: Any) -> Any:
     """Tensors, Python scalars, strings, None and dicts / lists / tuples of them: what
-    torch.load(weights_only=True) reads back. numpy arrays travel as tagged tensors."""
+    torch.load(weights_only=True) reads back. numpy arrays travel as tagged tensors. A tensor that
+    views part of a larger storage travels as its own copy: torch.save writes a view's whole
+    storage, so a run of a batch (its parameters are views of all runs' stacked tensors) would
+    save every run's weights, and a replay's first rows its whole capacity."""
+    if isinstance(obj, torch.Tensor) and obj.untyped_storage().nbytes() > obj.numel() * obj.element_size():
+        return obj.clone(memory_format=torch.contiguous_format)
     if isinstance(obj, np.ndarray):
         return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(obj))}
     if isinstance(obj, np.generic):

@@ -137,11 +137,11 @@ def test_games_and_seeds_run_together_with_each_runs_files_and_numbers(drq, tmp_
     """The vmapped update (--batched-update vmap; auto picks it on CUDA): one batched forward and
     backward per stack, each run's numbers up to the order of float sums."""
     proc = run_drq(["--env-id", "Pong", "Boxing", "--seed", "1", "2", "--output-dir", str(tmp_path / "b"),
-                    "--batched-update", "vmap", *TINY])  # fmt: skip
+                    "--batched-update", "vmap", "--save-model", *TINY])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "update batched, 4 run(s)" in proc.stdout
     alone = run_drq(["--env-id", "Boxing", "--seed", "2", "--output-dir", str(tmp_path / "alone"),
-                     "--batched-update", "vmap", *TINY])  # fmt: skip
+                     "--batched-update", "vmap", "--save-model", *TINY])  # fmt: skip
     assert alone.returncode == 0, alone.stderr[-3000:]
     single = json.loads((tmp_path / "alone" / "results.json").read_text())
     for game in ("Pong", "Boxing"):
@@ -156,6 +156,9 @@ def test_games_and_seeds_run_together_with_each_runs_files_and_numbers(drq, tmp_
     assert together["train_episodes"] == single["train_episodes"]  # the same run, up to float sums
     for row, single_row in zip(together["train_log"], single["train_log"], strict=True):
         assert row["td_loss"] == pytest.approx(single_row["td_loss"], rel=1e-2)
+    # each run's saved network holds its own weights only, not its stack's (its parameters are views)
+    size = (tmp_path / "b" / "Boxing__seed2" / "q_network.pt").stat().st_size
+    assert size == pytest.approx((tmp_path / "alone" / "q_network.pt").stat().st_size, rel=0.01)
 
 
 class Killed(Exception):

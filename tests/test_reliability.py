@@ -71,6 +71,17 @@ def test_to_plain_turns_string_subclasses_into_plain_strings(tmp_path):
     assert files.safe_torch_load(tmp_path / "v.pt")["torch_version"] == str(torch.__version__)
 
 
+def test_a_view_is_saved_as_its_own_values_not_its_whole_storage(tmp_path):
+    """A batched run's parameters are views of every run's stacked tensors; torch.save alone would
+    write the whole storage into each run's checkpoint."""
+    stacked = torch.randn(8, 1000)
+    files.atomic_torch_save(tmp_path / "alone.pt", {"w": stacked[3].clone()})
+    files.atomic_torch_save(tmp_path / "view.pt", {"w": stacked[3], "rows": stacked[:2]})
+    loaded = files.safe_torch_load(tmp_path / "view.pt")
+    assert torch.equal(loaded["w"], stacked[3]) and torch.equal(loaded["rows"], stacked[:2])
+    assert (tmp_path / "view.pt").stat().st_size < 4 * (tmp_path / "alone.pt").stat().st_size
+
+
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
