@@ -51,14 +51,14 @@ from rlplastic.envs.atari import canonical_game
 from torch.func import vmap
 
 from rlplastic import batched
-from rlplastic.augment import drq_augment
+from rlplastic.augment import drq_augment, drq_augment_runs
 from rlplastic.cli import cli_with_presets, expand_runs
 from rlplastic.cuda_graphs import CapturedStep, ConcurrentSteps, graph_capture_available
 from rlplastic.diagnostics import PlasticityProbe
 from rlplastic.env_workers import EnvWorkers
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import InterventionOptions, build_interventions, ema_target, swap_in_chosen_lifecycle
-from rlplastic.replay import FrameReplay
+from rlplastic.replay import FrameReplay, StackedFrameReplays
 from rlplastic.runs import Run, RunOptions, exit_on_problems, final_evaluations, run_problems
 from rlplastic.schedules import LinearEpsilon
 
@@ -258,20 +258,17 @@ def batched_update(
     online: batched.StackedModules,
     target: batched.StackedModules | None,
     optimizers: list[torch.optim.Optimizer],
-    replays: list[FrameReplay],
+    replays: StackedFrameReplays,
     generators: list[torch.Generator],
 ) -> dict[str, torch.Tensor]:
-    """update() for the runs of one stack at once: each run samples and augments from its own replay
-    and generator, as alone; the forwards and backward of all are one vmapped call; each run's
-    optimizer steps its own parameters. Returns the runs' TD losses and mean Q, (N,) on the device."""
-    parts = []
-    for replay, generator in zip(replays, generators, strict=True):
-        batch = replay.sample(args.batch_size)
-        states, next_states = batch.states, batch.next_states
-        if args.augment:
-            states, next_states = drq_augment(states, generator), drq_augment(next_states, generator)
-        parts.append((states, next_states, batch.actions, batch.returns, batch.discounts))
-    stacked_batch = [torch.stack(part) for part in zip(*parts, strict=True)]
+    """update() for the runs of one stack at once: each run's sampling and augmentation draws are its
+    own, as alone, their gathers one call for all; one vmapped forward and backward; each run's
+    optimizer steps its own parameters. Returns TD losses and mean Q of the runs, (N,) on the device."""
+    batch = replays.sample(args.batch_size)  # (N, B, ...)
+    states, next_states = batch.states, batch.next_states
+    if args.augment:
+        states, next_states = drq_augment_runs(states, generators), drq_augment_runs(next_states, generators)
+    stacked_batch = [states, next_states, batch.actions, batch.returns, batch.discounts]
     target = target or online
 
     def run_loss(params, buffers, target_params, target_buffers, states, next_states, actions, returns, discounts):
@@ -315,15 +312,19 @@ def train(all_args: list[Args]) -> list[dict]:
         if many:
             runs[-1].own_global_rng()  # its later fresh draws come from its own copy of torch's generators
     batched.check_lockstep(runs)
-    groups = batched.group_by([q.advantage.out_features for q in nets])  # runs with one number of actions
+    groups = batched.group_by(keys := [q.advantage.out_features for q in nets])  # stacks: one number of actions
     stacks = {n: batched.StackedModules([nets[i] for i in members]) for n, members in groups.items()} if many else {}
     learners = [build_learner(a, 0, run.device, q) for a, run, q in zip(all_args, runs, nets, strict=True)]
     vmapped = many and batched.update_mode_of(args) == "vmap"  # else each run's own update, no target stacks
     target_stacks = {n: batched.StackedModules([learners[i][1] for i in members]) if args.interventions.ema > 0
                      else None for n, members in groups.items()} if vmapped else {}  # fmt: skip
-    replays, interventions, probes, obs = [], [], [], []
-    for run, (q, target, optimizer) in zip(runs, learners, strict=True):
-        replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=run.device, generator=run.generator)
+    # each stack's replays in stacked tensors, sampled in one call by the batched update; run i's: views
+    stacked_replays = {n: StackedFrameReplays(len(members), args.buffer_size, args.n_step, args.gamma,
+                                              device=runs[0].device, generators=[runs[i].generator for i in members])
+                       for n, members in groups.items()}  # fmt: skip
+    replays = [stacked_replays[n][groups[n].index(i)] for i, n in enumerate(keys)]
+    interventions, probes, obs = [], [], []
+    for run, replay, (q, target, optimizer) in zip(runs, replays, learners, strict=True):
         target = None if target is q else target  # the EMA target, when there is one
         with run.global_rng():
             items = build_interventions(args.interventions, q, target, optimizer, sample_states(replay),
@@ -333,7 +334,6 @@ def train(all_args: list[Args]) -> list[dict]:
         run.keep(q_network=q, optimizer=optimizer, interventions=items, replay=replay, probe=probes[-1],
                  target_network=target)  # fmt: skip
         saved = run.resume()
-        replays.append(replay)
         obs.append(saved["obs"] if saved else run.env.reset()[0])
 
     def train_step(i: int = 0) -> None:  # run i's update, its interventions' device work: what a graph captures
@@ -343,7 +343,7 @@ def train(all_args: list[Args]) -> list[dict]:
     def batched_step() -> None:
         for n, members in groups.items():
             losses = batched_update(args, stacks[n], target_stacks[n], [learners[i][2] for i in members],
-                                    [replays[i] for i in members], [runs[i].generator for i in members])  # fmt: skip
+                                    stacked_replays[n], [runs[i].generator for i in members])  # fmt: skip
             for j, i in enumerate(members):
                 interventions[i].device_step()
                 runs[i].losses.add({key: value[j] for key, value in losses.items()})

@@ -92,17 +92,20 @@ def epsilon_greedy_runs(
 ) -> list[int]:
     """Each run's epsilon-greedy action, drawn from its own acting stream (Run.explore) as it is
     alone; the greedy actions of all runs that need one come from one batched forward per stack
-    (`groups` maps a stack's key to the indices of its runs)."""
+    (`groups` maps a stack's key to the indices of its runs), and from one host sync for all."""
     actions = [run.explore(epsilon) for run in runs]
-    for key, members in groups.items():
-        if any(actions[i] is None for i in members):
-            stack = stacks[key]
-            device = next(iter(stack.params.values())).device
-            batch = torch.as_tensor(np.stack([obs[i] for i in members])[:, None], device=device)
-            with torch.no_grad():
-                greedy = stack(batch).argmax(-1)[:, 0].cpu().tolist()  # one host sync per stack
-            for j, i in enumerate(members):
-                actions[i] = greedy[j] if actions[i] is None else actions[i]
+    asking = {key: members for key, members in groups.items() if any(actions[i] is None for i in members)}
+    if not asking:
+        return actions  # type: ignore[return-value]
+    greedy = []
+    for key, members in asking.items():  # every stack's forward queued before the one sync
+        stack = stacks[key]
+        device = next(iter(stack.params.values())).device
+        batch = torch.as_tensor(np.stack([obs[i] for i in members])[:, None], device=device)
+        with torch.no_grad():
+            greedy.append(stack(batch).argmax(-1)[:, 0])
+    for i, action in zip([i for members in asking.values() for i in members], torch.cat(greedy).tolist(), strict=True):
+        actions[i] = action if actions[i] is None else actions[i]
     return actions  # type: ignore[return-value]
 
 

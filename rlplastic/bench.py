@@ -17,11 +17,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from rlplastic.batched import StackedModules
 from rlplastic.cuda_graphs import CapturedStep, ConcurrentSteps
 from rlplastic.envs.atari import make_atari100k_env
-from rlplastic.replay import FrameReplay
+from rlplastic.replay import FrameReplay, StackedFrameReplays
 from rlplastic.runs import device_generator
 
-# Operators that allocate or re-label memory without launching a kernel.
-_FREE_OPS = {"empty", "empty_strided", "detach", "lift_fresh", "alias", "set_"}
+# Operators that allocate or re-label memory, or mark a profiler range, without launching a kernel.
+_FREE_OPS = {"empty", "empty_strided", "detach", "lift_fresh", "alias", "set_",
+             "_record_function_enter_new", "_record_function_exit"}  # fmt: skip
 
 
 class DeviceOpCounter(TorchDispatchMode):
@@ -111,22 +112,24 @@ def drq_batched_update_seconds(drq: ModuleType, args, device: torch.device, num_
                                updates: int, graph: bool = False) -> float:  # fmt: skip
     """Seconds per batched DrQ update of `runs` runs in one stack (drq.batched_update: one vmapped
     forward and backward, each run's own optimizer step); graph=True: captured in one CUDA graph.
-    The runs sample from one shared replay of random frames: timing needs the shapes, and N
-    replays would need N times the memory."""
+    Each run samples from its own small replay of random frames (rlplastic.replay.StackedFrameReplays,
+    as in a batch): timing needs the shapes, not 100k-step replays."""
     nets = [drq.QNetwork(num_actions).to(device) for _ in range(runs)]
     stack = StackedModules(nets)
     learners = [drq.build_learner(replace(args, cuda_graph=graph), num_actions, device, q) for q in nets]
     targets = StackedModules([target for _, target, _ in learners]) if args.interventions.ema > 0 else None
-    generator = device_generator(device, 0)
-    replay = random_replay(FrameReplay(5_000, args.n_step, args.gamma, device=device, generator=generator), num_actions)
+    generators = [device_generator(device, i) for i in range(runs)]
+    replays = StackedFrameReplays(runs, 1_000, args.n_step, args.gamma, device=device, generators=generators)
+    for replay in replays.replays:
+        random_replay(replay, num_actions, steps=1_000)
     optimizers = [optimizer for _, _, optimizer in learners]
 
     def step() -> torch.Tensor:
-        losses = drq.batched_update(args, stack, targets, optimizers, [replay] * runs, [generator] * runs)
+        losses = drq.batched_update(args, stack, targets, optimizers, replays, generators)
         return losses["td_loss"].sum()
 
     if graph:
-        step = CapturedStep(step, generators=[generator])
+        step = CapturedStep(step, generators=generators)
     return time_steps(step, updates, device, warmup=4 if graph else 2)
 
 

@@ -21,6 +21,7 @@ import torch
 from rlplastic.runs import memory_problem, resolve_device
 
 STAGING_SLOTS = 64
+DEVICE_FIELDS = ("frames", "actions", "rewards", "terminals", "segment_pos", "sampleable")
 
 
 @dataclass
@@ -33,7 +34,61 @@ class Batch:
     indices: torch.Tensor  # (B,) int64 slots, for prioritized variants
 
 
-class FrameReplay:
+class TransitionReader:
+    """Reading n-step transitions out of the replay's device tensors, for slots of any leading
+    shape: FrameReplay reads its own (slots (B,)), StackedFrameReplays every run's at once (slots
+    (N, B)), with the same arithmetic. Needs capacity, n_step, gamma, stack, discount_powers,
+    device, and _at(name, index): the named device tensor at those slots."""
+
+    capacity: int
+    n_step: int
+    gamma: float
+    stack: int
+    discount_powers: torch.Tensor
+    device: torch.device
+
+    def _at(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def states_at(self, slots: torch.Tensor) -> torch.Tensor:
+        """(..., ) slots -> (..., stack, H, W) uint8 stacks, zeros before each segment start."""
+        offsets = torch.arange(self.stack - 1, -1, -1, device=self.device)  # oldest first
+        frame_slots = (slots[..., None] - offsets) % self.capacity
+        visible = offsets <= self._at("segment_pos", slots)[..., None]
+        return self._at("frames", frame_slots) * visible[..., None, None].to(torch.uint8)
+
+    def transitions(
+        self, slots: torch.Tensor, n_step: int | None = None, gamma: float | torch.Tensor | None = None
+    ) -> Batch:
+        """The n-step transitions starting at `slots` (which must be sampleable). n_step (at most
+        the capacity's n_step) and gamma may be given per call, for agents that anneal them; gamma
+        may be a 0-dim device tensor, changed in place between calls (a CUDA-graph-captured update)."""
+        n_step = self.n_step if n_step is None else n_step
+        if not 1 <= n_step <= self.n_step:
+            raise ValueError(f"n_step {n_step}: must lie in 1..{self.n_step} (the replay's n_step)")
+        # a device gamma is never compared on the host (that would sync): it takes the general path
+        if gamma is None or (not torch.is_tensor(gamma) and gamma == self.gamma and n_step == self.n_step):
+            powers, gamma_n = self.discount_powers[:n_step], self.gamma**n_step
+        else:
+            powers, gamma_n = gamma ** torch.arange(n_step, dtype=torch.float32, device=self.device), gamma**n_step
+        window = (slots[..., None] + torch.arange(n_step, device=self.device)) % self.capacity
+        terminals = self._at("terminals", window)
+        # alive[k] = no terminal among steps 0..k-1: reward k still belongs to the episode
+        alive = torch.cumprod(torch.cat([torch.ones_like(terminals[..., :1]), 1 - terminals[..., :-1]], -1), -1)
+        returns = (self._at("rewards", window) * alive * powers).sum(-1)
+        discounts = gamma_n * alive[..., -1] * (1 - terminals[..., -1])
+        next_slots = (slots + n_step) % self.capacity
+        return Batch(
+            states=self.states_at(slots),
+            actions=self._at("actions", slots),
+            returns=returns,
+            discounts=discounts,
+            next_states=self.states_at(next_slots),
+            indices=slots,
+        )
+
+
+class FrameReplay(TransitionReader):
     @staticmethod
     def memory_bytes(capacity: int, frame_shape: tuple[int, int] = (84, 84), prioritized: bool = False) -> int:
         """What a replay of `capacity` slots holds on its device: a uint8 frame plus action, reward,
@@ -64,6 +119,16 @@ class FrameReplay:
         problem = memory_problem(needed, resolve_device(device), what)
         return [problem] if problem else []
 
+    @staticmethod
+    def allocate(
+        capacity: int, frame_shape: tuple[int, int], device: torch.device, runs: tuple[int, ...] = ()
+    ) -> dict[str, torch.Tensor]:
+        """Zeroed device tensors for the contents of `capacity` slots (with leading dims `runs`)."""
+        dtypes = {"frames": torch.uint8, "actions": torch.int64, "rewards": torch.float32,
+                  "terminals": torch.float32, "segment_pos": torch.int64, "sampleable": torch.float32}  # fmt: skip
+        return {name: torch.zeros((*runs, capacity, *(frame_shape if name == "frames" else ())), dtype=dtypes[name],
+                                  device=device) for name in DEVICE_FIELDS}  # fmt: skip
+
     def __init__(
         self,
         capacity: int,
@@ -73,19 +138,20 @@ class FrameReplay:
         stack: int = 4,
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
+        storage: dict[str, torch.Tensor] | None = None,
     ):
+        """storage: the device tensors to hold the contents (allocate()'s), e.g. a run's views of
+        StackedFrameReplays' stacked tensors; by default its own zeroed ones."""
         if capacity <= n_step + stack:
             raise ValueError(f"replay capacity {capacity} must exceed n_step + stack = {n_step + stack}")
         self.capacity, self.n_step, self.gamma, self.stack = capacity, n_step, gamma, stack
         self.device = torch.device(device)
         self.generator = generator
-        self.frames = torch.zeros((capacity, *frame_shape), dtype=torch.uint8, device=self.device)
-        self.actions = torch.zeros(capacity, dtype=torch.int64, device=self.device)
-        self.rewards = torch.zeros(capacity, dtype=torch.float32, device=self.device)
-        self.terminals = torch.zeros(capacity, dtype=torch.float32, device=self.device)
-        # Frames of the same segment before slot t, capped at stack-1: 0 means "first frame".
-        self.segment_pos = torch.zeros(capacity, dtype=torch.int64, device=self.device)
-        self.sampleable = torch.zeros(capacity, dtype=torch.float32, device=self.device)
+        storage = storage if storage is not None else self.allocate(capacity, frame_shape, self.device)
+        # frames, actions, rewards, terminals; segment_pos: frames of the same segment before slot t,
+        # capped at stack-1 (0 means "first frame"); sampleable: the device mask of sampleable slots
+        for name in DEVICE_FIELDS:
+            setattr(self, name, storage[name])
         self._sampleable_host = np.zeros(capacity, dtype=bool)  # mirror, read without a device sync
         self.discount_powers = gamma ** torch.arange(n_step, dtype=torch.float32, device=self.device)
         self.gamma_n = gamma**n_step
@@ -180,12 +246,8 @@ class FrameReplay:
             self._sampleable_host[slot] = value
             self.sampleable[slot] = float(value)
 
-    def states_at(self, slots: torch.Tensor) -> torch.Tensor:
-        """(B,) slots -> (B, stack, H, W) uint8 stacks, zeros before each segment start."""
-        offsets = torch.arange(self.stack - 1, -1, -1, device=self.device)  # oldest first
-        frame_slots = (slots[:, None] - offsets[None, :]) % self.capacity
-        visible = offsets[None, :] <= self.segment_pos[slots][:, None]
-        return self.frames[frame_slots] * visible[:, :, None, None].to(torch.uint8)
+    def _at(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        return getattr(self, name)[index]
 
     def sample(self, batch_size: int) -> Batch:
         if self.num_sampleable == 0:
@@ -199,36 +261,6 @@ class FrameReplay:
         counts = torch.cumsum(self.sampleable, 0)  # exact: float32 counts integers up to 2^24
         targets = torch.rand(batch_size, device=self.device, generator=self.generator) * counts[-1]
         return torch.searchsorted(counts, targets, right=True)
-
-    def transitions(
-        self, slots: torch.Tensor, n_step: int | None = None, gamma: float | torch.Tensor | None = None
-    ) -> Batch:
-        """The n-step transitions starting at `slots` (which must be sampleable). n_step (at most
-        the capacity's n_step) and gamma may be given per call, for agents that anneal them; gamma
-        may be a 0-dim device tensor, changed in place between calls (a CUDA-graph-captured update)."""
-        n_step = self.n_step if n_step is None else n_step
-        if not 1 <= n_step <= self.n_step:
-            raise ValueError(f"n_step {n_step}: must lie in 1..{self.n_step} (the replay's n_step)")
-        # a device gamma is never compared on the host (that would sync): it takes the general path
-        if gamma is None or (not torch.is_tensor(gamma) and gamma == self.gamma and n_step == self.n_step):
-            powers, gamma_n = self.discount_powers[:n_step], self.gamma**n_step
-        else:
-            powers, gamma_n = gamma ** torch.arange(n_step, dtype=torch.float32, device=self.device), gamma**n_step
-        window = (slots[:, None] + torch.arange(n_step, device=self.device)[None, :]) % self.capacity
-        terminals = self.terminals[window]
-        # alive[k] = no terminal among steps 0..k-1: reward k still belongs to the episode
-        alive = torch.cumprod(torch.cat([torch.ones_like(terminals[:, :1]), 1 - terminals[:, :-1]], 1), 1)
-        returns = (self.rewards[window] * alive * powers).sum(1)
-        discounts = gamma_n * alive[:, -1] * (1 - terminals[:, -1])
-        next_slots = (slots + n_step) % self.capacity
-        return Batch(
-            states=self.states_at(slots),
-            actions=self.actions[slots],
-            returns=returns,
-            discounts=discounts,
-            next_states=self.states_at(next_slots),
-            indices=slots,
-        )
 
 
 @dataclass
@@ -313,3 +345,64 @@ class PrioritizedFrameReplay(FrameReplay):
         super().load_state_dict(state)
         self.priorities[: state["size"]].copy_(state["priorities"])
         self.max_priority.copy_(state["max_priority"])
+
+
+class StackedFrameReplays(TransitionReader):
+    """The replays of N runs of one process (rlplastic.batched) in stacked device tensors, for a
+    batched update that samples all runs at once.
+
+        replays = StackedFrameReplays(4, 100_000, 10, 0.99, device="cuda", generators=[g1, g2, g3, g4])
+        replays[i].add(...)                          # run i's FrameReplay: views of its slice
+        batch = replays.sample(32)                   # (4, 32, ...) tensors, run i's batch at [i]
+
+    Each run's FrameReplay adds, checkpoints and samples alone as before. sample() draws each run's
+    slots from that run's own generator, as its FrameReplay.sample draws them (the same numbers),
+    then reads all runs' transitions with one set of index operations and gathers (a few dozen
+    kernels for any N, against about 20 per run when each run samples its own)."""
+
+    def __init__(
+        self,
+        runs: int,
+        capacity: int,
+        n_step: int,
+        gamma: float,
+        frame_shape: tuple[int, int] = (84, 84),
+        stack: int = 4,
+        device: torch.device | str = "cpu",
+        generators: list[torch.Generator | None] | None = None,
+    ):
+        generators = generators if generators is not None else [None] * runs
+        if len(generators) != runs:
+            raise ValueError(f"StackedFrameReplays: {len(generators)} generators for {runs} runs")
+        self.device = torch.device(device)
+        self.storage = FrameReplay.allocate(capacity, frame_shape, self.device, runs=(runs,))
+        self.replays = [
+            FrameReplay(capacity, n_step, gamma, frame_shape, stack, self.device, generator,
+                        storage={name: tensor[i] for name, tensor in self.storage.items()})
+            for i, generator in enumerate(generators)
+        ]  # fmt: skip
+        self.capacity, self.n_step, self.gamma, self.stack = capacity, n_step, gamma, stack
+        self.discount_powers = self.replays[0].discount_powers
+        self.gamma_n = gamma**n_step
+        self._runs = torch.arange(runs, device=self.device)
+
+    def __len__(self) -> int:
+        return len(self.replays)
+
+    def __getitem__(self, i: int) -> FrameReplay:
+        return self.replays[i]
+
+    def _at(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """index (N, ...) of slots -> run i's tensor at index[i], for every run in one gather."""
+        runs = self._runs.view(-1, *[1] * (index.dim() - 1))
+        return self.storage[name][runs, index]
+
+    def sample(self, batch_size: int) -> Batch:
+        """Every run's batch, stacked (N, B, ...); run i's is what replays[i].sample gives."""
+        if any(replay.num_sampleable == 0 for replay in self.replays):
+            raise RuntimeError("a run's replay holds no complete n-step transition yet")
+        # each run's uniform draw from its own generator (FrameReplay.sample_slots, all runs at once)
+        draws = torch.stack([torch.rand(batch_size, device=self.device, generator=replay.generator)
+                             for replay in self.replays])  # fmt: skip
+        counts = torch.cumsum(self.storage["sampleable"], 1)
+        return self.transitions(torch.searchsorted(counts, draws * counts[:, -1:], right=True))

@@ -28,7 +28,7 @@ from rlplastic.cli import replace_flags
 from rlplastic.cuda_graphs import CapturedStep, ConcurrentSteps, graph_capture_available
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import build_interventions
-from rlplastic.replay import FrameReplay, PrioritizedFrameReplay
+from rlplastic.replay import FrameReplay, PrioritizedFrameReplay, StackedFrameReplays
 from rlplastic.sweep import load_agent
 
 drq, bbf = load_agent("drq"), load_agent("bbf")
@@ -64,12 +64,14 @@ def drq_case(overrides: dict, runs: int = 1, deterministic: bool = True):
         torch.manual_seed(seed)
         args = replace_flags(drq.Args(), device=DEVICE.type, augment=not deterministic, cuda_graph=graph, **overrides)
         generator = torch.Generator(DEVICE).manual_seed(seed)
-        replays, learners, items = [], [], []
+        learners, items = [], []
         nets = [drq.QNetwork(4).to(DEVICE) for _ in range(runs)]
         stack = StackedModules(nets) if runs > 1 else None
-        for q in nets:
-            replay = random_replay(FrameReplay(2_000, args.n_step, args.gamma, device=DEVICE, generator=generator), 4)
-            replays.append(single_slot(replay) if deterministic else replay)
+        replays = StackedFrameReplays(runs, 2_000, args.n_step, args.gamma, device=DEVICE,
+                                      generators=[generator] * runs)  # fmt: skip
+        for q, replay in zip(nets, replays.replays, strict=True):
+            replay = random_replay(replay, 4)
+            replay = single_slot(replay) if deterministic else replay
             q, target, optimizer = drq.build_learner(args, 4, DEVICE, q)
             learners.append((q, target, optimizer))
             ema = None if target is q else target

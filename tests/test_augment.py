@@ -1,6 +1,6 @@
 import torch
 
-from rlplastic.augment import drq_augment, random_intensity, random_shift
+from rlplastic.augment import drq_augment, drq_augment_runs, random_intensity, random_shift
 
 
 def ramp_images(batch: int) -> torch.Tensor:
@@ -46,3 +46,17 @@ def test_drq_augment_returns_float_of_same_shape():
     out = drq_augment(states)
     assert out.dtype == torch.float32 and out.shape == states.shape
     assert out.max() <= 255 * 1.1 + 1e-3
+
+
+def test_augmenting_the_batches_of_several_runs_at_once_is_each_run_alone():
+    """drq_augment_runs (a batched update's augmentation) gives run i exactly what drq_augment gives
+    with run i's generator, and leaves each generator where drq_augment leaves it."""
+    states = torch.randint(0, 255, (3, 5, 4, 84, 84), dtype=torch.uint8)
+    together = [torch.Generator().manual_seed(i) for i in range(3)]
+    out = drq_augment_runs(states, together)
+    assert out.shape == states.shape and out.dtype == torch.float32
+    for i in range(3):
+        alone = torch.Generator().manual_seed(i)
+        assert torch.equal(out[i], drq_augment(states[i], alone))
+        assert torch.equal(torch.rand(4, generator=together[i]), torch.rand(4, generator=alone))
+    assert not torch.equal(out[0], out[1])

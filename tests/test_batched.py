@@ -14,6 +14,7 @@ from test_drq import filled_replay
 
 from rlplastic.batched import StackedModules, batch_problems, group_by, update_mode_of
 from rlplastic.cli import expand_runs
+from rlplastic.replay import FrameReplay, StackedFrameReplays
 
 
 def test_stacked_modules_compute_each_runs_forward_and_gradient(drq):
@@ -41,7 +42,7 @@ def test_stacked_modules_compute_each_runs_forward_and_gradient(drq):
 
 def test_a_batched_update_is_n_separate_updates_and_interventions_stay_in_their_run(drq):
     args = with_flags(drq.Args(), batch_size=4, ema=0.9, reset=("head",), head_every=1_000)
-    learners, alone, replays, generators = [], [], [], []
+    learners, alone = [], []
     for seed in range(3):
         torch.manual_seed(seed)
         q = drq.QNetwork(4)
@@ -50,11 +51,12 @@ def test_a_batched_update_is_n_separate_updates_and_interventions_stay_in_their_
     stack = StackedModules(learners)
     learners = [drq.build_learner(args, 4, torch.device("cpu"), q) for q in learners]
     targets = StackedModules([target for _, target, _ in learners])
-    for _ in range(3):
-        replays.append(filled_replay())
-    alone_replays = [filled_replay() for _ in range(3)]
     generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    replays = StackedFrameReplays(3, 1_000, 10, 0.99, generators=generators)
+    for i in range(3):
+        filled_replay(replay=replays[i])
     alone_generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    alone_replays = [filled_replay(replay=FrameReplay(1_000, 10, 0.99, generator=g)) for g in alone_generators]
     for _ in range(4):
         losses = drq.batched_update(args, stack, targets, [opt for _, _, opt in learners], replays, generators)
         separate = [drq.update(args, *alone[i], alone_replays[i], alone_generators[i]) for i in range(3)]

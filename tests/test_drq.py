@@ -198,9 +198,9 @@ def test_unknown_intervention_is_refused_by_the_cli(tmp_path):
     assert proc.returncode != 0 and "needs --ema" in proc.stderr
 
 
-def filled_replay(num_actions=4, steps=300):
+def filled_replay(num_actions=4, steps=300, replay=None):
     rng = np.random.default_rng(0)
-    replay = FrameReplay(1_000, 10, 0.99, generator=torch.Generator().manual_seed(0))
+    replay = replay if replay is not None else FrameReplay(1_000, 10, 0.99, generator=torch.Generator().manual_seed(0))
     for _ in range(steps):
         frame = rng.integers(0, 255, (84, 84), dtype=np.uint8)
         replay.add(frame, int(rng.integers(num_actions)), float(rng.random() < 0.2), bool(rng.random() < 0.02), False)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlplastic.replay import FrameReplay
+from rlplastic.replay import FrameReplay, StackedFrameReplays
 
 
 def frame(value: int) -> np.ndarray:
@@ -104,3 +104,30 @@ def test_sampling_is_uniform_over_sampleable_slots_only():
     assert counts[~allowed].sum() == 0
     expected = 200_000 / int(allowed.sum())
     assert ((counts[allowed] - expected).abs() < 0.1 * expected).all()
+
+
+def test_stacked_replays_sample_each_run_exactly_as_its_replay_alone():
+    """A batch's replays (rlplastic.replay.StackedFrameReplays): run i's replay adds into its slice
+    of the stacked tensors, and one sample() of all runs gives at [i] exactly what a replay with
+    run i's contents and generator samples alone: the same slots, states, returns and next states,
+    whatever each run's fill level (the last one has wrapped around)."""
+    stacked = StackedFrameReplays(3, 200, 5, 0.9, generators=[torch.Generator().manual_seed(i) for i in range(3)])
+    alone = [FrameReplay(200, 5, 0.9, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        for _ in range(150 + 40 * i):
+            step = (rng.integers(0, 255, (84, 84), dtype=np.uint8), int(rng.integers(4)), float(rng.random() < 0.3),
+                    bool(rng.random() < 0.05), bool(rng.random() < 0.02))  # fmt: skip
+            stacked[i].add(*step)
+            alone[i].add(*step)
+    assert stacked[1].frames.data_ptr() == stacked.storage["frames"][1].data_ptr()  # a view, no copy
+    for _ in range(3):
+        batch = stacked.sample(16)
+        for i, replay in enumerate(alone):
+            own = replay.sample(16)
+            for field in ("indices", "states", "actions", "returns", "discounts", "next_states"):
+                assert torch.equal(getattr(batch, field)[i], getattr(own, field)), (i, field)
+    with pytest.raises(ValueError, match="2 generators for 3 runs"):
+        StackedFrameReplays(3, 200, 5, 0.9, generators=[None, None])
+    with pytest.raises(RuntimeError, match="no complete n-step transition"):
+        StackedFrameReplays(2, 200, 5, 0.9).sample(4)
