@@ -180,13 +180,24 @@ class QNetwork(nn.Module):
         self.value = nn.Linear(hidden, 1)
         self.apply(xavier_uniform_zero_bias)  # the reference's init
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         h = self.head(self.encoder(x / 255.0))
         advantage = self.advantage(h)
-        return self.value(h) + advantage - advantage.mean(1, keepdim=True)
+        if valid is None:
+            return self.value(h) + advantage - advantage.mean(1, keepdim=True)
+        # a run in a stack of games with more actions (its head padded; `valid` its real actions):
+        # padded actions count in no mean and are never chosen
+        mean = (advantage * valid).sum(1, keepdim=True) / valid.sum()
+        return (self.value(h) + advantage - mean).masked_fill(~valid, float("-inf"))
 
 
 HEAD_MODULES = ("head", "advantage", "value")  # what --reset head re-initializes
+
+
+def action_mask(stack: batched.StackedModules) -> torch.Tensor:
+    """(N, most actions): True where run i of the stack has that action."""
+    actions = torch.tensor([q.advantage.out_features for q in stack.modules], device=stack.params["value.bias"].device)
+    return torch.arange(int(actions.max()), device=actions.device) < actions[:, None]
 
 
 def sample_states(replay: FrameReplay) -> Callable[[int], torch.Tensor]:
@@ -260,23 +271,26 @@ def batched_update(
     optimizers: list[torch.optim.Optimizer],
     replays: StackedFrameReplays,
     generators: list[torch.Generator],
+    valid: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """update() for the runs of one stack at once: each run's sampling and augmentation draws are its
     own, as alone, their gathers one call for all; one vmapped forward and backward; each run's
-    optimizer steps its own parameters. Returns TD losses and mean Q of the runs, (N,) on the device."""
+    optimizer steps its own parameters (valid: action_mask(online)). Returns TD losses and mean Q of
+    the runs, (N,) on the device."""
     batch = replays.sample(args.batch_size)  # (N, B, ...)
     states, next_states = batch.states, batch.next_states
     if args.augment:
         states, next_states = drq_augment_runs(states, generators), drq_augment_runs(next_states, generators)
-    stacked_batch = [states, next_states, batch.actions, batch.returns, batch.discounts]
+    stacked_batch = [valid, states, next_states, batch.actions, batch.returns, batch.discounts]
     target = target or online
 
-    def run_loss(params, buffers, target_params, target_buffers, states, next_states, actions, returns, discounts):
+    def run_loss(params, buffers, target_params, target_buffers, valid, states, next_states, actions, returns,
+                 discounts):  # fmt: skip
         with torch.no_grad():
-            next_q_online = online.forward_each(params, buffers, next_states)
-            next_q_target = target.forward_each(target_params, target_buffers, next_states)
+            next_q_online = online.forward_each(params, buffers, next_states, valid)
+            next_q_target = target.forward_each(target_params, target_buffers, next_states, valid)
             targets = double_dqn_target(returns, discounts, next_q_online, next_q_target)
-        q = online.forward_each(params, buffers, states).gather(1, actions[:, None]).squeeze(1)
+        q = online.forward_each(params, buffers, states, valid).gather(1, actions[:, None]).squeeze(1)
         return F.smooth_l1_loss(q, targets), q.detach().mean()
 
     loss, q_mean = vmap(run_loss)(online.params, online.buffers, target.params, target.buffers, *stacked_batch)
@@ -312,10 +326,13 @@ def train(all_args: list[Args]) -> list[dict]:
         if many:
             runs[-1].own_global_rng()  # its later fresh draws come from its own copy of torch's generators
     batched.check_lockstep(runs)
-    groups = batched.group_by(keys := [q.advantage.out_features for q in nets])  # stacks: one number of actions
-    stacks = {n: batched.StackedModules([nets[i] for i in members]) for n, members in groups.items()} if many else {}
-    learners = [build_learner(a, 0, run.device, q) for a, run, q in zip(all_args, runs, nets, strict=True)]
     vmapped = many and batched.update_mode_of(args) == "vmap"  # else each run's own update, no target stacks
+    # vmapped: one stack of all runs, heads padded to the most actions; else a stack per number of
+    # actions, for acting only (unmasked: each run's numbers exactly as alone)
+    groups = batched.group_by(keys := [0 if vmapped else q.advantage.out_features for q in nets])
+    stacks = {n: batched.StackedModules([nets[i] for i in members]) for n, members in groups.items()} if many else {}
+    masks = {n: action_mask(stack) for n, stack in stacks.items()} if vmapped else {}
+    learners = [build_learner(a, 0, run.device, q) for a, run, q in zip(all_args, runs, nets, strict=True)]
     target_stacks = {n: batched.StackedModules([learners[i][1] for i in members]) if args.interventions.ema > 0
                      else None for n, members in groups.items()} if vmapped else {}  # fmt: skip
     # each stack's replays in stacked tensors, sampled in one call by the batched update; run i's: views
@@ -343,7 +360,7 @@ def train(all_args: list[Args]) -> list[dict]:
     def batched_step() -> None:
         for n, members in groups.items():
             losses = batched_update(args, stacks[n], target_stacks[n], [learners[i][2] for i in members],
-                                    stacked_replays[n], [runs[i].generator for i in members])  # fmt: skip
+                                    stacked_replays[n], [runs[i].generator for i in members], masks[n])  # fmt: skip
             for j, i in enumerate(members):
                 interventions[i].device_step()
                 runs[i].losses.add({key: value[j] for key, value in losses.items()})
@@ -366,7 +383,7 @@ def train(all_args: list[Args]) -> list[dict]:
     for step in [run.steps() for run in runs][0]:  # every run's clock starts; they step together
         epsilon = explore(step - 1)  # step - 1 agent steps taken so far
         if many:  # one batched forward per stack for the greedy actions
-            actions = batched.epsilon_greedy_runs(runs, stacks, groups, obs, epsilon)
+            actions = batched.epsilon_greedy_runs(runs, stacks, groups, obs, epsilon, masks)
         else:
             actions = [runs[0].epsilon_greedy(epsilon, obs[0], acts[0])]
 

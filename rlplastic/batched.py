@@ -34,14 +34,20 @@ from rlplastic.runs import flat_config
 class StackedModules:
     """N modules of one architecture whose parameters (and buffers) are stacked along a new first
     dimension; each module keeps its own Parameter objects, now views of the stacked storage.
-    Build it before optimizers and interventions see the modules: they must hold the views."""
+    Build it before optimizers and interventions see the modules: they must hold the views.
+
+    A tensor may differ between the modules in its first dimension only (e.g. output layers of
+    games with different numbers of actions): it is stacked zero-padded to the largest, each
+    module's view holding its own rows; the batched forward sees the padded rows, so a forward
+    that reduces over them must be told which are real (DrQ's masks its actions)."""
 
     def __init__(self, modules: Sequence[nn.Module]):
         if not modules:
             raise ValueError("StackedModules needs at least one module")
-        shapes = [[(name, p.shape) for name, p in m.named_parameters()] for m in modules]
+        shapes = [[(name, p.dim(), p.shape[1:]) for name, p in m.named_parameters()] for m in modules]
         if any(s != shapes[0] for s in shapes):
-            raise ValueError("StackedModules needs modules of one architecture (same parameter names and shapes)")
+            raise ValueError("StackedModules needs modules of one architecture (same parameter names and shapes, "
+                             "but for the first dimension)")  # fmt: skip
         self.modules = list(modules)
         self.base = copy.deepcopy(modules[0]).to("meta")  # the structure functional_call runs
         self.params = {name: self._stack(name, "_parameters") for name, _ in modules[0].named_parameters()}
@@ -54,9 +60,11 @@ class StackedModules:
         parent_name, _, leaf = name.rpartition(".")
         owners = [m.get_submodule(parent_name) for m in self.modules]
         tensors = [getattr(owner, kind)[leaf] for owner in owners]
-        stacked = torch.stack([t.detach() for t in tensors])
+        rows = [t.shape[0] if t.dim() else 0 for t in tensors]
+        stacked = tensors[0].new_zeros((len(tensors), max(rows), *tensors[0].shape[1:]) if rows[0] else (len(tensors),))
         for i, (owner, old) in enumerate(zip(owners, tensors, strict=True)):
-            view = stacked[i]
+            view = stacked[i, : rows[i]] if rows[i] else stacked[i]
+            view.copy_(old.detach())
             if kind == "_parameters":
                 view = nn.Parameter(view, requires_grad=old.requires_grad)  # shares the stacked storage
             getattr(owner, kind)[leaf] = view
@@ -64,13 +72,13 @@ class StackedModules:
             stacked.requires_grad_(tensors[0].requires_grad)
         return stacked
 
-    def forward_each(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor):
+    def forward_each(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], *inputs: torch.Tensor):
         """Inside a vmapped function: run i's forward with its slice of the stacked tensors."""
-        return functional_call(self.base, {**params, **buffers}, (x,))
+        return functional_call(self.base, {**params, **buffers}, inputs)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, B, ...) -> each run's output on its own slice, stacked (N, B, ...)."""
-        return vmap(self.forward_each)(self.params, self.buffers, x)
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """inputs (N, B, ...) -> each run's output on its own slice, stacked (N, B, ...)."""
+        return vmap(self.forward_each)(self.params, self.buffers, *inputs)
 
     def scatter_grads(self) -> None:
         """Hand each run's slice of the stacked gradients to its own parameters (views, no copy),
@@ -79,31 +87,33 @@ class StackedModules:
             if stacked.grad is None:
                 continue
             for i, module in enumerate(self.modules):
-                module.get_parameter(name).grad = stacked.grad[i]
+                parameter = module.get_parameter(name)
+                parameter.grad = stacked.grad[i, : parameter.shape[0]] if parameter.dim() else stacked.grad[i]
             stacked.grad = None
 
 
 def epsilon_greedy_runs(
     runs: Sequence[Any],
-    stacks: dict[int, StackedModules],
-    groups: dict[int, list[int]],
+    stacks: dict[Any, StackedModules],
+    groups: dict[Any, list[int]],
     obs: Sequence[Any],
     epsilon: float,
+    inputs: dict[Any, torch.Tensor] | None = None,
 ) -> list[int]:
     """Each run's epsilon-greedy action, drawn from its own acting stream (Run.explore) as it is
     alone; the greedy actions of all runs that need one come from one batched forward per stack
-    (`groups` maps a stack's key to the indices of its runs), and from one host sync for all."""
+    (`groups` maps a stack's key to the indices of its runs; `inputs` to a per-run second input of
+    its forward, e.g. DrQ's action masks), and from one host sync for all."""
     actions = [run.explore(epsilon) for run in runs]
     asking = {key: members for key, members in groups.items() if any(actions[i] is None for i in members)}
     if not asking:
         return actions  # type: ignore[return-value]
     greedy = []
     for key, members in asking.items():  # every stack's forward queued before the one sync
-        stack = stacks[key]
-        device = next(iter(stack.params.values())).device
-        batch = torch.as_tensor(np.stack([obs[i] for i in members])[:, None], device=device)
+        batch = torch.as_tensor(np.stack([obs[i] for i in members])[:, None], device=runs[members[0]].device)
         with torch.no_grad():
-            greedy.append(stack(batch).argmax(-1)[:, 0])
+            extra = [inputs[key]] if inputs and key in inputs else []
+            greedy.append(stacks[key](batch, *extra).argmax(-1)[:, 0])
     for i, action in zip([i for members in asking.values() for i in members], torch.cat(greedy).tolist(), strict=True):
         actions[i] = action if actions[i] is None else actions[i]
     return actions  # type: ignore[return-value]

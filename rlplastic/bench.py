@@ -122,10 +122,10 @@ def drq_batched_update_seconds(drq: ModuleType, args, device: torch.device, num_
     replays = StackedFrameReplays(runs, 1_000, args.n_step, args.gamma, device=device, generators=generators)
     for replay in replays.replays:
         random_replay(replay, num_actions, steps=1_000)
-    optimizers = [optimizer for _, _, optimizer in learners]
+    optimizers, valid = [optimizer for _, _, optimizer in learners], drq.action_mask(stack)
 
     def step() -> torch.Tensor:
-        losses = drq.batched_update(args, stack, targets, optimizers, replays, generators)
+        losses = drq.batched_update(args, stack, targets, optimizers, replays, generators, valid)
         return losses["td_loss"].sum()
 
     if graph:

@@ -56,36 +56,37 @@ def single_slot(replay: FrameReplay, slot: int = 500) -> FrameReplay:
     return replay
 
 
-def drq_case(overrides: dict, runs: int = 1, deterministic: bool = True):
+def drq_case(overrides: dict, runs: int = 1, deterministic: bool = True, actions: tuple[int, ...] = ()):
     """A builder: (seed, graph) -> (device work, host steps, parameters, generator) of a DrQ learner
-    (or of a batch of `runs`)."""
+    (or of a batch of `runs`, of 4 actions each or of `actions`: heads padded in one stack)."""
 
     def build(seed: int, graph: bool):
         torch.manual_seed(seed)
         args = replace_flags(drq.Args(), device=DEVICE.type, augment=not deterministic, cuda_graph=graph, **overrides)
         generator = torch.Generator(DEVICE).manual_seed(seed)
         learners, items = [], []
-        nets = [drq.QNetwork(4).to(DEVICE) for _ in range(runs)]
+        nets = [drq.QNetwork(a).to(DEVICE) for a in actions or (4,) * runs]
         stack = StackedModules(nets) if runs > 1 else None
         replays = StackedFrameReplays(runs, 2_000, args.n_step, args.gamma, device=DEVICE,
                                       generators=[generator] * runs)  # fmt: skip
         for q, replay in zip(nets, replays.replays, strict=True):
-            replay = random_replay(replay, 4)
+            replay = random_replay(replay, min(actions or (4,)))
             replay = single_slot(replay) if deterministic else replay
-            q, target, optimizer = drq.build_learner(args, 4, DEVICE, q)
+            q, target, optimizer = drq.build_learner(args, 0, DEVICE, q)
             learners.append((q, target, optimizer))
             ema = None if target is q else target
             items.append(build_interventions(args.interventions, q, ema, optimizer,
                                              lambda n, r=replay: r.sample(n).states, xavier_uniform_zero_bias,
                                              drq.HEAD_MODULES))  # fmt: skip
         targets = StackedModules([t for _, t, _ in learners]) if runs > 1 and args.interventions.ema > 0 else None
+        valid = drq.action_mask(stack) if runs > 1 else None
 
         def device_work() -> torch.Tensor:
             if runs == 1:
                 loss = drq.update(args, *learners[0], replays[0], generator)["td_loss"]
             else:
                 loss = drq.batched_update(args, stack, targets, [o for _, _, o in learners], replays,
-                                          [generator] * runs)["td_loss"].sum()  # fmt: skip
+                                          [generator] * runs, valid)["td_loss"].sum()  # fmt: skip
             for run_items in items:
                 run_items.device_step()
             return loss
@@ -178,6 +179,7 @@ def main(check: CheckArgs) -> None:
         "drq batched, 4 runs": drq_case({}, runs=4),
         "drq batched, 4 runs + EMA and head reset every 5": drq_case({"ema": 0.995, "reset": ("head",),
                                                                      "head_every": 5}, runs=4),
+        "drq batched, 4 runs of 3 / 4 / 6 / 18 actions in one stack": drq_case({}, runs=4, actions=(3, 4, 6, 18)),
         f"bbf (width {check.bbf_width_scale}, n 10, SPR, EMA)": bbf_case(check.bbf_width_scale),
     }  # fmt: skip
     failed = []

@@ -37,7 +37,39 @@ def test_stacked_modules_compute_each_runs_forward_and_gradient(drq):
         nets[1].value.weight.fill_(7.0)
     assert (stack.params["value.weight"][1] == 7).all() and not (stack.params["value.weight"][0] == 7).any()
     with pytest.raises(ValueError, match="one architecture"):
-        StackedModules([drq.QNetwork(6), drq.QNetwork(18)])
+        StackedModules([drq.QNetwork(6), drq.QNetwork(6, hidden=256)])
+
+
+def test_runs_of_games_with_different_action_counts_share_one_stack(drq):
+    """Heads of 3, 6 and 18 actions stacked zero-padded to 18: each run's module keeps its own
+    shapes (views of its rows); with the action mask the batched forward gives each run its own
+    Q-values (padded actions -inf, never chosen), gradients and Adam steps touch only real rows."""
+    torch.manual_seed(0)
+    nets = [drq.QNetwork(a) for a in (3, 6, 18)]
+    alone = [copy.deepcopy(net) for net in nets]
+    stack = StackedModules(nets)
+    assert stack.params["advantage.weight"].shape == (3, 18, 512)
+    assert [tuple(net.advantage.weight.shape) for net in nets] == [(3, 512), (6, 512), (18, 512)]
+    valid = drq.action_mask(stack)
+    assert valid.sum(1).tolist() == [3, 6, 18]
+    x = torch.randint(0, 255, (3, 5, 4, 84, 84), dtype=torch.uint8)
+    out = stack(x, valid)
+    for i, net in enumerate(alone):
+        n = net.advantage.out_features
+        torch.testing.assert_close(out[i, :, :n], net(x[i]))
+        assert (out[i, :, n:] == float("-inf")).all()
+    q = out.gather(2, torch.zeros(3, 5, 1, dtype=torch.long))  # action 0 of every run
+    q.pow(2).sum().backward()
+    stack.scatter_grads()
+    assert (stack.params["advantage.weight"].grad is None) and nets[0].advantage.weight.grad.shape == (3, 512)
+    for i, net in enumerate(alone):
+        net(x[i])[:, 0].pow(2).sum().backward()
+        for a, b in zip(nets[i].parameters(), net.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    for net in nets:
+        torch.optim.Adam(net.parameters(), lr=0.1).step()
+    assert (stack.params["advantage.weight"][0, 3:] == 0).all() and (stack.params["advantage.bias"][1, 6:] == 0).all()
+    assert (stack.params["advantage.weight"][0, :3] != 0).all()
 
 
 def test_a_batched_update_is_n_separate_updates_and_interventions_stay_in_their_run(drq):
@@ -58,7 +90,8 @@ def test_a_batched_update_is_n_separate_updates_and_interventions_stay_in_their_
     alone_generators = [torch.Generator().manual_seed(i) for i in range(3)]
     alone_replays = [filled_replay(replay=FrameReplay(1_000, 10, 0.99, generator=g)) for g in alone_generators]
     for _ in range(4):
-        losses = drq.batched_update(args, stack, targets, [opt for _, _, opt in learners], replays, generators)
+        losses = drq.batched_update(args, stack, targets, [opt for _, _, opt in learners], replays, generators,
+                                    drq.action_mask(stack))  # fmt: skip
         separate = [drq.update(args, *alone[i], alone_replays[i], alone_generators[i]) for i in range(3)]
         torch.testing.assert_close(losses["td_loss"], torch.stack([s["td_loss"] for s in separate]))
     for (q, _, _), (q_alone, _, _) in zip(learners, alone, strict=True):
