@@ -14,13 +14,24 @@ import numpy as np
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file; read once, at import (umask is per process)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call write(file) on a temp file in the same folder, fsync, then rename over `path`: readers
-    never see half a file, and an interrupted write leaves the old one intact."""
+    never see half a file, and an interrupted write leaves the old one intact. The file gets the
+    permissions open() would give it (mkstemp's are owner-only: colleagues could not read results)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -51,7 +51,7 @@ class TransitionReader:
         raise NotImplementedError
 
     def states_at(self, slots: torch.Tensor) -> torch.Tensor:
-        """(..., ) slots -> (..., stack, H, W) uint8 stacks, zeros before each segment start."""
+        """(...) slots -> (..., stack, H, W) uint8 stacks, zeros before each segment start."""
         offsets = torch.arange(self.stack - 1, -1, -1, device=self.device)  # oldest first
         frame_slots = (slots[..., None] - offsets) % self.capacity
         visible = offsets <= self._at("segment_pos", slots)[..., None]

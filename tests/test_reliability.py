@@ -71,6 +71,17 @@ def test_to_plain_turns_string_subclasses_into_plain_strings(tmp_path):
     assert files.safe_torch_load(tmp_path / "v.pt")["torch_version"] == str(torch.__version__)
 
 
+def test_files_written_atomically_get_the_permissions_of_any_new_file(tmp_path):
+    """Results, reports and checkpoints are readable by whoever may read a file the user creates
+    (mkstemp alone makes them owner-only)."""
+    (tmp_path / "plain.txt").write_text("x")
+    files.atomic_write_json(tmp_path / "results.json", {"a": 1})
+    files.atomic_torch_save(tmp_path / "checkpoint.pt", {"w": torch.ones(2)})
+    expected = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    for name in ("results.json", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
 def test_a_view_is_saved_as_its_own_values_not_its_whole_storage(tmp_path):
     """A batched run's parameters are views of every run's stacked tensors; torch.save alone would
     write the whole storage into each run's checkpoint."""
