@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -140,14 +140,28 @@ class Report:
     estimates: dict[str, dict]
     improvements: list[dict]
     markdown: str
+    common_games: list[str] = field(default_factory=list)  # when the methods cover different games
+    common_estimates: dict[str, dict] = field(default_factory=dict)  # the aggregates over those alone
 
     def as_json(self) -> dict:
-        """{"METHOD": {"iqm", "median", "mean", "og", "ci": {...}, "games": n}} (+ runs, missing games)."""
+        """{"METHOD": {"iqm", "median", "mean", "og", "ci": {...}, "games": n}} (+ runs, missing games,
+        and "on_common_games": the same over the games every method has, when their games differ)."""
         return {
             method: est | {"games": len(self.matrices[method].games), "runs": self.matrices[method].runs,
                            "missing_games": self.matrices[method].missing_games}
+            | ({"on_common_games": self.common_estimates[method] | {"games": self.common_games}}
+               if self.common_estimates else {})
             for method, est in self.estimates.items()
         }  # fmt: skip
+
+
+def common_games(matrices: dict[str, MethodScores]) -> list[str]:
+    """The games every method has, when the methods do not all cover the same games (else [])."""
+    game_sets = [set(m.games) for m in matrices.values()]
+    if len(game_sets) < 2 or all(games == game_sets[0] for games in game_sets):
+        return []
+    first = next(iter(matrices.values())).games
+    return [g for g in first if all(g in games for games in game_sets)]
 
 
 def build_report(
@@ -195,7 +209,11 @@ def build_report(
         ["method", "game", "seed", "score", "normalized"],
         [[s.method, s.game, s.seed, s.score, human_normalized(s.game, s.score, reference)] for s in scores],
     )
-    report = Report(matrices, estimates, improvements, "")
+    common = common_games(matrices)
+    common_estimates = interval_estimates(
+        {m: s.normalized[:, [s.games.index(g) for g in common]] for m, s in matrices.items()}, reps=reps, seed=seed
+    ) if common else {}  # fmt: skip
+    report = Report(matrices, estimates, improvements, "", common, common_estimates)
     atomic_write_json(out_dir / "aggregates.json", report.as_json())
 
     md = ["# Atari-100k report", ""]
@@ -208,6 +226,18 @@ def build_report(
         )
     )  # fmt: skip
     md += ["", "![aggregates](aggregates.png)", "", "![performance profile](performance_profile.png)", ""]
+    if common:  # aggregates over different game sets do not compare: the same over the shared games
+        md += ["## On the games every method has", "",
+               f"The methods cover different games, so the aggregates above are over different sets. Over the "
+               f"{len(common)} game(s) every method has ({', '.join(common)}):", ""]  # fmt: skip
+        md.append(
+            markdown_table(
+                ["method", "runs", "games", *(AGGREGATE_TITLES[a] for a in AGGREGATES)],
+                [[m, matrices[m].runs, len(common), *(format_estimate(e[a], e["ci"][a]) for a in AGGREGATES)]
+                 for m, e in common_estimates.items()],
+            )
+        )  # fmt: skip
+        md.append("")
     curves = mean_curves(scores)
     if curves:  # runs evaluated during training (--eval-every): sample-efficiency curves
         plot_curves(curves, out_dir / "curves.png")

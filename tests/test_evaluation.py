@@ -191,6 +191,12 @@ def test_report_from_run_folders_writes_every_output(tmp_path):
     assert summary["drq"]["mean"] == pytest.approx(aggregates.mean(report.matrices["drq"].normalized))
     assert "drq+head: no score on 25 game(s)" in report.markdown
     assert "| drq+head | drq | 1.000" in report.markdown
+    # drq has Pong and Breakout, drq+head only Pong: the aggregates again over Pong alone
+    assert "Over the 1 game(s) every method has (Pong)" in report.markdown
+    on_pong = summary["drq"]["on_common_games"]
+    assert on_pong["games"] == ["Pong"] and summary["drq+head"]["on_common_games"]["games"] == ["Pong"]
+    pong_only = report.matrices["drq"].normalized[:, [report.matrices["drq"].games.index("Pong")]]
+    assert on_pong["mean"] == pytest.approx(aggregates.mean(pong_only)) != summary["drq"]["mean"]
 
 
 def test_broken_results_json_is_named(tmp_path):
