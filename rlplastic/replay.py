@@ -12,6 +12,7 @@ into a device mask, so sampling never synchronizes with the device.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
 
@@ -34,11 +35,11 @@ class Batch:
     indices: torch.Tensor  # (B,) int64 slots, for prioritized variants
 
 
-class TransitionReader:
-    """Reading n-step transitions out of the replay's device tensors, for slots of any leading
-    shape: FrameReplay reads its own (slots (B,)), StackedFrameReplays every run's at once (slots
-    (N, B)), with the same arithmetic. Needs capacity, n_step, gamma, stack, discount_powers,
-    device, and _at(name, index): the named device tensor at those slots."""
+class TransitionReader(ABC):
+    """Sampling slots and reading n-step transitions out of the replay's device tensors, for any
+    leading shape: FrameReplay reads its own (slots (B,)), StackedFrameReplays every run's at once
+    (slots (N, B)), with the same arithmetic. Needs capacity, n_step, gamma, stack,
+    discount_powers, device, the sampleable mask, and _at(name, index)."""
 
     capacity: int
     n_step: int
@@ -46,9 +47,18 @@ class TransitionReader:
     stack: int
     discount_powers: torch.Tensor
     device: torch.device
+    sampleable: torch.Tensor  # (..., capacity) float 0/1
 
+    @abstractmethod
     def _at(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The named device tensor (frames, actions, ...) at `index`, slots of the leading shape."""
+
+    def slots_for(self, draws: torch.Tensor) -> torch.Tensor:
+        """Uniform draws in [0, 1), (..., B) -> sampleable slots, by inverting the mask's running
+        count: device-only work of fixed shape, so an update that samples can be captured in a CUDA
+        graph and replayed while the mask changes (the mask is updated in place)."""
+        counts = torch.cumsum(self.sampleable, -1)  # exact: float32 counts integers up to 2^24
+        return torch.searchsorted(counts, draws * counts[..., -1:], right=True)
 
     def states_at(self, slots: torch.Tensor) -> torch.Tensor:
         """(...) slots -> (..., stack, H, W) uint8 stacks, zeros before each segment start."""
@@ -255,12 +265,8 @@ class FrameReplay(TransitionReader):
         return self.transitions(self.sample_slots(batch_size))
 
     def sample_slots(self, batch_size: int) -> torch.Tensor:
-        """Uniform over the sampleable slots, by inverting the mask's running count: device-only
-        work of fixed shape, so an update that samples can be captured in a CUDA graph and
-        replayed while the mask changes (the mask is updated in place)."""
-        counts = torch.cumsum(self.sampleable, 0)  # exact: float32 counts integers up to 2^24
-        targets = torch.rand(batch_size, device=self.device, generator=self.generator) * counts[-1]
-        return torch.searchsorted(counts, targets, right=True)
+        """Uniform over the sampleable slots (slots_for), from this replay's generator."""
+        return self.slots_for(torch.rand(batch_size, device=self.device, generator=self.generator))
 
 
 @dataclass
@@ -383,7 +389,7 @@ class StackedFrameReplays(TransitionReader):
         ]  # fmt: skip
         self.capacity, self.n_step, self.gamma, self.stack = capacity, n_step, gamma, stack
         self.discount_powers = self.replays[0].discount_powers
-        self.gamma_n = gamma**n_step
+        self.sampleable = self.storage["sampleable"]
         self._runs = torch.arange(runs, device=self.device)
 
     def __len__(self) -> int:
@@ -404,5 +410,4 @@ class StackedFrameReplays(TransitionReader):
         # each run's uniform draw from its own generator (FrameReplay.sample_slots, all runs at once)
         draws = torch.stack([torch.rand(batch_size, device=self.device, generator=replay.generator)
                              for replay in self.replays])  # fmt: skip
-        counts = torch.cumsum(self.storage["sampleable"], 1)
-        return self.transitions(torch.searchsorted(counts, draws * counts[:, -1:], right=True))
+        return self.transitions(self.slots_for(draws))
