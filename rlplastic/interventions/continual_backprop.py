@@ -10,14 +10,9 @@ from rlplastic.interventions.redo import LayerPairs
 from rlplastic.introspection import num_units, received_features, recyclable_layers
 
 
-def _reduce_into(buffer: torch.Tensor, x: torch.Tensor) -> None:
-    """buffer <- the mean of x (N, units[, positions]) over the batch and positions, in place (a
-    captured graph refills it); one kernel when the dtypes agree."""
-    dims = [0, *range(2, x.dim())]
-    if x.dtype == buffer.dtype:
-        torch.mean(x, dim=dims, out=buffer)
-    else:
-        buffer.copy_(x.mean(dim=dims))
+def _unit_dims(x: torch.Tensor) -> list[int]:
+    """The dims of x (N, units[, positions]) other than the units'."""
+    return [0, *range(2, x.dim())]
 
 
 def _fold_inputs(layer: nn.Module, next_layer: nn.Module, values: torch.Tensor) -> torch.Tensor:
@@ -29,6 +24,19 @@ def _fold_inputs(layer: nn.Module, next_layer: nn.Module, values: torch.Tensor) 
     if values.shape[-1] == num_units(layer):
         return values
     return values.reshape(*values.shape[:-1], num_units(layer), -1).sum(-1)
+
+
+def _outgoing_sums(layer: nn.Module, next_layer: nn.Module) -> tuple[torch.Tensor, int]:
+    """sum |w_out| per unit of `layer` over the weight of `next_layer` (its rows, and the kernel
+    taps or flattened positions each unit feeds: what _fold_inputs sums), in one reduction kernel,
+    and the number of rows to divide by for a mean over them."""
+    weight = next_layer.weight
+    if isinstance(next_layer, nn.Conv2d):
+        return torch.linalg.vector_norm(weight, 1, dim=(0, 2, 3)), weight.shape[0]
+    if weight.shape[-1] == num_units(layer):
+        return torch.linalg.vector_norm(weight, 1, dim=0), weight.shape[0]
+    per_unit = weight.reshape(weight.shape[0], num_units(layer), -1)
+    return torch.linalg.vector_norm(per_unit, 1, dim=(0, 2)), weight.shape[0]
 
 
 class ContinualBackprop(Intervention):
@@ -88,9 +96,12 @@ class ContinualBackprop(Intervention):
                     "age": torch.zeros(units, device=device),
                     "host_age": np.zeros(units, dtype=np.int64),  # mirror: eligibility without a sync
                     "due": 0.0,
-                    "batch_abs": torch.zeros(units, device=device),  # the last training forward's
+                    # the last training forward's sums of |h| and h per unit, over `count` values each
+                    "batch_abs": torch.zeros(units, device=device),
                     "batch_mean": torch.zeros(units, device=device),
-                    "fed": False,  # whether a training forward has filled the two above yet
+                    "count": 1,
+                    "ones": torch.ones(units, device=device),  # a factor of 1 in the fused update
+                    "fed": False,  # whether a training forward has filled the three above yet
                 }
             )
         self._hooks = [
@@ -104,8 +115,11 @@ class ContinualBackprop(Intervention):
             return
         h = received_features(self.layers[index][0], received.detach())
         state = self.state[index]
-        _reduce_into(state["batch_abs"], h.abs())
-        _reduce_into(state["batch_mean"], h)
+        # sums, one reduction kernel each, into buffers a captured graph refills; device_step divides
+        dims, buffer_dtype = _unit_dims(h), state["batch_abs"].dtype
+        torch.linalg.vector_norm(h, 1, dim=dims, dtype=buffer_dtype, out=state["batch_abs"])
+        torch.sum(h, dim=dims, dtype=buffer_dtype, out=state["batch_mean"])
+        state["count"] = h.numel() // h.shape[1]
         state["fed"] = True
 
     def metrics(self) -> dict[str, float]:
@@ -127,26 +141,36 @@ class ContinualBackprop(Intervention):
 
     @torch.no_grad()
     def device_step(self) -> None:
-        """The utility and mean-activation EMAs and the ages: device work, graph-capturable; the
-        updates of all layers are fused (foreach) kernels."""
+        """The utility and mean-activation EMAs and the ages: device work, graph-capturable. Per
+        layer one reduction of |w_out| per following layer; the rest is two fused (foreach)
+        kernels for all layers: about two kernels per layer and step with the training forward's
+        two reductions."""
         fed = [(layer, following, state) for (layer, following), state in zip(self.layers, self.state, strict=True)
                if state["fed"]]  # fmt: skip
         if not fed:
             return
-        absolute = iter(torch._foreach_abs([nxt.weight for _, following, _ in fed for nxt in following]))
-        out_magnitudes = []
-        for layer, following, _ in fed:
-            # mean |w_out| over the next layers' rows first, then fold flatten blocks / kernel taps
-            magnitudes = [_fold_inputs(layer, nxt, next(absolute).mean(0)) for nxt in following]
-            out_magnitudes.append(magnitudes[0] if len(magnitudes) == 1 else torch.stack(magnitudes).mean(0))
+        out_sums, scales = [], []
+        for layer, following, state in fed:
+            # mean |w_out| over the rows of each following layer, averaged over those layers
+            sums = [_outgoing_sums(layer, nxt) for nxt in following]
+            total, rows = sums[0]
+            for extra, extra_rows in sums[1:]:
+                total = total.add(extra, alpha=rows / extra_rows)  # in units of the first layer's rows
+            out_sums.append(total)
+            scales.append(1.0 / (rows * len(following) * state["count"]))
         states = [state for _, _, state in fed]
-        utilities = torch._foreach_mul([state["batch_abs"] for state in states], out_magnitudes)
-        torch._foreach_lerp_(
-            [state["utility"] for state in states] + [state["mean_activation"] for state in states],
-            [*utilities, *(state["batch_mean"] for state in states)],
-            1 - self.decay,
+        utilities, means, ages = ([state[key] for state in states] for key in ("utility", "mean_activation", "age"))
+        ones = [state["ones"] for state in states]
+        # x <- decay x + (1 - decay) * scale * a * b for the utilities (a, b: the sums of |h| and of
+        # |w_out|) and the mean activations (a: the sum of h, b: 1); age <- age + 1 * 1 * 1
+        step = 1 - self.decay
+        torch._foreach_mul_([*utilities, *means, *ages], [self.decay] * (2 * len(states)) + [1.0] * len(states))
+        torch._foreach_addcmul_(
+            [*utilities, *means, *ages],
+            [*(state["batch_abs"] for state in states), *(state["batch_mean"] for state in states), *ones],
+            [*out_sums, *ones, *ones],
+            [step * scale for scale in scales] + [step / state["count"] for state in states] + [1.0] * len(states),
         )
-        torch._foreach_add_([state["age"] for state in states], 1)
 
     def host_step(self) -> None:
         """Ages on the host, the replacement fraction, and the replacements when due (rare)."""
