@@ -1,10 +1,12 @@
 """ResNet-18 training speed on CIFAR-shaped data on the current device: images/s and the time of
 one 50,000-image epoch (batch 128, AdamW, crop + flip on the device, as the lifecycle tables train),
 for each of the runner's speed options (scripts/supervised.py --amp bf16, --channels-last,
---compile) alone and together.
+--compile, --cuda-graph) alone and together. A variant with `graph` captures the whole training
+step (sampling, augmentation, forward, backward, AdamW) in a CUDA graph, as --cuda-graph does; it
+needs CUDA and is skipped on a CPU.
 
     python scripts/bench_supervised.py                  # auto device, every variant
-    python scripts/bench_supervised.py --device cuda --batches 200 --variants fp32 bf16+channels-last
+    python scripts/bench_supervised.py --device cuda --batches 200 --variants fp32 bf16+channels-last+graph
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import torch.nn.functional as F
 import tyro
 
 from rlplastic.bench import device_name
+from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
 from rlplastic.runs import resolve_device
 from rlplastic.supervised.models import build_model
 from rlplastic.supervised.train import crop_flip
+
+OPTIONS = ("bf16", "channels-last", "compile", "graph")
 
 
 @dataclass
@@ -33,8 +38,9 @@ class BenchArgs:
     """images per batch"""
     model: str = "resnet18"
     """model to time (any of rlplastic.supervised.models.MODELS)"""
-    variants: tuple[str, ...] = ("fp32", "bf16", "channels-last", "bf16+channels-last", "compile")
-    """speed options to time, each fp32 or a +-joined set of bf16, channels-last, compile"""
+    variants: tuple[str, ...] = ("fp32", "bf16", "channels-last", "bf16+channels-last", "compile", "graph",
+                                 "bf16+channels-last+graph")  # fmt: skip
+    """speed options to time, each fp32 or a +-joined set of bf16, channels-last, compile, graph"""
 
 
 def synchronize(device: torch.device) -> None:
@@ -45,10 +51,10 @@ def synchronize(device: torch.device) -> None:
 def time_variant(bench: BenchArgs, variant: str, device: torch.device, batches: int) -> float:
     """Seconds per training batch with the options of `variant`."""
     options = set(variant.split("+")) - {"fp32"}
-    unknown = options - {"bf16", "channels-last", "compile"}
+    unknown = options - set(OPTIONS)
     if unknown:
-        raise SystemExit(f"bench_supervised: unknown variant part(s) {sorted(unknown)}; allowed fp32, bf16, "
-                         "channels-last, compile joined by +")  # fmt: skip
+        raise SystemExit(f"bench_supervised: unknown variant part(s) {sorted(unknown)}; allowed fp32 or "
+                         f"{', '.join(OPTIONS)} joined by +")  # fmt: skip
     torch.manual_seed(0)
     generator = torch.Generator(device=device).manual_seed(0)
     data = torch.randn(2_048, 3, 32, 32, device=device)  # resident on the device, as in the runner
@@ -57,7 +63,9 @@ def time_variant(bench: BenchArgs, variant: str, device: torch.device, batches: 
     layout = torch.channels_last if "channels-last" in options else torch.contiguous_format
     model.to(memory_format=layout)
     forward = torch.compile(model) if "compile" in options else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=5e-4, fused=True)
+    graphed = "graph" in options
+    lr = torch.tensor(1e-3, device=device) if graphed else 1e-3  # as the runner builds it
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4, fused=True, capturable=graphed)
 
     def step() -> torch.Tensor:
         idx = torch.randint(0, len(data), (bench.batch_size,), device=device, generator=generator)
@@ -68,9 +76,11 @@ def time_variant(bench: BenchArgs, variant: str, device: torch.device, batches: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return loss
+        return loss.detach()
 
-    for _ in range(2 if device.type == "cpu" else 10):  # compile happens here
+    if graphed:
+        step = CapturedStep(step, generators=[generator])
+    for _ in range(2 if device.type == "cpu" else 10):  # compile and capture happen here
         step()
     synchronize(device)
     start = time.perf_counter()
@@ -86,6 +96,9 @@ def main(bench: BenchArgs) -> None:
     print(f"bench_supervised: {bench.model} on {device} ({device_name(device)}), torch {torch.__version__}, "
           f"batch {bench.batch_size}")  # fmt: skip
     for variant in bench.variants:
+        if "graph" in variant.split("+") and not graph_capture_available(device):
+            print(f"{variant:20s} skipped: CUDA graphs need a CUDA device", flush=True)
+            continue
         seconds = time_variant(bench, variant, device, batches)
         images_per_s = bench.batch_size / seconds
         print(f"{variant:20s} {images_per_s:9.1f} images/s ({seconds * 1000:.0f} ms per batch); one 50,000-image "

@@ -45,6 +45,8 @@ class CheckArgs:
     """cuda; cpu runs both learners eagerly, to check the script itself"""
     bbf_width_scale: int = 4
     """BBF's Impala width (4 = full size; 1 for a quick dry run)"""
+    only: tuple[str, ...] = ()
+    """run only the cases whose name contains one of these texts (e.g. "backprop" "concurrent"); all by default"""
 
 
 def single_slot(replay: FrameReplay, slot: int = 500) -> FrameReplay:
@@ -182,8 +184,9 @@ def main(check: CheckArgs) -> None:
         "drq batched, 4 runs of 3 / 4 / 6 / 18 actions in one stack": drq_case({}, runs=4, actions=(3, 4, 6, 18)),
         f"bbf (width {check.bbf_width_scale}, n 10, SPR, EMA)": bbf_case(check.bbf_width_scale),
     }  # fmt: skip
+    wanted = lambda name: not check.only or any(text in name for text in check.only)  # noqa: E731
     failed = []
-    for name, build in cases.items():
+    for name, build in ((name, build) for name, build in cases.items() if wanted(name)):
         try:
             param_diff, loss_diff = compare(build, check.steps)
         except Exception as error:  # report and go on: one broken case must not hide the others
@@ -193,21 +196,22 @@ def main(check: CheckArgs) -> None:
         ok = param_diff <= check.tolerance
         failed += [] if ok else [name]
         print(f"{'ok  ' if ok else 'FAIL'}  {name}: max |param diff| {param_diff:.2e}, max |loss diff| {loss_diff:.2e}")
-    try:
-        param_diff = compare_concurrent(4, check.steps)
-        ok = param_diff <= check.tolerance
-        failed += [] if ok else ["drq concurrent"]
-        print(f"{'ok  ' if ok else 'FAIL'}  drq, 4 runs each in its own graph on streams: "
-              f"max |param diff| {param_diff:.2e}")  # fmt: skip
-    except Exception as error:
-        print(f"FAIL  drq concurrent: {type(error).__name__}: {error}")
-        failed.append("drq concurrent")
+    if wanted("drq concurrent"):
+        try:
+            param_diff = compare_concurrent(4, check.steps)
+            ok = param_diff <= check.tolerance
+            failed += [] if ok else ["drq concurrent"]
+            print(f"{'ok  ' if ok else 'FAIL'}  drq concurrent, 4 runs each in its own graph on streams: "
+                  f"max |param diff| {param_diff:.2e}")  # fmt: skip
+        except Exception as error:
+            print(f"FAIL  drq concurrent: {type(error).__name__}: {error}")
+            failed.append("drq concurrent")
     random_cases = {
         "drq, augmentation and full replay": drq_case({}, deterministic=False),
         "drq + gradient noise": drq_case({"continual": ("noise",)}, deterministic=False),
         "bbf, augmentation and full prioritized replay": bbf_case(check.bbf_width_scale, deterministic=False),
     }
-    for name, build in random_cases.items():
+    for name, build in ((name, build) for name, build in random_cases.items() if wanted(name)):
         try:
             param_diff, loss_diff = compare(build, check.steps)
             print(f"info  {name} (random streams): max |param diff| {param_diff:.2e}, max |loss diff| {loss_diff:.2e}")

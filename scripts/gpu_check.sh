@@ -10,6 +10,8 @@
 # Stages (each capped by `timeout`; the caps add up to what a stage may take at most):
 #   graphs         90 s  check_cuda_graphs: captured updates of DrQ, its interventions, batched DrQ
 #                        and BBF compute what the eager ones compute
+#   graphs-quick   45 s  the same for the interventions with captured per-step work (continual
+#                        backprop, lifecycle, noise) and the concurrent update only
 #   interventions 110 s  bench_interventions: each intervention's overhead, eager and captured
 #   drq           240 s  bench_drq: env, eager vs captured update, 8 / 32 / 128 runs vmapped and
 #                        concurrent, the loop
@@ -18,7 +20,10 @@
 #   concurrent32  100 s  the same with --batched-update concurrent (+ batched_runs.json)
 #   bbf            90 s  bench_bbf: fp32 / bf16, eager / captured, projected 100k run
 #   smoke         180 s  short CUDA runs of BBF and of DrQ with CBP, noise, lifecycle
-#   resnet         90 s  bench_supervised, ResNet-18: fp32, bf16, channels-last, both
+#   resnet         90 s  bench_supervised, ResNet-18: fp32, bf16 + channels-last, each eager and with
+#                        the whole step captured in a CUDA graph (--cuda-graph)
+#   supervised     80 s  the supervised runner on digits, ResNet-18, eager and --cuda-graph: the same
+#                        losses (no augmentation: nothing random inside the step)
 #   compile       200 s  bench_supervised, ResNet-18: bf16 + channels-last, then + torch.compile
 # The machine's start and the install (about 20 s) count against a session's device time too.
 set -u
@@ -41,6 +46,9 @@ setup() {
 }
 
 stage_graphs() { timeout 90 python3 scripts/check_cuda_graphs.py 2>&1 | say; }
+stage_graphs_quick() {
+  timeout 45 python3 scripts/check_cuda_graphs.py --only backprop lifecycle noise concurrent 2>&1 | say
+}
 
 stage_interventions() {
   timeout 110 python3 scripts/bench_interventions.py --device cuda --updates 200 --repeats 2 2>&1 | say
@@ -97,8 +105,17 @@ stage_smoke() {
 }
 
 stage_resnet() {
-  timeout 90 python3 scripts/bench_supervised.py --device cuda --batches 60 --variants fp32 bf16 channels-last \
-    bf16+channels-last 2>&1 | say
+  timeout 90 python3 scripts/bench_supervised.py --device cuda --batches 100 --variants fp32 graph \
+    bf16+channels-last bf16+channels-last+graph bf16+graph 2>&1 | say
+}
+
+# the runner itself, eager and captured: per-epoch losses side by side
+stage_supervised() {
+  for graph in --no-cuda-graph --cuda-graph; do
+    timeout 40 python3 scripts/supervised.py run --dataset digits --model resnet18 --protocol fresh --epochs 4 \
+      --device cuda --seed 0 --no-hessian --log-every 1 $graph --out "/tmp/runs/supervised$graph.jsonl" 2>&1 \
+      | sed "s/^/$graph: /" | say
+  done
 }
 
 # torch.compile of ResNet-18 (the compile itself takes a minute or more)
@@ -107,9 +124,9 @@ stage_compile() {
     bf16+channels-last+compile 2>&1 | say
 }
 
-ALL="graphs interventions drq batch32 concurrent32 bbf smoke resnet compile"
+ALL="graphs interventions drq batch32 concurrent32 bbf smoke resnet supervised compile"
 for stage in "$@"; do
-  declare -F "stage_${stage//-/_}" > /dev/null || { echo "gpu_check: no stage '$stage'; stages: $ALL drq-short" >&2; exit 2; }
+  declare -F "stage_${stage//-/_}" > /dev/null || { echo "gpu_check: no stage '$stage'; stages: $ALL drq-short graphs-quick" >&2; exit 2; }
 done
 setup
 elapsed setup

@@ -17,8 +17,9 @@ BENCHES = {
     "bench_interventions": (["--updates", "1", "--repeats", "1"],
                             ["eager update: hare-tortoise", "eager update: lifecycle layers"]),
     "bench_diagnostics": (["--calls", "1", "--updates", "2"], ["share of a DrQ run"]),
-    "bench_supervised": (["--batches", "1", "--batch-size", "16", "--variants", "fp32", "bf16+channels-last"],
-                         ["fp32 ", "bf16+channels-last "]),
+    "bench_supervised": (["--batches", "1", "--batch-size", "16", "--variants", "fp32", "bf16+channels-last",
+                          "bf16+graph"],
+                         ["fp32 ", "bf16+channels-last ", "bf16+graph           skipped: CUDA graphs need a CUDA"]),
 }  # fmt: skip
 
 

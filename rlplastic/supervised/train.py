@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlplastic.checkpoints import read_checkpoint, save_checkpoint
+from rlplastic.cuda_graphs import CapturedSteps, graph_capture_available
 from rlplastic.diagnostics import (
     PlasticityProbe,
     expected_calibration_error,
@@ -143,6 +144,9 @@ class RunConfig:
     """image models and batches in channels-last memory format (what GPU tensor cores want)"""
     compile: bool = False
     """torch.compile the training forward (methods that hook the forward are refused)"""
+    cuda_graph: bool = False
+    """capture each training step (forward, backward, optimizer step) once in a CUDA graph and replay it:
+    no kernel launches from Python (CUDA only, ignored on a CPU; methods that hook the forward are refused)"""
     log_every: int = 0
     """epochs between progress lines (accuracies are recorded every epoch); 0 = about 10 per phase"""
     hessian: bool = True
@@ -157,15 +161,18 @@ STRENGTHS = {"l2": 1e-4, "spectral-decoupling": 1e-2, "regen": 1e-2, "neuronal-d
 
 
 # Methods that hook the model's forward or change what it computes between steps: a compiled
-# forward would recompile at every change, so --compile refuses them.
+# forward would recompile at every change and a captured step would go on computing the old one,
+# so --compile and --cuda-graph refuse them.
 NOT_COMPILED = ("redo", "neuronal-decay", *LIFECYCLE_ABLATIONS, "topk-cycle", "topk-accuracy", "topk-plateau")
 
 
 def validate(config: RunConfig) -> list[str]:
     problems = []
-    if config.compile and config.method in NOT_COMPILED:
-        problems.append(f"--compile with --method {config.method}: it hooks or changes the forward between steps; "
-                        f"compile with one of {', '.join(m for m in METHODS if m not in NOT_COMPILED)}")  # fmt: skip
+    allowed = ", ".join(m for m in METHODS if m not in NOT_COMPILED)
+    for flag, on in (("--compile", config.compile), ("--cuda-graph", config.cuda_graph)):
+        if on and config.method in NOT_COMPILED:
+            problems.append(f"{flag} with --method {config.method}: it hooks or changes the forward between steps; "
+                            f"use {flag} with one of {allowed}")  # fmt: skip
     if config.amp == "bf16" and config.device != "cpu" and torch.cuda.is_available():
         if not torch.cuda.is_bf16_supported():
             problems.append("--amp bf16: this GPU does not support bfloat16; use --amp fp32")
@@ -383,6 +390,7 @@ class Trainer:
     def __init__(self, config: RunConfig, data: Dataset, device: torch.device):
         self.config, self.data, self.device = config, data, device
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.graphed = config.cuda_graph and graph_capture_available(device)  # off on a CPU
         lr, wd = MODEL_DEFAULTS[config.model]
         self.lr = config.lr if config.lr is not None else lr
         self.weight_decay = config.weight_decay if config.weight_decay is not None else wd
@@ -425,9 +433,11 @@ class Trainer:
         self.new_optimizer()
 
     def new_optimizer(self) -> None:
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True
-        )  # fused: one kernel for all tensors
+        # fused: one kernel for all tensors; a captured step reads the learning rate from a device
+        # tensor (the schedule fills it in place) and its step count from the device (capturable)
+        lr = torch.tensor(self.lr, device=self.device) if self.graphed else self.lr
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.weight_decay,
+                                           fused=True, capturable=self.graphed)  # fmt: skip
         for m in self.model.modules():
             if isinstance(m, LifecycleLinear | LifecycleConv2d):
                 m.bind_optimizer(self.optimizer)
@@ -526,6 +536,13 @@ class Trainer:
         augment = self.config.augment or self.config.method == "augment"
         log_every = self.config.log_every or max(1, epochs // 10)
         self.model.train()
+        # Captured: one graph per batch size (the last batch of an epoch may be smaller), each reading
+        # its batch's indices from a tensor filled in place; the schedule and interventions run eagerly
+        # between replays, in place. New graphs per call: the data, optimizer and checkpoint state may
+        # have changed between phases.
+        indices: dict[int, torch.Tensor] = {}
+        captured = CapturedSteps(lambda size: self.train_step(x, y, indices[size], augment),
+                                 generators=[self.generator])  # fmt: skip
         for epoch in range(start_epoch + 1, epochs + 1):
             order = torch.randperm(n, device=self.device, generator=self.generator)
             loss_sum = torch.zeros((), device=self.device)
@@ -533,18 +550,14 @@ class Trainer:
                 idx = order[start : start + self.config.batch_size]
                 if len(idx) < 2:  # BatchNorm cannot train on one sample
                     continue
-                xb, yb = x[idx], y[idx]
-                if augment:
-                    xb = crop_flip(xb, self.generator)
-                loss = self.loss(xb, yb)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.config.grad_clip:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-                self.optimizer.step()
+                if self.graphed:
+                    indices.setdefault(len(idx), torch.empty_like(idx)).copy_(idx)
+                    loss = captured(len(idx))
+                else:
+                    loss = self.train_step(x, y, idx, augment)
                 schedule.step()
                 self.interventions.step()
-                loss_sum += loss.detach()
+                loss_sum += loss
                 self.steps += 1
             # accuracies every epoch (history, tensorboard); a progress line every log_every epochs
             train_acc, _ = accuracy_and_logits(self.evaluated, x, y)
@@ -567,6 +580,20 @@ class Trainer:
             if on_epoch_end is not None:
                 on_epoch_end(epoch, schedule)
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, augment: bool) -> torch.Tensor:
+        """One gradient step on the samples `idx` of (x, y); the loss, detached. No host sync, fixed
+        shapes: capturable in a CUDA graph."""
+        xb, yb = x[idx], y[idx]
+        if augment:
+            xb = crop_flip(xb, self.generator)
+        loss = self.loss(xb, yb)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
+
     def state_dict(self, schedule) -> dict:
         """Everything training changes, for a checkpoint at the end of an epoch (plain data)."""
         return {
@@ -582,6 +609,9 @@ class Trainer:
         learning-rate schedule is left alone."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.graphed:  # a checkpoint's learning rate arrives as a CPU tensor: back on the device
+            for group in self.optimizer.param_groups:
+                group["lr"] = torch.as_tensor(group["lr"], device=self.device)
         if self.shadow is not None:
             self.shadow.load_state_dict(state["shadow"])
         if schedule is not None:
