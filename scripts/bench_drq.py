@@ -60,6 +60,10 @@ class BenchArgs:
     """runs per batched update to time (agents/drq.py --env-id ... --seed ...: one vmapped update)"""
     batched_updates: int = 10
     """timed batched updates per size"""
+    batched_modes: tuple[Literal["eager", "cuda-graph"], ...] = ("eager", "cuda-graph")
+    """update modes of the batched sizes to time (cuda-graph only on CUDA)"""
+    concurrent: bool = True
+    """also time the concurrent updates (each run's own update, side by side) of each batched size"""
 
 
 def time_vector_env_steps(game: str, steps: int, num_envs: int) -> float:
@@ -112,7 +116,7 @@ def main(bench: BenchArgs) -> None:
     print(
         f"env steps/s of 8 runs' environments in {processes} worker processes (--env-workers): {1 / worker_time:8.1f}"
     )
-    modes = ["eager", "cuda-graph"] if graph_capture_available(device) else ["eager"]
+    modes = [m for m in bench.batched_modes if m == "eager" or graph_capture_available(device)]
     for runs in bench.batched:
         worker_time = time_worker_env_steps(game, runs, min(processes, runs), max(bench.env_steps // runs, 50))
         print(f"env steps/s of {runs} runs' environments in {min(processes, runs)} worker processes: "
@@ -129,6 +133,8 @@ def main(bench: BenchArgs) -> None:
                 f"({seconds * 1e3:7.1f} ms each); 26 x 5 table in batches of {runs}: {hours[0]:.2f} h "
                 f"(env and update overlapped) to {hours[1]:.2f} h (one after the other)"
             )
+            if not bench.concurrent:
+                continue
             seconds = drq_concurrent_update_seconds(drq, args, device, num_actions, runs, bench.batched_updates,
                                                     graph=mode == "cuda-graph")  # fmt: skip
             hours = [-(-130 // runs) * 100_000 * t / 3600 for t in (max(env, seconds), env + seconds)]

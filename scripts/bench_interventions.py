@@ -43,6 +43,9 @@ class BenchArgs:
     """timed updates per configuration"""
     repeats: int = 5
     """interleaved repetitions; the fastest is reported, since interference only ever adds time"""
+    only: tuple[str, ...] = ()
+    """time only the configurations whose label contains one of these texts (e.g. backprop), and the
+    ones they are measured against; all by default"""
 
 
 # label: (overrides, the configuration it adds to)
@@ -127,18 +130,23 @@ def main(bench: BenchArgs) -> None:
     replay = random_replay(FrameReplay(5_000, 10, 0.99, device=device, generator=generator), num_actions=4)
     base = replace_flags(drq.Args(), device=bench.device)
     modes = ["eager", "cuda-graph"] if graph_capture_available(device) else ["eager"]
+    chosen = {label for label in CONFIGS if not bench.only or any(text in label for text in bench.only)}
+    configs = {label: config for label, config in CONFIGS.items()
+               if label in chosen or any(CONFIGS[c][1] == label for c in chosen)}  # fmt: skip
+    if not chosen:
+        raise SystemExit(f"bench_interventions: --only {' '.join(bench.only)} matches none of: {', '.join(CONFIGS)}")
     ops = {label: device_ops(replace_flags(base, **overrides), device, replay, generator)
-           for label, (overrides, _) in CONFIGS.items()}  # fmt: skip
+           for label, (overrides, _) in configs.items()}  # fmt: skip
     for mode in modes:
-        times: dict[str, list[float]] = {label: [] for label in CONFIGS}
+        times: dict[str, list[float]] = {label: [] for label in configs}
         for _ in range(bench.repeats):  # interleaved, so drifts in machine load hit every config alike
-            for label, (overrides, _) in CONFIGS.items():
+            for label, (overrides, _) in configs.items():
                 args = replace_flags(base, **overrides)
                 times[label].append(update_seconds(args, device, replay, generator, bench.updates, mode != "eager"))
         fastest = {label: min(values) for label, values in times.items()}
         print(f"{mode} update: {'configuration':26s} {'ms/update':>10s} {'event ms':>9s} {'period':>7s} "
               f"{'overhead':>9s} {'ops':>5s} {'+ops':>5s}  vs")  # fmt: skip
-        for label, (overrides, baseline) in CONFIGS.items():
+        for label, (overrides, baseline) in configs.items():
             event, period = event_cost(replace_flags(base, **overrides), device, replay, generator)
             amortized = fastest[label] + (event / period if period else 0.0)
             overhead = 100 * (amortized / fastest[baseline] - 1)

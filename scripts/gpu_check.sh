@@ -29,7 +29,7 @@
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT" /tmp/runs
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 LOG="$OUT/gpu_check.txt"
 start=$(date +%s)
 say() { tee -a "$LOG"; }
