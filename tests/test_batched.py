@@ -155,6 +155,22 @@ def test_a_batch_whose_replays_do_not_fit_together_is_refused_before_any_work(dr
     assert batch_problems(runs[:2]) == []  # two thirds fit
 
 
+def test_a_batch_whose_replays_fit_but_not_with_its_networks_and_process_is_refused(drq):
+    """32 DrQ runs of 100k-slot replays on this 24 GB machine: the replays alone (21 GiB) passed a
+    check of the replays alone and the OS killed the process while it built them. The refusal
+    counts each run's learner and the process too."""
+    from rlplastic.replay import FrameReplay
+
+    free = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("MemAvailable")).split()[1]) * 1024  # fmt: skip
+    buffer_size = (free - 2**29) // (2 * FrameReplay.memory_bytes(1))  # two replays leave 0.5 GiB free
+    assert 2 * FrameReplay.memory_bytes(buffer_size) < free
+    runs = [with_flags(drq.Args(), device="cpu", buffer_size=buffer_size, seed=seed) for seed in (1, 2)]
+    problems = batch_problems(runs)
+    assert len(problems) == 1
+    assert f"--buffer-size {buffer_size} (the replay) x 2 runs in one process with their networks" in problems[0]
+
+
 TINY = ["--total-steps", "240", "--learning-starts", "80", "--buffer-size", "1000", "--batch-size", "8",
         "--log-every", "80", "--eval-episodes", "2", "--eval-envs", "2", "--max-episode-steps", "150",
         "--diag-every", "120", "--device", "cpu", "--ema", "0.99", "--reset", "hare-tortoise", "head",
