@@ -10,7 +10,7 @@
 # Stages (each capped by `timeout`; the caps add up to what a stage may take at most):
 #   graphs         90 s  check_cuda_graphs: captured updates of DrQ, its interventions, batched DrQ
 #                        and BBF compute what the eager ones compute
-#   graphs-quick   45 s  the same for the interventions with captured per-step work (continual
+#   graphs-quick   90 s  the same for the interventions with captured per-step work (continual
 #                        backprop, lifecycle, noise) and the concurrent update only
 #   interventions 110 s  bench_interventions: each intervention's overhead, eager and captured
 #   drq           240 s  bench_drq: env, eager vs captured update, 8 / 32 / 128 runs vmapped and
@@ -47,7 +47,7 @@ setup() {
 
 stage_graphs() { timeout 90 python3 scripts/check_cuda_graphs.py 2>&1 | say; }
 stage_graphs_quick() {
-  timeout 45 python3 scripts/check_cuda_graphs.py --only backprop lifecycle noise concurrent 2>&1 | say
+  timeout 90 python3 scripts/check_cuda_graphs.py --only backprop lifecycle noise concurrent 2>&1 | say
 }
 
 stage_interventions() {
