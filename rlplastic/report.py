@@ -259,7 +259,8 @@ def build_report(
             notes.append(f"- {m}: one score per game (per-game means?): its CIs are points, not uncertainty")
         if s.dropped:
             listed = ", ".join(f"{d.game} seed {d.seed}" for d in s.dropped)
-            notes.append(f"- {m}: {len(s.dropped)} run(s) left out to keep {s.runs} run(s) per game: {listed}")
+            notes.append(f"- {m}: {len(s.dropped)} run(s) left out of the aggregates to keep {s.runs} run(s) per "
+                         f"game: {listed} (the per-game means below count them)")  # fmt: skip
     if notes:
         md += ["## Notes: runs per game, missing games, left-out runs", "", *notes, ""]
     if improvements:

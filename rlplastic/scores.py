@@ -267,11 +267,16 @@ def score_matrices(
 
 
 def per_game_means(matrices: dict[str, MethodScores], reference: dict[str, tuple[float, float]]) -> list[dict]:
-    """One row per game: random, human and each method's mean raw score (None where missing)."""
+    """One row per game: random, human and each method's mean raw score over every run it has on
+    the game, the runs left out of the aggregates (`dropped`) included (None where missing)."""
     rows = []
     for game, (random, human) in reference.items():
         row = {"game": game, "random": random, "human": human}
         for method, m in matrices.items():
-            row[method] = float(m.raw[:, m.games.index(game)].mean()) if game in m.games else None
+            if game not in m.games:
+                row[method] = None
+                continue
+            kept = m.raw[:, m.games.index(game)].tolist()
+            row[method] = float(np.mean(kept + [d.score for d in m.dropped if d.game == game]))
         rows.append(row)
     return rows

@@ -284,3 +284,19 @@ def test_runs_that_evaluated_during_training_get_sample_efficiency_curves(tmp_pa
     (runs / "broken" / "results.json").write_text(json.dumps(broken))
     with pytest.raises(ScoreError, match="broken/results.json: eval_curve"):
         scoring.collect_run_scores([runs])
+
+
+def test_per_game_means_count_the_runs_the_aggregates_leave_out(tmp_path):
+    """rliable needs as many runs on every game, so the aggregates keep the fewest (lowest seeds);
+    the per-game mean of a game with more runs is over all of them."""
+    runs = tmp_path / "runs"
+    for seed in (1, 2, 3):
+        write_results(runs / f"breakout{seed}", "drq", "Breakout", seed, 5.0 * seed)
+    write_results(runs / "pong1", "drq", "Pong", 1, -19.0)
+    report = reporting.build_report(scoring.collect_run_scores([runs]), tmp_path / "out", reps=100, profile_reps=50)
+    drq = report.matrices["drq"]
+    assert drq.runs == 1 and drq.raw[0, drq.games.index("Breakout")] == 5.0 and len(drq.dropped) == 2
+    per_game = {r["game"]: r for r in csv.DictReader(open(tmp_path / "out" / "per_game.csv"))}
+    assert float(per_game["Breakout"]["drq"]) == 10.0 and float(per_game["Pong"]["drq"]) == -19.0
+    assert "2 run(s) left out of the aggregates to keep 1 run(s) per game" in report.markdown
+    assert "| Breakout | 1.7 | 30.5 | 10.0 |" in report.markdown
