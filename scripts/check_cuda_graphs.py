@@ -184,9 +184,14 @@ def main(check: CheckArgs) -> None:
         "drq batched, 4 runs of 3 / 4 / 6 / 18 actions in one stack": drq_case({}, runs=4, actions=(3, 4, 6, 18)),
         f"bbf (width {check.bbf_width_scale}, n 10, SPR, EMA)": bbf_case(check.bbf_width_scale),
     }  # fmt: skip
-    wanted = lambda name: not check.only or any(text in name for text in check.only)  # noqa: E731
+
+    def wanted(name: str) -> bool:
+        return not check.only or any(text in name for text in check.only)
+
     failed = []
-    for name, build in ((name, build) for name, build in cases.items() if wanted(name)):
+    for name, build in cases.items():
+        if not wanted(name):
+            continue
         try:
             param_diff, loss_diff = compare(build, check.steps)
         except Exception as error:  # report and go on: one broken case must not hide the others
@@ -211,7 +216,9 @@ def main(check: CheckArgs) -> None:
         "drq + gradient noise": drq_case({"continual": ("noise",)}, deterministic=False),
         "bbf, augmentation and full prioritized replay": bbf_case(check.bbf_width_scale, deterministic=False),
     }
-    for name, build in ((name, build) for name, build in random_cases.items() if wanted(name)):
+    for name, build in random_cases.items():
+        if not wanted(name):
+            continue
         try:
             param_diff, loss_diff = compare(build, check.steps)
             print(f"info  {name} (random streams): max |param diff| {param_diff:.2e}, max |loss diff| {loss_diff:.2e}")

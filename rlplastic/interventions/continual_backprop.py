@@ -114,10 +114,11 @@ class ContinualBackprop(Intervention):
                     "batch_abs": torch.zeros(units, device=device),
                     "batch_mean": torch.zeros(units, device=device),
                     "count": 1,
-                    "ones": torch.ones(units, device=device),  # a factor of 1 in the fused update
                     "fed": False,  # whether a training forward has filled the three above yet
                 }
             )
+        # a factor of 1 per layer in the fused update: constant, so not part of the saved state
+        self._ones = [torch.ones_like(state["age"]) for state in self.state]
         self._hooks = [
             following[0].register_forward_pre_hook(lambda m, args, i=i: self._capture(i, m, args[0]))
             for i, (_, following) in enumerate(self.layers)
@@ -156,12 +157,12 @@ class ContinualBackprop(Intervention):
         layer one reduction of |w_out| per following layer; the rest is two fused (foreach)
         kernels for all layers: about two kernels per layer and step with the training forward's
         two reductions."""
-        fed = [(layer, following, state) for (layer, following), state in zip(self.layers, self.state, strict=True)
-               if state["fed"]]  # fmt: skip
+        fed = [(layer, following, state, ones) for (layer, following), state, ones
+               in zip(self.layers, self.state, self._ones, strict=True) if state["fed"]]  # fmt: skip
         if not fed:
             return
         out_sums, scales = [], []
-        for layer, following, state in fed:
+        for layer, following, state, _ in fed:
             # mean |w_out| over the rows of each following layer, averaged over those layers
             sums = [_outgoing_sums(layer, nxt) for nxt in following]
             total, rows = sums[0]
@@ -169,9 +170,8 @@ class ContinualBackprop(Intervention):
                 total = total.add(extra, alpha=rows / extra_rows)  # in units of the first layer's rows
             out_sums.append(total)
             scales.append(1.0 / (rows * len(following) * state["count"]))
-        states = [state for _, _, state in fed]
+        states, ones = [state for _, _, state, _ in fed], [ones for *_, ones in fed]
         utilities, means, ages = ([state[key] for state in states] for key in ("utility", "mean_activation", "age"))
-        ones = [state["ones"] for state in states]
         # x <- decay x + (1 - decay) * scale * a * b for the utilities (a, b: the sums of |h| and of
         # |w_out|) and the mean activations (a: the sum of h, b: 1); age <- age + 1 * 1 * 1
         step = 1 - self.decay
