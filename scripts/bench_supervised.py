@@ -1,9 +1,11 @@
 """ResNet-18 training speed on CIFAR-shaped data on the current device: images/s and the time of
-one 50,000-image epoch (batch 128, AdamW, crop + flip on the device, as the lifecycle tables train),
-for each of the runner's speed options (scripts/supervised.py --amp bf16, --channels-last,
---compile, --cuda-graph) alone and together. A variant with `graph` captures the whole training
-step (sampling, augmentation, forward, backward, AdamW) in a CUDA graph, as --cuda-graph does; it
-needs CUDA and is skipped on a CPU.
+one 50,000-image epoch (batch 128, crop + flip on the device, as the lifecycle tables train), for
+each of the runner's speed options (scripts/supervised.py --amp bf16, --channels-last, --compile,
+--cuda-graph) alone and together. What it times is the runner's own training step
+(rlplastic.supervised.train.Trainer.stepper: gather, crop + flip, forward, loss, backward, gradient
+clipping, AdamW, with the run's defaults), on random CIFAR-shaped data resident on the device; the
+learning-rate schedule between steps is left out. A variant with `graph` captures that step in a
+CUDA graph, as --cuda-graph does; it needs CUDA and is skipped on a CPU.
 
     python scripts/bench_supervised.py                  # auto device, every variant
     python scripts/bench_supervised.py --device cuda --batches 200 --variants fp32 bf16+channels-last+graph
@@ -15,15 +17,15 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 import tyro
 
 from rlplastic.bench import device_name
-from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
+from rlplastic.cuda_graphs import graph_capture_available
 from rlplastic.runs import resolve_device
-from rlplastic.supervised.models import build_model
-from rlplastic.supervised.train import crop_flip
+from rlplastic.supervised.data import Dataset
+from rlplastic.supervised.train import RunConfig, Trainer
 
 OPTIONS = ("bf16", "channels-last", "compile", "graph")
 
@@ -48,44 +50,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def cifar_shaped(samples: int = 2_048, seed: int = 0) -> Dataset:
+    """Random CIFAR-10-shaped images and labels (the speed of a step does not depend on the pixels)."""
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((samples, 3, 32, 32), dtype=np.float32)
+    labels = rng.integers(0, 10, samples)
+    return Dataset("cifar-shaped", images, labels, images[:256], labels[:256], 10)
+
+
 def time_variant(bench: BenchArgs, variant: str, device: torch.device, batches: int) -> float:
-    """Seconds per training batch with the options of `variant`."""
+    """Seconds per training batch of the runner's step with the options of `variant`."""
     options = set(variant.split("+")) - {"fp32"}
     unknown = options - set(OPTIONS)
     if unknown:
         raise SystemExit(f"bench_supervised: unknown variant part(s) {sorted(unknown)}; allowed fp32 or "
                          f"{', '.join(OPTIONS)} joined by +")  # fmt: skip
     torch.manual_seed(0)
-    generator = torch.Generator(device=device).manual_seed(0)
-    data = torch.randn(2_048, 3, 32, 32, device=device)  # resident on the device, as in the runner
-    labels = torch.randint(0, 10, (2_048,), device=device)
-    model = build_model(bench.model, (3, 32, 32), 10).to(device)
-    layout = torch.channels_last if "channels-last" in options else torch.contiguous_format
-    model.to(memory_format=layout)
-    forward = torch.compile(model) if "compile" in options else model
-    graphed = "graph" in options
-    lr = torch.tensor(1e-3, device=device) if graphed else 1e-3  # as the runner builds it
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4, fused=True, capturable=graphed)
-
-    def step() -> torch.Tensor:
-        idx = torch.randint(0, len(data), (bench.batch_size,), device=device, generator=generator)
-        x = crop_flip(data[idx], generator).contiguous(memory_format=layout)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in options):
-            logits = forward(x)
-        loss = F.cross_entropy(logits.float(), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    if graphed:
-        step = CapturedStep(step, generators=[generator])
-    for _ in range(2 if device.type == "cpu" else 10):  # compile and capture happen here
-        step()
+    config = RunConfig(model=bench.model, batch_size=bench.batch_size, augment=True, device=device.type,
+                       amp="bf16" if "bf16" in options else "fp32", channels_last="channels-last" in options,
+                       compile="compile" in options, cuda_graph="graph" in options)  # fmt: skip
+    data = cifar_shaped()
+    trainer = Trainer(config, data, device)
+    x, y = torch.as_tensor(data.x_train, device=device), torch.as_tensor(data.y_train, device=device)
+    trainer.model.train()
+    step = trainer.stepper(x, y, augment=True)
+    indices = torch.randint(0, len(x), (max(batches, 10), bench.batch_size), device=device, generator=trainer.generator)
+    for idx in indices[: 2 if device.type == "cpu" else 10]:  # compile and capture happen here
+        step(idx)
     synchronize(device)
     start = time.perf_counter()
-    for _ in range(batches):
-        loss = step()
+    for idx in indices[:batches]:
+        loss = step(idx)
     loss.item()
     return (time.perf_counter() - start) / batches
 

@@ -602,10 +602,13 @@ def test_what_cuda_graph_changes_besides_the_capture_trains_as_the_eager_runner(
 
 def same_numbers(result: dict, reference: dict) -> None:
     """Equal up to float32 rounding: AdamW with its learning rate in a float32 tensor rounds the
-    rate once more than with a Python float (1e-7 in the loss after a few epochs)."""
+    rate once more than with a Python float (1e-7 in the loss after a few epochs). An accuracy may
+    then differ by a sample near the decision boundary (seen with one CPU thread: 1 of 718 training
+    samples), so accuracies may differ by two samples of the smallest split (digits' 360 tests)."""
     assert len(result["history"]) == len(reference["history"])
     for row, ref in zip(result["history"], reference["history"], strict=True):
         assert row.keys() == ref.keys() and row["phase"] == ref["phase"] and row["epoch"] == ref["epoch"]
-        for key in ("loss", "train_acc", "test_acc"):
-            assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (key, row, ref)
-    assert result["test_acc"] == pytest.approx(reference["test_acc"], abs=1e-6)
+        assert row["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-6), (row, ref)
+        for key in ("train_acc", "test_acc"):
+            assert row[key] == pytest.approx(ref[key], abs=2 / 360 + 1e-6), (key, row, ref)
+    assert result["test_acc"] == pytest.approx(reference["test_acc"], abs=2 / 360 + 1e-6)

@@ -14,6 +14,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -536,13 +537,7 @@ class Trainer:
         augment = self.config.augment or self.config.method == "augment"
         log_every = self.config.log_every or max(1, epochs // 10)
         self.model.train()
-        # Captured: one graph per batch size (the last batch of an epoch may be smaller), each reading
-        # its batch's indices from a tensor filled in place; the schedule and interventions run eagerly
-        # between replays, in place. New graphs per call: the data, optimizer and checkpoint state may
-        # have changed between phases.
-        indices: dict[int, torch.Tensor] = {}
-        captured = CapturedSteps(lambda size: self.train_step(x, y, indices[size], augment),
-                                 generators=[self.generator])  # fmt: skip
+        step = self.stepper(x, y, augment)  # new graphs per phase: data, optimizer and checkpoint state may change
         for epoch in range(start_epoch + 1, epochs + 1):
             order = torch.randperm(n, device=self.device, generator=self.generator)
             loss_sum = torch.zeros((), device=self.device)
@@ -550,11 +545,7 @@ class Trainer:
                 idx = order[start : start + self.config.batch_size]
                 if len(idx) < 2:  # BatchNorm cannot train on one sample
                     continue
-                if self.graphed:
-                    indices.setdefault(len(idx), torch.empty_like(idx)).copy_(idx)
-                    loss = captured(len(idx))
-                else:
-                    loss = self.train_step(x, y, idx, augment)
+                loss = step(idx)
                 schedule.step()
                 self.interventions.step()
                 loss_sum += loss
@@ -579,6 +570,24 @@ class Trainer:
                     f"test_acc {row['test_acc']:.4f}")  # fmt: skip
             if on_epoch_end is not None:
                 on_epoch_end(epoch, schedule)
+
+    def stepper(self, x: torch.Tensor, y: torch.Tensor, augment: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """step(idx) -> loss: one training step on the samples idx of (x, y), as train() takes it:
+        train_step itself, or with --cuda-graph on CUDA its capture, one graph per batch size (the
+        last batch of an epoch may be smaller), each reading its batch's indices from a tensor
+        filled in place. The schedule and interventions run eagerly between steps, in place.
+        scripts/bench_supervised.py times this very step."""
+        if not self.graphed:
+            return lambda idx: self.train_step(x, y, idx, augment)
+        indices: dict[int, torch.Tensor] = {}
+        captured = CapturedSteps(lambda size: self.train_step(x, y, indices[size], augment),
+                                 generators=[self.generator])  # fmt: skip
+
+        def step(idx: torch.Tensor) -> torch.Tensor:
+            indices.setdefault(len(idx), torch.empty_like(idx)).copy_(idx)
+            return captured(len(idx))
+
+        return step
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, augment: bool) -> torch.Tensor:
         """One gradient step on the samples `idx` of (x, y); the loss, detached. No host sync, fixed
