@@ -17,6 +17,17 @@ import tyro
 
 T = TypeVar("T")
 
+# Seeds are non-negative (numpy refuses others) and leave room for the seeds derived from them
+# (evaluation environments at seed + 20,000 + step) below numpy's legacy limit of 2**32.
+MAX_SEED = 2**31 - 1
+
+
+def seed_problem(flag: str, seed: int) -> str | None:
+    """The problem with a seed, or None: seeds are integers in [0, MAX_SEED]."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        return f"{flag} {seed}: a seed must be an integer in [0, {MAX_SEED}]"
+    return None
+
 
 def cli_with_presets(
     args_type: type[T], presets: dict[str, tuple[str, T]], description: str | None, argv: Sequence[str] | None = None

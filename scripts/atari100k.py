@@ -78,11 +78,6 @@ def run_sweep(args: Sweep) -> int:
     print(f"sweep: {len(specs)} runs ({len(methods)} method(s) x {len(games)} game(s) x {len(seeds)} seed(s)) "
           f"in {args.out}: {counts['finished']} finished (skipped), {counts['unfinished']} to restart, "
           f"{counts['new']} new", flush=True)  # fmt: skip
-    atomic_write_json(
-        Path(args.out) / "sweep.json",
-        {"argv": sys.argv[1:], "runs": [{"method": s.method, "game": s.game, "seed": s.seed,
-                                        "command": s.command(), "run_dir": str(s.run_dir)} for s in specs]},
-    )  # fmt: skip
     todo = [s for s in specs if status[s] != "finished"]
     if args.launcher == "slurm":  # never submit a run again while its job is queued or running
         record = sweep.read_jobs(args.out)
@@ -105,6 +100,11 @@ def run_sweep(args: Sweep) -> int:
         for pack in sweep.pack_specs(todo, args.pack) if args.pack > 1 else []:
             print(f"  pack of {len(pack)}: {' '.join(sweep.pack_command(pack))}")
         return 0
+    atomic_write_json(  # after the dry run: a dry run writes nothing
+        Path(args.out) / "sweep.json",
+        {"argv": sys.argv[1:], "runs": [{"method": s.method, "game": s.game, "seed": s.seed,
+                                        "command": s.command(), "run_dir": str(s.run_dir)} for s in specs]},
+    )  # fmt: skip
     if not todo:
         if all(status[s] == "finished" for s in specs):
             print("sweep: every run is finished; report with: python scripts/atari100k.py report", args.out)

@@ -22,3 +22,8 @@ def test_cloning_sgd_stays_on_the_manifold_noise_and_dropout_leave_it(tmp_path):
     assert sgd["cloning_r2"] == pytest.approx(1.0, abs=1e-6) and sgd["effective_rank"] <= 8 + 1e-3
     assert all(histories[v][-1]["effective_rank"] > sgd["effective_rank"] for v in ("noisy-sgd", "dropout"))
     assert histories["noisy-sgd"][-1]["cloning_r2"] < 0.9999 and histories["dropout"][-1]["cloning_r2"] < 0.9999
+
+
+def test_bad_settings_are_refused_by_name_before_training():
+    with pytest.raises(ValueError, match=r"--config.hidden 0.*--config.seed -1: a seed must be an integer in \[0, "):
+        run_cloning(CloningConfig(hidden=0, seed=-1))

@@ -79,6 +79,10 @@ def test_bad_input_exits_nonzero_before_training(tmp_path):
     assert proc.returncode != 0
     assert "Tetris" in proc.stderr and "--total-steps -1" in proc.stderr
     assert not (tmp_path / "r").exists()  # nothing started
+    # numpy refuses a negative seed: it used to fail there, after the run folder was made
+    proc = run_agent("--env-id", "Pong", "--seed", "-1", "--output-dir", str(tmp_path / "r"))
+    assert proc.returncode != 0 and "--seed -1: a seed must be an integer in [0, 2147483647]" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
 
 
 SMOKE = [

@@ -221,6 +221,7 @@ def test_validate_names_bad_values():
     assert any("warm-start or continual" in p for p in validate(RunConfig(protocol="fresh", method="head-reset")))
     assert any("--schedule linear" in p for p in validate(RunConfig(schedule="linear")))
     assert any("needs images" in p for p in validate(RunConfig(dataset="mnist1d", augment=True)))
+    assert any("--seed -3: a seed must be an integer in [0, " in p for p in validate(RunConfig(seed=-3)))
 
 
 TINY = RunConfig(dataset="digits", model="mlp", epochs=2, subset=0.5, noise=0.5, device="cpu", hessian=False)

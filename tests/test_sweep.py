@@ -21,9 +21,20 @@ def test_seed_and_game_lists():
     assert sweep.parse_seeds("1-5") == [1, 2, 3, 4, 5]
     assert sweep.parse_seeds("1-3,8") == [1, 2, 3, 8]
     assert sweep.parse_seeds("7") == [7]
-    for bad in ("5-1", "a", "1,1", "1-"):
+    assert sweep.parse_seeds("0,2147483647") == [0, 2147483647]
+    for bad in ("5-1", "a", "1,1", "1-", "-1", "1,4294967296"):
         with pytest.raises(SweepError, match="--seeds"):
             sweep.parse_seeds(bad)
+    with pytest.raises(SweepError, match=r"--seeds -1: a seed must be an integer in \[0, 2147483647\]"):
+        sweep.parse_seeds("-1")
+
+
+def test_a_dry_run_writes_nothing(tmp_path):
+    out = tmp_path / "sweep"
+    proc = sweep_cli("sweep", "--agent", "drq", "--games", "Pong", "--seeds", "1-2", "--out", str(out), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 new" in proc.stdout and "--seed 2" in proc.stdout
+    assert not out.exists()
     assert len(sweep.parse_games("all")) == 26
     assert sweep.parse_games("pong,ALE/Breakout-v5") == ["Pong", "Breakout"]
     with pytest.raises(SweepError, match="unknown Atari-100k game 'Tetris'"):
