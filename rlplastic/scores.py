@@ -137,16 +137,20 @@ def collect_run_scores(run_dirs: Iterable[str | Path]) -> list[Score]:
         for path in sorted(run_dir.rglob("results.json")):
             try:
                 results = json.loads(path.read_text())
+                if not isinstance(results, dict):
+                    raise TypeError(f"a JSON {type(results).__name__}, not an object")
                 method = results.get("method") or results["config"]["exp_name"]
                 game, seed, score = results["game"], results["seed"], results["eval_mean"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                if isinstance(seed, bool) or not isinstance(seed, int):
+                    raise TypeError(f"seed {seed!r} is not an integer")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise ScoreError(f"{path}: not a results.json of an agent run ({type(e).__name__}: {e})") from None
             if score is None:
                 raise ScoreError(f"{path}: eval_mean is null (the run evaluated no episode)")
             where = str(path)
             scores.append(
                 Score(
-                    str(method), parse_game(game, where), int(seed), parse_score(str(score), where), where,
+                    str(method), parse_game(game, where), seed, parse_score(str(score), where), where,
                     off_protocol=protocol_problem(results), curve=parse_curve(results.get("eval_curve"), where),
                 )
             )  # fmt: skip

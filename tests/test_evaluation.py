@@ -199,10 +199,19 @@ def test_report_from_run_folders_writes_every_output(tmp_path):
     assert on_pong["mean"] == pytest.approx(aggregates.mean(pong_only)) != summary["drq"]["mean"]
 
 
-def test_broken_results_json_is_named(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("{not json", "JSONDecodeError"),
+        ("[1, 2]", "a JSON list, not an object"),  # was an AttributeError traceback
+        ('{"method": "drq", "game": "Pong", "seed": "one", "eval_mean": 1.0}', "seed 'one' is not an integer"),
+        ('{"method": "drq", "game": "Pong", "seed": 1}', "KeyError"),
+    ],
+)
+def test_broken_results_json_is_named(tmp_path, text, why):
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "results.json").write_text("{not json")
-    with pytest.raises(ScoreError, match=r"r/results.json: not a results.json"):
+    (tmp_path / "r" / "results.json").write_text(text)
+    with pytest.raises(ScoreError, match=r"r/results.json: not a results.json of an agent run \(.*" + why):
         scoring.collect_run_scores([tmp_path])
 
 
