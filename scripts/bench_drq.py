@@ -6,7 +6,8 @@
 Prints env steps/s alone (gymnasium path, and ale-py's AtariVectorEnv for comparison), updates/s
 alone, environments of 8 runs stepped in worker processes, batched updates of N runs (one vmapped
 update; and each run's own update side by side, --batched-update concurrent: run-updates/s and the
-projected hours of the 26 x 5 table, its environments in the workers),
+projected hours of the 26 x 5 table, its environments in the workers; and the floor its final
+evaluations add: their environment steps at the workers' rate),
 the full training loop's steps/s, and ratio = ideal / full time, where the ideal spends exactly
 (env step + update) per step and nothing else. Goal: ratio >= 0.85 on the CPU.
 """
@@ -64,6 +65,10 @@ class BenchArgs:
     """update modes of the batched sizes to time (cuda-graph only on CUDA)"""
     concurrent: bool = True
     """also time the concurrent updates (each run's own update, side by side) of each batched size"""
+    eval_steps: int = 131_000
+    """agent steps of one run's final evaluation (100 episodes) in the table's projection: the mean of
+    this project's committed full-length DrQ(eps) runs (results/drq_eps_100k: 63k Kangaroo to 203k
+    Freeway), more than the 100k steps of training"""
 
 
 def time_vector_env_steps(game: str, steps: int, num_envs: int) -> float:
@@ -121,6 +126,11 @@ def main(bench: BenchArgs) -> None:
         worker_time = time_worker_env_steps(game, runs, min(processes, runs), max(bench.env_steps // runs, 50))
         print(f"env steps/s of {runs} runs' environments in {min(processes, runs)} worker processes: "
               f"{1 / worker_time:8.1f}")  # fmt: skip
+        # The table's final evaluations step 130 runs' environments for eval_steps each (the acting
+        # forwards, one per lockstep step of a batch, not counted): a floor whatever the update costs.
+        eval_hours = 130 * bench.eval_steps * worker_time / 3600
+        print(f"  the table's final evaluations (130 x {bench.eval_steps:,} agent steps) at this rate: at least "
+              f"{eval_hours:.2f} h, on top of the training hours below")  # fmt: skip
         for mode in modes:
             seconds = drq_batched_update_seconds(drq, args, device, num_actions, runs, bench.batched_updates,
                                                  graph=mode == "cuda-graph")  # fmt: skip

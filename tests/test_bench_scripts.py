@@ -11,7 +11,8 @@ from conftest import ROOT
 BENCHES = {
     "bench_drq": (["--env-steps", "50", "--updates", "2", "--full-steps", "60", "--learning-starts", "40",
                    "--batched", "1", "2", "--batched-updates", "1"],
-                  ["batched update (eager),   2 runs", "ratio full / ideal"]),
+                  ["batched update (eager),   2 runs", "the table's final evaluations (130 x 131,000",
+                   "ratio full / ideal"]),
     "bench_bbf": (["--updates", "1", "--width-scale", "1", "--hidden-dim", "32", "--env-steps", "50"],
                   ["fp32 eager:", "bf16 eager:"]),
     "bench_interventions": (["--updates", "1", "--repeats", "1"],
