@@ -382,8 +382,9 @@ def train(all_args: list[Args]) -> list[dict]:
     explore = LinearEpsilon(args.learning_starts, args.epsilon_decay_steps, args.epsilon_final)  # dopamine's
     for step in [run.steps() for run in runs][0]:  # every run's clock starts; they step together
         epsilon = explore(step - 1)  # step - 1 agent steps taken so far
-        if many:  # one batched forward per stack for the greedy actions
+        if many:  # one batched forward per stack for the greedy actions; a diverged run's env stays still
             actions = batched.epsilon_greedy_runs(runs, stacks, groups, obs, epsilon, masks)
+            actions = [None if run.diverged else action for run, action in zip(runs, actions, strict=True)]
         else:
             actions = [runs[0].epsilon_greedy(epsilon, obs[0], acts[0])]
 
@@ -393,21 +394,35 @@ def train(all_args: list[Args]) -> list[dict]:
             for _ in range(args.updates_per_step):
                 step_all()  # the update(s) and the interventions' device work: one graph replay on CUDA
                 for run, run_interventions in zip(runs, interventions, strict=True):
-                    with run.global_rng():
-                        run_interventions.host_step()  # schedules and rare events (resets, recycling)
+                    if not run.diverged:  # a diverged run's updates go on in the batch, unread
+                        with run.global_rng():
+                            run_interventions.host_step()  # schedules and rare events (resets, recycling)
                     run.losses.tick()
 
         stepped = workers.step_all(actions) if workers else [None] * len(runs)  # all at once, in the workers
         for i, run in enumerate(runs):  # a life loss is a terminal in replay, as in dopamine
+            if run.diverged:  # set aside (Run.finite): the other runs go on
+                continue
             obs[i] = run.env_step(replays[i], obs[i], actions[i], step, stepped[i])
             if run.report_due(step):
                 run.report(step, {"epsilon": epsilon}, interventions[i].metrics())
             run.diagnose(step, probes[i], samplers[i], replays[i].num_sampleable > 0)
             run.evaluate_if_due(step, acts[i], [nets[i]])
             run.checkpoint(step, obs=obs[i])
-    evaluations = final_evaluations(runs, acts, nets, args.run.env_workers)  # several runs: on all cores at once
-    return [run.finish(act, [q], {"update_mode": update_mode}, models={"q_network": q}, evaluation=evaluation)
-            for run, act, q, evaluation in zip(runs, acts, nets, evaluations, strict=True)]  # fmt: skip
+    done = [i for i, run in enumerate(runs) if not run.diverged]  # a diverged run is set aside (Run.finite)
+    # several runs: their final evaluations on all cores at once
+    evaluations = final_evaluations([runs[i] for i in done], [acts[i] for i in done], [nets[i] for i in done],
+                                    args.run.env_workers) if done else []  # fmt: skip
+    results = [runs[i].finish(acts[i], [nets[i]], {"update_mode": update_mode}, models={"q_network": nets[i]},
+                              evaluation=evaluation)
+               for i, evaluation in zip(done, evaluations, strict=True)]  # fmt: skip
+    diverged = [run for run in runs if run.diverged]
+    for run in diverged:
+        run.set_aside()
+    if diverged:
+        names = "; ".join(f"{run.game} seed {run.seed} diverged ({run.folder / 'diverged.json'})" for run in diverged)
+        sys.exit(f"drq: {names}; {len(results)} other run(s) finished")
+    return results
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """Run folders and checkpoints: one writer per folder (a lock the OS drops when its holder dies),
 checkpoints written atomically beside the previous one, read back as plain data only (a file from
-someone else never runs code), and resumed only with the arguments that wrote them. A diverged run
-stops with its last good checkpoint kept."""
+someone else never runs code), and resumed only with the arguments that wrote them (a diverged
+run keeps its last good one: rlplastic.runs.Run.finite)."""
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -119,14 +118,3 @@ def load_checkpoint(
             "resume with the same ones or choose another --output-dir"
         )
     return checkpoint
-
-
-def stop_if_not_finite(agent: str, losses: dict[str, float], step: int, checkpoint_path: Path) -> None:
-    """Stop a diverged run where its losses are read anyway: say at which step and which loss,
-    keep the last good checkpoint, write no results.json, exit non-zero."""
-    bad = {key: value for key, value in losses.items() if not math.isfinite(value)}
-    if bad:
-        kept = (
-            f"the last good checkpoint {checkpoint_path} is kept" if checkpoint_path.exists() else "no checkpoint yet"
-        )
-        sys.exit(f"{agent}: training diverged by step {step} ({bad}); {kept}; no results written")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import random
 import subprocess
@@ -31,7 +32,6 @@ from rlplastic.checkpoints import (
     load_checkpoint,
     output_dir_problems,
     save_checkpoint,
-    stop_if_not_finite,
 )
 from rlplastic.cli import seed_problem
 from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, clip_reward, make_atari100k_env
@@ -407,6 +407,7 @@ class Run:
         self.time_before = 0.0  # train time of earlier, interrupted sessions of this run
         self.start_time = time.time()
         self.end_time: float | None = None  # when training ended (stop_clock), before the final evaluation
+        self.diverged: str | None = None  # why, once a loss was not finite (see finite())
 
     # Checkpoints
     def keep(self, **objects: Any) -> None:
@@ -442,11 +443,39 @@ class Run:
         if not (every and step % every == 0 and step < self.total_steps):
             return
         # never replace the last good checkpoint by a diverged one (one read per checkpoint)
-        stop_if_not_finite(self.agent, self.losses.totals(), step, self.checkpoint_path)
+        if self.diverged or not self.finite(self.losses.totals(), step):
+            return
         payload = {"format": CHECKPOINT_FORMAT, "agent": self.agent, "step": step, "config": self.config,
                    "git_commit": self.commit, "objects": {name: obj.state_dict() for name, obj in self.objects.items()},
                    "records": self.records, "extras": extras, "train_time_s": self.train_time()}  # fmt: skip
         save_checkpoint(self.checkpoint_path, payload, self.agent)
+
+    def finite(self, losses: dict[str, float], step: int) -> bool:
+        """Whether the losses (read anyway for a report or a checkpoint) are finite. If not, the run
+        has diverged: diverged.json in its folder says by which step and which losses, its last good
+        checkpoint is kept and it writes no results.json. A run alone stops (exit non-zero, the
+        message naming the step and losses); a run sharing its process with others (own_global_rng)
+        is set aside instead (`diverged`: it reports, checkpoints and evaluates no more) so that one
+        diverged run does not stop the others; the agent exits non-zero once they have finished."""
+        bad = {key: value for key, value in losses.items() if not math.isfinite(value)}
+        if not bad:
+            return True
+        kept = (f"the last good checkpoint {self.checkpoint_path} is kept" if self.checkpoint_path.exists()
+                else "no checkpoint yet")  # fmt: skip
+        self.diverged = f"{self.agent}: training diverged by step {step} ({bad}); {kept}; no results written"
+        atomic_write_json(self.folder / "diverged.json", {"step": step, "losses": {k: str(v) for k, v in bad.items()},
+                                                          "message": self.diverged})  # fmt: skip
+        if self.random.own is None:
+            sys.exit(self.diverged)
+        print(f"{self.diverged} ({self.game} seed {self.seed}); the other runs of this process go on", flush=True)
+        return False
+
+    def set_aside(self) -> None:
+        """A diverged run among several, at the end: close its logs and environment (no results)."""
+        if self.writer:
+            self.writer.close()
+        if self.env is not None:
+            self.env.close()
 
     def own_global_rng(self) -> None:
         """For several runs in one process: from now on this run draws from its own copy of torch's
@@ -540,9 +569,12 @@ class Run:
         fields: dict[str, Any] = {"episodes": len(episodes)}
         if episodes:
             fields["return(last10)"] = float(np.mean([e["return"] for e in episodes[-10:]]))
+        if self.diverged:
+            return
         losses = self.losses.read()
         if losses:
-            stop_if_not_finite(self.agent, losses, step, self.checkpoint_path)
+            if not self.finite(losses, step):
+                return
             self.records["train_log"].append({"step": step, **train_fields, **losses})
             self.log({f"losses/{key}": value for key, value in losses.items()}, step)
         self.log({"charts/SPS": rate} | {f"charts/{key}": value for key, value in charts.items()}
@@ -553,7 +585,7 @@ class Run:
         """Every --diag-every steps once `ready` (replay can be sampled): the probe's measurements
         on a batch of states fixed at the first measurement, so that values are comparable."""
         every = self.options.diag_every
-        if not (every and step % every == 0 and ready):
+        if not (every and step % every == 0 and ready) or self.diverged:
             return
         if probe.probe_batch is None:
             probe.probe_batch = sample_states(self.options.diag_batch)
@@ -578,7 +610,7 @@ class Run:
     def evaluate_if_due(self, step: int, act: Callable[[np.ndarray], np.ndarray], modules: Sequence[Any]) -> None:
         """Every --eval-every steps before the last: a point of the eval curve (modules in eval mode)."""
         every = self.options.eval_every
-        if not (every and step % every == 0 and step < self.total_steps):
+        if not (every and step % every == 0 and step < self.total_steps) or self.diverged:
             return
         for module in modules:
             module.eval()
@@ -627,6 +659,7 @@ class Run:
             self.writer.close()
         atomic_write_json(self.folder / "results.json", results)
         self.checkpoint_path.unlink(missing_ok=True)
+        (self.folder / "diverged.json").unlink(missing_ok=True)  # an earlier attempt's, superseded
         print(f"{self.agent}: eval mean {evaluation.mean} over {len(evaluation.returns)} episodes -> "
               f"{self.folder / 'results.json'}")  # fmt: skip
         if self.env is not None:

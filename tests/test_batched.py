@@ -322,3 +322,51 @@ def test_final_evaluations_of_several_runs_together_are_each_runs_own():
             assert [(r.returns, r.lengths) for r in together] == [(r.returns, r.lengths) for r in alone]
     finally:
         local.close(), workers.close()
+
+
+@pytest.mark.parametrize("mode", ["concurrent", "vmap"])
+def test_a_diverged_run_is_set_aside_and_the_others_of_its_batch_finish(drq, tmp_path, monkeypatch, mode):
+    """One run of a batch whose loss turns NaN (from its 61st update, step 100; found at the report
+    of step 120) writes diverged.json, keeps its last good checkpoint (step 80) and no results; the
+    other run goes on to its results (concurrent: exactly its numbers alone) and the process exits
+    non-zero naming the diverged run. A run alone still stops at once (test_drq)."""
+
+    def args(seed, folder):
+        return with_flags(drq.Args(), env_id="Pong", seed=seed, total_steps=200, learning_starts=40, batch_size=4,
+                          eval_episodes=1, max_episode_steps=100, log_every=40, checkpoint_every=80, diag_every=0,
+                          device="cpu", track_tensorboard=False, batched_update=mode,
+                          output_dir=str(tmp_path / folder / str(seed)))  # fmt: skip
+
+    real_update, real_batched, calls = drq.update, drq.batched_update, []
+
+    def diverging_update(args_, q_network, *rest, **kw):  # concurrent: each run's own update
+        losses = real_update(args_, q_network, *rest, **kw)
+        calls.append(q_network.value.bias.data_ptr())
+        if calls.count(calls[-1]) > 60 and calls[-1] != calls[0]:  # the second run's network
+            losses["td_loss"] = losses["td_loss"] * float("nan")
+        return losses
+
+    def diverging_batched(*a, **kw):  # vmap: one update for both runs, run 1's loss made NaN
+        losses = real_batched(*a, **kw)
+        calls.append(1)
+        if len(calls) > 60:
+            losses["td_loss"] = losses["td_loss"] * torch.tensor([1.0, float("nan")])
+        return losses
+
+    monkeypatch.setattr(drq, "update", diverging_update)
+    monkeypatch.setattr(drq, "batched_update", diverging_batched)
+    with pytest.raises(SystemExit, match=r"drq: Pong seed 2 diverged \(.*diverged.json\); 1 other run\(s\) finished"):
+        drq.train([args(1, "batch"), args(2, "batch")])
+    survivor, diverged = tmp_path / "batch" / "1", tmp_path / "batch" / "2"
+    assert not (diverged / "results.json").exists() and (survivor / "results.json").exists()
+    record = json.loads((diverged / "diverged.json").read_text())
+    assert record["step"] == 120 and record["losses"]["td_loss"] == "nan"
+    assert torch.load(diverged / "checkpoint.pt", weights_only=True)["step"] == 80  # the last good one
+    results = json.loads((survivor / "results.json").read_text())
+    assert all(row["td_loss"] == row["td_loss"] for row in results["train_log"])  # no NaN in the survivor
+    assert results["eval_episodes"] == 1 and not (survivor / "checkpoint.pt").exists()
+    if mode == "concurrent":  # on a CPU each run's own update: the survivor is exactly its run alone
+        monkeypatch.setattr(drq, "update", real_update)
+        alone = drq.main(args(1, "alone"))
+        for key in ("train_log", "train_episodes", "eval_returns"):
+            assert results[key] == alone[key]
