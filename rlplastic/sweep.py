@@ -137,9 +137,13 @@ class RunSpec:
         ]  # fmt: skip
 
     def status(self) -> str:
-        """finished (results.json), unfinished (started before: resumes), or new."""
+        """finished (results.json), diverged (diverged.json: its losses turned non-finite, which a
+        resumed run would repeat, so a sweep does not retry it), unfinished (started before:
+        resumes), or new."""
         if (self.run_dir / "results.json").exists():
             return "finished"
+        if (self.run_dir / "diverged.json").exists():
+            return "diverged"
         return "unfinished" if self.run_dir.exists() else "new"
 
 

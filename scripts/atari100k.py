@@ -73,12 +73,16 @@ def run_sweep(args: Sweep) -> int:
             array_parallelism=args.array_parallelism, cluster=args.submitit_cluster,
         )  # fmt: skip
     status = {spec: spec.status() for spec in specs}
-    counts = {s: sum(v == s for v in status.values()) for s in ("finished", "unfinished", "new")}
+    counts = {s: sum(v == s for v in status.values()) for s in ("finished", "diverged", "unfinished", "new")}
     methods = sorted({s.method for s in specs})
     print(f"sweep: {len(specs)} runs ({len(methods)} method(s) x {len(games)} game(s) x {len(seeds)} seed(s)) "
-          f"in {args.out}: {counts['finished']} finished (skipped), {counts['unfinished']} to restart, "
-          f"{counts['new']} new", flush=True)  # fmt: skip
-    todo = [s for s in specs if status[s] != "finished"]
+          f"in {args.out}: {counts['finished']} finished (skipped), {counts['diverged']} diverged (skipped), "
+          f"{counts['unfinished']} to restart, {counts['new']} new", flush=True)  # fmt: skip
+    for spec in specs:
+        if status[spec] == "diverged":
+            print(f"  diverged before: {spec.method} {spec.game} seed {spec.seed} ({spec.run_dir / 'diverged.json'}): "
+                  "not run again; delete that file to retry it", flush=True)  # fmt: skip
+    todo = [s for s in specs if status[s] not in ("finished", "diverged")]
     if args.launcher == "slurm":  # never submit a run again while its job is queued or running
         record = sweep.read_jobs(args.out)
         active = sweep.active_jobs(record, [s.run_dir for s in todo])
@@ -108,6 +112,9 @@ def run_sweep(args: Sweep) -> int:
     if not todo:
         if all(status[s] == "finished" for s in specs):
             print("sweep: every run is finished; report with: python scripts/atari100k.py report", args.out)
+        elif counts["diverged"]:
+            print(f"sweep: nothing to run: every other run is finished or in slurm; {counts['diverged']} diverged")
+            return 1
         else:
             print("sweep: nothing to submit: the unfinished runs are still in slurm; run again once they end")
         return 0

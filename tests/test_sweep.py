@@ -29,6 +29,23 @@ def test_seed_and_game_lists():
         sweep.parse_seeds("-1")
 
 
+def test_a_diverged_run_is_not_run_again(tmp_path):
+    """A run that diverged (its diverged.json, written by the agent) would diverge again on resume:
+    the sweep lists it and leaves it, and says so with a non-zero exit when nothing else is left."""
+    out = tmp_path / "sweep"
+    base = ["sweep", "--agent", "drq", "--games", "Pong", "--seeds", "1-2", "--out", str(out)]
+    (out / "drq" / "Pong" / "seed2").mkdir(parents=True)
+    (out / "drq" / "Pong" / "seed2" / "diverged.json").write_text('{"step": 120}')
+    dry = sweep_cli(*base, "--dry-run")
+    assert dry.returncode == 0 and "0 finished (skipped), 1 diverged (skipped), 0 to restart, 1 new" in dry.stdout
+    assert "diverged before: drq Pong seed 2" in dry.stdout and "delete that file to retry it" in dry.stdout
+    (out / "drq" / "Pong" / "seed1").mkdir(parents=True)
+    (out / "drq" / "Pong" / "seed1" / "results.json").write_text("{}")
+    nothing = sweep_cli(*base)
+    assert nothing.returncode == 1 and "nothing to run" in nothing.stdout and "1 diverged" in nothing.stdout
+    assert not (out / "drq" / "Pong" / "seed2" / "log.txt").exists()  # never launched
+
+
 def test_a_dry_run_writes_nothing(tmp_path):
     out = tmp_path / "sweep"
     proc = sweep_cli("sweep", "--agent", "drq", "--games", "Pong", "--seeds", "1-2", "--out", str(out), "--dry-run")
@@ -152,7 +169,7 @@ def test_local_sweep_then_report_then_rerun(tmp_path):
     (out / "drq/Breakout/seed2/checkpoint.pt").write_bytes(b"not a checkpoint")
     third = sweep_cli(*args, "--launcher", "slurm", "--submitit-cluster", "local", "--wait")
     assert third.returncode == 1
-    assert "2 finished (skipped), 2 to restart, 0 new" in third.stdout
+    assert "2 finished (skipped), 0 diverged (skipped), 2 to restart, 0 new" in third.stdout
     assert f"FAILED drq Breakout seed 2 (exit 1): {out / 'drq/Breakout/seed2/log.txt'}" in third.stdout
     assert (out / "drq/Pong/seed1/results.json").exists()
     assert "checkpoint" in (out / "drq/Breakout/seed2/log.txt").read_text()
