@@ -564,13 +564,13 @@ class Run:
         """The progress line and tensorboard scalars: the loss means since the last report
         (losses/..., stopping a diverged run), `charts` (charts/...) and the interventions'
         `activity` (interventions/...); the losses go into the train log with `train_fields`."""
+        if self.diverged:
+            return
         rate = self.progress.steps_per_second(step)
         episodes = self.records["train_episodes"]
         fields: dict[str, Any] = {"episodes": len(episodes)}
         if episodes:
             fields["return(last10)"] = float(np.mean([e["return"] for e in episodes[-10:]]))
-        if self.diverged:
-            return
         losses = self.losses.read()
         if losses:
             if not self.finite(losses, step):
