@@ -86,7 +86,11 @@ def memory_problem(needed_bytes: int, device: torch.device, what: str) -> str | 
 
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
-    """The commit of the checkout holding `path` (+ '-dirty' with local changes), or None."""
+    """The commit of the checkout holding `path` (+ '-dirty' with local changes), or None.
+    RLPLASTIC_GIT_COMMIT, when set, is taken instead: the commit a copied tree came from, on a
+    machine whose copy carries no or stale git history (a lent GPU machine: scripts/gpu_check.sh)."""
+    if os.environ.get("RLPLASTIC_GIT_COMMIT"):
+        return os.environ["RLPLASTIC_GIT_COMMIT"]
     cwd = Path(path or __file__).resolve().parent
     try:
         commit = subprocess.run(

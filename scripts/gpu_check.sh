@@ -26,6 +26,9 @@
 #                        losses (no augmentation: nothing random inside the step)
 #   compile       200 s  bench_supervised, ResNet-18: bf16 + channels-last, then + torch.compile
 # The machine's start and the install (about 20 s) count against a session's device time too.
+# The device's copy of the tree may carry stale git history: give the commit it came from, so that
+# results.json records it (rlplastic.runs.git_commit reads it):
+#   RLPLASTIC_GIT_COMMIT=<git rev-parse HEAD here> OUT=$OUT bash scripts/gpu_check.sh ...
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT" /tmp/runs
@@ -41,7 +44,7 @@ setup() {
     || exit 1
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit 1
   ln -sfn "$PWD/agents" /tmp/site/agents  # load_agent finds the agents next to the installed package
-  { nvidia-smi -L; nproc; git log --oneline -1 2>/dev/null
+  { nvidia-smi -L; nproc; echo "commit: ${RLPLASTIC_GIT_COMMIT:-not given; the git log of this copy: $(git log --oneline -1 2>/dev/null)}"
     python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } 2>&1 | say
 }
 

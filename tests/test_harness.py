@@ -188,3 +188,13 @@ def test_a_third_agent_needs_none_of_the_plumbing_rewritten(tmp_path, monkeypatc
     for key in ("train_log", "train_episodes", "eval_returns"):
         assert resumed[key] == straight[key]
     assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
+
+
+def test_git_commit_is_the_checkouts_or_the_one_a_copied_tree_was_given(monkeypatch):
+    from rlplastic.runs import git_commit
+
+    monkeypatch.delenv("RLPLASTIC_GIT_COMMIT", raising=False)
+    here = git_commit(__file__)
+    assert here is None or len(here.removesuffix("-dirty")) == 40  # None outside a git checkout
+    monkeypatch.setenv("RLPLASTIC_GIT_COMMIT", "0123abc")  # a lent machine's copy: stale history
+    assert git_commit(__file__) == "0123abc"
