@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rlplastic.files import atomic_torch_save, read_failure, safe_torch_load
+from rlplastic.files import FolderError, atomic_torch_save, make_folder, read_failure, safe_torch_load
 
 # Arguments of an agent run that may differ when an interrupted run resumes: they change how it is
 # run and logged, not its results.
@@ -43,7 +43,10 @@ def hold_run_folder(folder: Path, agent: str) -> None:
     holder's PID. Re-entrant within one process (a resumed main() in the same interpreter)."""
     import fcntl
 
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        make_folder(folder, "--output-dir")
+    except FolderError as e:
+        sys.exit(f"{agent}: {e}")
     key = folder.resolve()
     if key in _HELD_FOLDERS:
         return

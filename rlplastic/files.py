@@ -14,6 +14,22 @@ import numpy as np
 import torch
 
 
+class FolderError(ValueError):
+    """A folder given on the command line that cannot be made."""
+
+
+def make_folder(path: str | os.PathLike, flag: str) -> Path:
+    """mkdir -p `path`, given by `flag`; a folder that cannot be made (a file in the way, no such
+    parent, no permission, a read-only file system) raises FolderError naming the flag, the path
+    and the reason, so that a command can refuse it before any work instead of losing that work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FolderError(f"{flag} {path}: cannot make this folder ({e.strerror or e}); choose another") from None
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -22,7 +22,7 @@ import tyro
 from rlplastic import report as reporting
 from rlplastic import scores as scoring
 from rlplastic import sweep
-from rlplastic.files import atomic_write_json
+from rlplastic.files import FolderError, atomic_write_json, make_folder
 
 
 def report(args: Report) -> int:
@@ -82,6 +82,11 @@ def run_sweep(args: Sweep) -> int:
         if status[spec] == "diverged":
             print(f"  diverged before: {spec.method} {spec.game} seed {spec.seed} ({spec.run_dir / 'diverged.json'}): "
                   "not run again; delete that file to retry it", flush=True)  # fmt: skip
+    if not args.dry_run:  # before anything runs
+        try:
+            make_folder(args.out, "--out")
+        except FolderError as e:
+            raise sweep.SweepError(str(e)) from None
     todo = [s for s in specs if status[s] not in ("finished", "diverged")]
     if args.launcher == "slurm":  # never submit a run again while its job is queued or running
         record = sweep.read_jobs(args.out)

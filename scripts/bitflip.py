@@ -15,7 +15,7 @@ import matplotlib
 import tyro
 
 from rlplastic.bitflip import BitFlipConfig, run_bitflip
-from rlplastic.files import atomic_write, atomic_write_json
+from rlplastic.files import FolderError, atomic_write, atomic_write_json, make_folder
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -38,12 +38,15 @@ class Args:
 
 def main(args: Args) -> dict:
     config = args.config
+    try:
+        make_folder(args.out, "--out")  # before the work, which a folder that cannot be made would lose
+    except FolderError as e:
+        raise SystemExit(f"bitflip: {e}") from None
     switch = config.steps // 2
     runs = {}
     for label, cbp_from in (("SGD", None), (f"SGD, CBP from step {switch}", switch)):
         print(f"bitflip: {label}", flush=True)
         runs[label] = run_bitflip(config, cbp_from, report=lambda row: print("  " + _line(row), flush=True))
-    args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "bitflip.json", {"config": asdict(config), "switch_step": switch, "runs": runs})
     table = _table(runs, switch)
     (args.out / "bitflip.md").write_text(table)

@@ -20,7 +20,7 @@ import matplotlib
 import tyro
 
 from rlplastic.cloning import CloningConfig, run_cloning
-from rlplastic.files import atomic_write, atomic_write_json
+from rlplastic.files import atomic_write, atomic_write_json, make_folder
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,10 +39,10 @@ class Args:
 
 def main(args: Args) -> dict:
     try:
+        make_folder(args.out, "--out")  # before the work, which a folder that cannot be made would lose
         result = run_cloning(args.config)
     except ValueError as e:
         raise SystemExit(f"cloning: {e}") from None
-    args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "cloning.json", {"config": asdict(args.config), **result})
     rows = [{"variant": name, **row} for name, history in result["histories"].items() for row in history]
     text = io.StringIO()

@@ -17,7 +17,7 @@ import matplotlib
 import numpy as np
 import tyro
 
-from rlplastic.files import atomic_write, atomic_write_json
+from rlplastic.files import FolderError, atomic_write, atomic_write_json, make_folder
 from rlplastic.supervised.stability_gap import METHODS, StabilityGapConfig, run_stability_gap
 
 matplotlib.use("Agg")
@@ -55,9 +55,12 @@ def main(args: Args) -> dict:
     if unknown or args.seeds < 1:
         raise SystemExit(f"stability_gap: --methods {unknown} / --seeds {args.seeds}: allowed methods "
                          f"{', '.join(METHODS)}, seeds >= 1")  # fmt: skip
+    try:
+        make_folder(args.out, "--out")  # before the work, which a folder that cannot be made would lose
+    except FolderError as e:
+        raise SystemExit(f"stability_gap: {e}") from None
     runs = {m: [run_stability_gap(replace(args.config, method=m, seed=s)) for s in range(args.seeds)]
             for m in args.methods}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "stability_gap.json", {"config": asdict(args.config), "seeds": args.seeds,
                                                         "runs": runs})  # fmt: skip
     data = runs[args.methods[0]][0]["data"]

@@ -102,7 +102,7 @@ def bad_inputs(tmp_path):
     drq, bbf = str(ROOT / "agents" / "drq.py"), str(ROOT / "agents" / "bbf.py")
     sup, a100k = str(ROOT / "scripts" / "supervised.py"), str(ROOT / "scripts" / "atari100k.py")
     sg, cl = str(ROOT / "scripts" / "stability_gap.py"), str(ROOT / "scripts" / "cloning.py")
-    ev = str(ROOT / "scripts" / "drq_evaluate.py")
+    ev, bf = str(ROOT / "scripts" / "drq_evaluate.py"), str(ROOT / "scripts" / "bitflip.py")
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     corrupt_dir = tmp_path / "corrupt"
@@ -193,6 +193,31 @@ def bad_inputs(tmp_path):
         ("stability gap unknown method", [sg, "--methods", "magic", "--out", str(tmp_path / "sg")]),
         ("cloning bad factor", [cl, "--config.factor", "1", "--out", str(tmp_path / "cl")]),
         ("evaluate not a weights file", [ev, str(not_weights), "--env-id", "Pong"]),
+        # folders that cannot be made (a file in the way): refused before any work, never after it
+        ("drq output-dir under a file", [drq, "--output-dir", str(a_file / "run")]),
+        ("bbf output-dir under a file", [bbf, "--output-dir", str(a_file / "run")]),
+        ("drq negative seed", [drq, "--seed", "-1", "--output-dir", out]),
+        (
+            "supervised tb-dir under a file",
+            [sup, "run", "--dataset", "digits", "--tb-dir", str(a_file / "tb"), "--out", str(tmp_path / "o.jsonl")],
+        ),  # fmt: skip
+        ("supervised out under a file", [sup, "run", "--dataset", "digits", "--out", str(a_file / "o.jsonl")]),
+        ("supervised negative seed", [sup, "run", "--seed", "-2", "--out", str(tmp_path / "o.jsonl")]),
+        (
+            "report out under a file",
+            [a100k, "report", str(ROOT / "results" / "drq_eps_100k"), "--out", str(a_file / "r")],
+        ),  # fmt: skip
+        (
+            "sweep out under a file",
+            [a100k, "sweep", "--agent", "drq", "--games", "Pong", "--seeds", "1", "--out", str(a_file / "sw")],
+        ),  # fmt: skip
+        (
+            "sweep negative seed",
+            [a100k, "sweep", "--agent", "drq", "--games", "Pong", "--seeds", "-1", "--out", str(tmp_path / "sw")],
+        ),  # fmt: skip
+        ("stability gap out under a file", [sg, "--out", str(a_file / "sg")]),
+        ("cloning out under a file", [cl, "--out", str(a_file / "cl")]),
+        ("bitflip out under a file", [bf, "--out", str(a_file / "bf")]),
     ]
 
 

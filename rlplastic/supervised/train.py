@@ -34,7 +34,7 @@ from rlplastic.diagnostics import (
     initial_weights,
     lipschitz_bound,
 )
-from rlplastic.files import atomic_write
+from rlplastic.files import atomic_write, make_folder
 from rlplastic.init import torch_default_init
 from rlplastic.interventions import (
     HareTortoise,
@@ -652,6 +652,10 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
     if problems:
         raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
     start = time.time()
+    for flag, folder in (("--tb-dir", config.tb_dir), ("--checkpoint-dir", config.checkpoint_dir),
+                         (f"--out {out}: its folder", Path(out).parent if out else None)):  # fmt: skip
+        if folder:  # before any work: a folder that cannot be made would lose it
+            make_folder(folder, flag)
     code_commit = git_commit(__file__)  # the code that runs, read now: HEAD may move while it runs
     device = resolve_device(config.device)
     data = load_dataset(config.dataset, config.data_dir)
