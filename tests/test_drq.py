@@ -348,3 +348,5 @@ def test_a_diverged_run_stops_keeps_its_last_checkpoint_and_writes_no_results(dr
     assert not (tmp_path / "run" / "results.json").exists()
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 80  # the last good one
+    record = json.loads((tmp_path / "run" / "diverged.json").read_text())  # what a sweep reads
+    assert record["step"] == 120 and record["losses"]["td_loss"] == "nan" and "diverged" in record["message"]
