@@ -22,11 +22,11 @@ T = TypeVar("T")
 MAX_SEED = 2**31 - 1
 
 
-def seed_problem(flag: str, seed: int) -> str | None:
-    """The problem with a seed, or None: seeds are integers in [0, MAX_SEED]."""
+def seed_problems(flag: str, seed: int) -> list[str]:
+    """The problems with a seed (none or one): seeds are integers in [0, MAX_SEED]."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        return f"{flag} {seed}: a seed must be an integer in [0, {MAX_SEED}]"
-    return None
+        return [f"{flag} {seed}: a seed must be an integer in [0, {MAX_SEED}]"]
+    return []
 
 
 def cli_with_presets(

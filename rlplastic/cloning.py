@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlplastic.cli import seed_problem
+from rlplastic.cli import seed_problems
 from rlplastic.diagnostics import effective_rank
 from rlplastic.interventions import GradientNoise
 
@@ -140,7 +140,7 @@ def run_cloning(config: CloningConfig) -> dict:
     problems = [f"variant {v!r}: allowed {', '.join(VARIANTS)}" for v in config.variants if v not in VARIANTS]
     problems += [f"--config.factor {config.factor}: need >= 2 clones per unit"] if config.factor < 2 else []
     problems += [f"--config.hidden {config.hidden}: need >= 1 unit"] if config.hidden < 1 else []
-    problems += [p for p in [seed_problem("--config.seed", config.seed)] if p]
+    problems += seed_problems("--config.seed", config.seed)
     if problems:
         raise ValueError("; ".join(problems))
     torch.manual_seed(config.seed)

@@ -177,7 +177,7 @@ def build_report(
     """Aggregates, per-game table, probability of improvement and plots, written into out_dir:
     report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, performance_profile.png, and
     curves.png / curves.csv when runs evaluated during training (--eval-every)."""
-    from rlplastic.files import FolderError, atomic_write, atomic_write_json, make_folder
+    from rlplastic.files import atomic_write, atomic_write_json, make_folder
 
     reference = reference or reference_scores()
     if not scores:
@@ -187,10 +187,7 @@ def build_report(
         for name in (x, y):
             if name not in matrices:
                 raise ScoreError(f"--compare {x} {y}: no method {name!r}; methods: {', '.join(matrices)}")
-    try:
-        out_dir = make_folder(out_dir, "--out")
-    except FolderError as e:
-        raise ScoreError(str(e)) from None
+    out_dir = make_folder(out_dir, "--out")  # FolderError names it
 
     estimates = interval_estimates({m: s.normalized for m, s in matrices.items()}, reps=reps, seed=seed)
     improvements = [

@@ -33,7 +33,7 @@ from rlplastic.checkpoints import (
     output_dir_problems,
     save_checkpoint,
 )
-from rlplastic.cli import seed_problem
+from rlplastic.cli import seed_problems
 from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, clip_reward, make_atari100k_env
 from rlplastic.evaluation import EvalResult, episode_quotas, evaluate_episodes, evaluate_runs, step_env
 from rlplastic.files import atomic_torch_save, atomic_write_json
@@ -259,7 +259,7 @@ def run_problems(args: Any) -> list[str]:
         problems.append(str(e))
     if args.total_steps <= 0:
         problems.append(f"--total-steps {args.total_steps}: must be a positive integer")
-    problems += [p for p in [seed_problem("--seed", args.seed)] if p]
+    problems += seed_problems("--seed", args.seed)
     return problems + args.run.problems()
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from queue import Queue
 from typing import TextIO
 
-from rlplastic.cli import seed_problem
+from rlplastic.cli import seed_problems
 from rlplastic.envs.atari import ATARI100K_GAMES, canonical_game
 from rlplastic.files import atomic_write
 
@@ -74,10 +74,9 @@ def parse_seeds(text: str) -> list[int]:
             ) from None
     if len(set(seeds)) != len(seeds):
         raise SweepError(f"--seeds {text!r}: a seed is listed twice")
-    for seed in seeds:
-        problem = seed_problem("--seeds", seed)
-        if problem:
-            raise SweepError(f"{problem} (in {text!r})")
+    problems = [problem for seed in seeds for problem in seed_problems("--seeds", seed)]
+    if problems:
+        raise SweepError(f"{problems[0]} (in {text!r})")
     return seeds
 
 

@@ -83,10 +83,7 @@ def run_sweep(args: Sweep) -> int:
             print(f"  diverged before: {spec.method} {spec.game} seed {spec.seed} ({spec.run_dir / 'diverged.json'}): "
                   "not run again; delete that file to retry it", flush=True)  # fmt: skip
     if not args.dry_run:  # before anything runs
-        try:
-            make_folder(args.out, "--out")
-        except FolderError as e:
-            raise sweep.SweepError(str(e)) from None
+        make_folder(args.out, "--out")
     todo = [s for s in specs if status[s] not in ("finished", "diverged")]
     if args.launcher == "slurm":  # never submit a run again while its job is queued or running
         record = sweep.read_jobs(args.out)
@@ -216,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "report" if isinstance(args, Report) else "sweep"
     try:
         return report(args) if command == "report" else run_sweep(args)
-    except (scoring.ScoreError, sweep.SweepError) as e:
+    except (scoring.ScoreError, sweep.SweepError, FolderError) as e:
         print(f"atari100k {command}: error: {e}", file=sys.stderr)
         return 2
 

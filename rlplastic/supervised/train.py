@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlplastic.checkpoints import read_checkpoint, save_checkpoint
-from rlplastic.cli import seed_problem
+from rlplastic.cli import seed_problems
 from rlplastic.cuda_graphs import CapturedSteps, graph_capture_available
 from rlplastic.diagnostics import (
     PlasticityProbe,
@@ -193,7 +193,7 @@ def validate(config: RunConfig) -> list[str]:
     for name in ("epochs", "batch_size", "chunks", "ht_reset_epochs", "redo_every_epochs", "topk_cycle"):
         if getattr(config, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} {getattr(config, name)}: must be a positive integer")
-    problems += [p for p in [seed_problem("--seed", config.seed)] if p]
+    problems += seed_problems("--seed", config.seed)
     if config.buffer < 0 or config.log_every < 0:
         problems.append(f"--buffer {config.buffer} / --log-every {config.log_every}: must be >= 0")
     if config.schedule not in ("constant", "cosine"):
