@@ -15,6 +15,7 @@ averaged, on a fixed batch, as the paper reports it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -135,8 +136,14 @@ def train(model: MLP, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torc
             on_measure(step)
 
 
-def run_cloning(config: CloningConfig) -> dict:
-    """Train the base, clone it, train base and clones on; histories of every variant."""
+def run_cloning(config: CloningConfig, done: dict[str, list[dict]] | None = None,
+                on_run: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
+    """Train the base, clone it, train base and clones on; histories of every variant.
+
+    done: histories an interrupted invocation with the same config finished ({name: history}); they
+    are kept, not trained again, and the others come out as they would have without the
+    interruption (the base is trained again: it is what the clones are made of). on_run(result so
+    far) after every run, so that a caller can save each as it finishes."""
     problems = [f"variant {v!r}: allowed {', '.join(VARIANTS)}" for v in config.variants if v not in VARIANTS]
     problems += [f"--config.factor {config.factor}: need >= 2 clones per unit"] if config.factor < 2 else []
     problems += [f"--config.hidden {config.hidden}: need >= 1 unit"] if config.hidden < 1 else []
@@ -155,10 +162,14 @@ def run_cloning(config: CloningConfig) -> dict:
         runs.append((variant, clone_mlp(base, config.factor, config.dropout if variant == "dropout" else 0.0),
                      config.factor, variant))  # fmt: skip
     start = measure(runs[1][1], probe_x, probe_y, config.factor) if len(runs) > 1 else None
+    result = {"histories": histories, "clone_at_start": start, "base_params": sum(p.numel() for p in base.parameters())}
     for name, model, factor, variant in runs:
         if name == "base":
-            model = MLP(x.shape[1], config.hidden, 10)
+            model = MLP(x.shape[1], config.hidden, 10)  # draws from the global generator, done or not
             model.load_state_dict(base.state_dict())
+        if done and name in done:
+            histories[name] = done[name]
+            continue
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
         if variant == "noisy-sgd":
             GradientNoise(optimizer, config.sigma0, config.decay, torch.Generator().manual_seed(config.seed + 1))
@@ -170,4 +181,6 @@ def run_cloning(config: CloningConfig) -> dict:
         train(model, optimizer, x, y, config.steps, config.batch_size, torch.Generator().manual_seed(config.seed + 2),
               record, config.measure_every)  # fmt: skip
         histories[name] = history
-    return {"histories": histories, "clone_at_start": start, "base_params": sum(p.numel() for p in base.parameters())}
+        if on_run is not None:
+            on_run(result)
+    return result

@@ -30,6 +30,36 @@ def make_folder(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
+class ResumeError(ValueError):
+    """An experiment's results file that belongs to other settings (or cannot be read): going on
+    would overwrite it."""
+
+
+def finished_runs(path: str | os.PathLike, settings: dict[str, Any], runs_key: str, flag: str) -> dict[str, Any]:
+    """The runs an earlier invocation with the same `settings` saved in the JSON file `path` (under
+    `runs_key`), so that a command killed half-way goes on where it stopped instead of losing what
+    it had; {} when there is no such file. Its writer saves {**settings, runs_key: runs so far,
+    "complete": bool} after every run. A file written with other settings, or unreadable, is
+    refused (ResumeError naming the setting that differs and `flag`): overwriting it would lose it."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{flag} {path.parent}: {path.name} cannot be read ({read_failure(e)}); "
+                          f"move it away or choose another {flag}") from None  # fmt: skip
+    if not isinstance(saved, dict) or not isinstance(saved.get(runs_key), dict):
+        raise ResumeError(f"{flag} {path.parent}: {path.name} is not a results file of this experiment; "
+                          f"move it away or choose another {flag}")  # fmt: skip
+    wanted = json.loads(json.dumps(settings))  # tuples as lists, as the file holds them
+    differ = [key for key, value in wanted.items() if saved.get(key) != value]
+    if differ:
+        raise ResumeError(f"{flag} {path.parent}: {path.name} holds the results of other settings (not the "
+                          f"same: {', '.join(differ)}); it is kept: move it away or choose another {flag}")  # fmt: skip
+    return saved[runs_key]
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -4,6 +4,8 @@
 
 Writes bitflip.json (both histories and the config), bitflip.md (the table below) and bitflip.png
 (online error, effective rank, dead and duplicate fractions of the hidden layer over time).
+bitflip.json is saved after each of the two runs: the same command again, after a kill, runs only
+what it lacks; a folder holding the results of other settings is refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import matplotlib
 import tyro
 
 from rlplastic.bitflip import BitFlipConfig, run_bitflip
-from rlplastic.files import FolderError, atomic_write, atomic_write_json, make_folder
+from rlplastic.files import atomic_write, atomic_write_json, finished_runs, make_folder
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -38,18 +40,26 @@ class Args:
 
 def main(args: Args) -> dict:
     config = args.config
+    switch = config.steps // 2
+    settings = {"config": asdict(config), "switch_step": switch}
+    path = args.out / "bitflip.json"
     try:
         make_folder(args.out, "--out")  # before the work, which a folder that cannot be made would lose
-    except FolderError as e:
+        done = finished_runs(path, settings, "runs", "--out")
+    except ValueError as e:
         raise SystemExit(f"bitflip: {e}") from None
-    switch = config.steps // 2
     runs = {}
     for label, cbp_from in (("SGD", None), (f"SGD, CBP from step {switch}", switch)):
+        if label in done:
+            print(f"bitflip: {label}: found in {path} (same settings), kept", flush=True)
+            runs[label] = done[label]
+            continue
         print(f"bitflip: {label}", flush=True)
         runs[label] = run_bitflip(config, cbp_from, report=lambda row: print("  " + _line(row), flush=True))
-    atomic_write_json(args.out / "bitflip.json", {"config": asdict(config), "switch_step": switch, "runs": runs})
+        atomic_write_json(path, {**settings, "runs": runs, "complete": False})
+    atomic_write_json(path, {**settings, "runs": runs, "complete": True})
     table = _table(runs, switch)
-    (args.out / "bitflip.md").write_text(table)
+    atomic_write(args.out / "bitflip.md", lambda f: f.write(table.encode()))
     _plot(runs, switch, args.out / "bitflip.png")
     print(table)
     print(f"bitflip: wrote {args.out}/bitflip.json, bitflip.md, bitflip.png")

@@ -6,7 +6,9 @@ A ReLU MLP trained on scikit-learn's digits is cloned into a network `factor` ti
 clones compute exactly what the base units compute; base and clone then train on, the clone with
 SGD, noisy SGD (sigma0 0.01, decay 0.999) or dropout. Writes cloning.json (histories and config),
 cloning.csv (one row per variant and measurement) and cloning.png (cloning R^2, loss, effective
-rank over the steps after cloning), and prints the final values.
+rank over the steps after cloning), and prints the final values. cloning.json is saved after every
+variant: the same command again, after a kill, trains only the variants it lacks; a folder holding
+the results of other settings is refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import matplotlib
 import tyro
 
 from rlplastic.cloning import CloningConfig, run_cloning
-from rlplastic.files import atomic_write, atomic_write_json, make_folder
+from rlplastic.files import atomic_write, atomic_write_json, finished_runs, make_folder
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -38,12 +40,18 @@ class Args:
 
 
 def main(args: Args) -> dict:
+    settings = {"config": asdict(args.config)}
+    path = args.out / "cloning.json"
     try:
         make_folder(args.out, "--out")  # before the work, which a folder that cannot be made would lose
-        result = run_cloning(args.config)
+        done = finished_runs(path, settings, "histories", "--out")
+        if done:
+            print(f"cloning: {', '.join(done)} found in {path} (same settings): kept, the rest trained")
+        save = lambda partial: atomic_write_json(path, {**settings, **partial, "complete": False})  # noqa: E731
+        result = run_cloning(args.config, done, on_run=save)
     except ValueError as e:
         raise SystemExit(f"cloning: {e}") from None
-    atomic_write_json(args.out / "cloning.json", {"config": asdict(args.config), **result})
+    atomic_write_json(path, {**settings, **result, "complete": True})
     rows = [{"variant": name, **row} for name, history in result["histories"].items() for row in history]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=["variant", "step", "loss", "effective_rank", "cloning_r2"])

@@ -6,6 +6,8 @@
 Runs every method for every seed and writes stability_gap.json (metrics and accuracy curves of each
 run), stability_gap.md (gap depth GD, time to recover TTR and average accuracy ACC per interval,
 mean ± std over seeds) and stability_gap.png (task 1's accuracy after every batch, first seed).
+stability_gap.json is saved after every run: the same command again, after a kill, runs only what it
+lacks; a folder holding the results of other settings is refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import matplotlib
 import numpy as np
 import tyro
 
-from rlplastic.files import FolderError, atomic_write, atomic_write_json, make_folder
+from rlplastic.files import atomic_write, atomic_write_json, finished_runs, make_folder
 from rlplastic.supervised.stability_gap import METHODS, StabilityGapConfig, run_stability_gap
 
 matplotlib.use("Agg")
@@ -55,14 +57,23 @@ def main(args: Args) -> dict:
     if unknown or args.seeds < 1:
         raise SystemExit(f"stability_gap: --methods {unknown} / --seeds {args.seeds}: allowed methods "
                          f"{', '.join(METHODS)}, seeds >= 1")  # fmt: skip
+    settings = {"config": asdict(args.config), "seeds": args.seeds, "methods": list(args.methods)}
+    path = args.out / "stability_gap.json"
     try:
         make_folder(args.out, "--out")  # before the work, which a folder that cannot be made would lose
-    except FolderError as e:
+        done = finished_runs(path, settings, "runs", "--out")
+        if done:
+            found = sum(len(results) for results in done.values())
+            print(f"stability_gap: {found} runs found in {path} (same settings): kept, the rest run")
+        runs: dict[str, list[dict]] = {}
+        for m in args.methods:
+            runs[m] = list(done.get(m, []))[: args.seeds]  # seeds 0, 1, ... in order
+            for s in range(len(runs[m]), args.seeds):
+                runs[m].append(run_stability_gap(replace(args.config, method=m, seed=s)))
+                atomic_write_json(path, {**settings, "runs": runs, "complete": False})
+    except ValueError as e:
         raise SystemExit(f"stability_gap: {e}") from None
-    runs = {m: [run_stability_gap(replace(args.config, method=m, seed=s)) for s in range(args.seeds)]
-            for m in args.methods}  # fmt: skip
-    atomic_write_json(args.out / "stability_gap.json", {"config": asdict(args.config), "seeds": args.seeds,
-                                                        "runs": runs})  # fmt: skip
+    atomic_write_json(path, {**settings, "runs": runs, "complete": True})
     data = runs[args.methods[0]][0]["data"]
     legend = (
         "GD_t,j: gap depth of task t in interval j (p.p.); TTR_t,j: time to recover (% of the interval's "

@@ -64,3 +64,37 @@ def test_script_writes_json_table_and_plot(tmp_path, monkeypatch):
     assert all(r["step"] == [500, 1000, 1500, 2000] for r in saved["runs"].values())
     assert (tmp_path / "bitflip.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "effective rank" in (tmp_path / "bitflip.md").read_text()
+
+
+def test_script_killed_after_one_run_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    """No run loses what it produced: bitflip.json is saved after each run, the same command again
+    runs only the missing one and writes what an uninterrupted invocation writes; another config
+    on the same folder is refused and the file kept."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bitflip
+
+    config = BitFlipConfig(steps=1_000, record_every=250, probe_size=50)
+    bitflip.main(bitflip.Args(out=tmp_path / "straight", config=config))
+    calls = []
+
+    def killed_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_bitflip(*a, **k)
+
+    monkeypatch.setattr(bitflip, "run_bitflip", killed_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        bitflip.main(bitflip.Args(out=tmp_path / "killed", config=config))
+    partial = json.loads((tmp_path / "killed" / "bitflip.json").read_text())
+    assert list(partial["runs"]) == ["SGD"] and partial["complete"] is False
+    calls.clear()
+    bitflip.main(bitflip.Args(out=tmp_path / "killed", config=config))
+    assert len(calls) == 1  # only the CBP run was run again
+    for name in ("bitflip.json", "bitflip.md"):
+        assert (tmp_path / "killed" / name).read_text() == (tmp_path / "straight" / name).read_text(), name
+    before = (tmp_path / "killed" / "bitflip.json").read_text()
+    with pytest.raises(SystemExit, match=r"--out .*killed: bitflip.json holds the results of other settings \(not "
+                                         r"the same: config, switch_step\); it is kept"):  # fmt: skip
+        bitflip.main(bitflip.Args(out=tmp_path / "killed", config=BitFlipConfig(steps=2_000)))
+    assert (tmp_path / "killed" / "bitflip.json").read_text() == before

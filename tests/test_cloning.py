@@ -27,3 +27,39 @@ def test_cloning_sgd_stays_on_the_manifold_noise_and_dropout_leave_it(tmp_path):
 def test_bad_settings_are_refused_by_name_before_training():
     with pytest.raises(ValueError, match=r"--config.hidden 0.*--config.seed -1: a seed must be an integer in \[0, "):
         run_cloning(CloningConfig(hidden=0, seed=-1))
+
+
+def test_script_killed_mid_way_trains_only_the_variants_it_lacks(tmp_path, monkeypatch):
+    """cloning.json is saved after every variant; the same command again keeps the finished ones and
+    the rest (dropout included, which draws from the global generator) come out as without the kill."""
+    import json
+    import sys
+
+    from conftest import ROOT
+
+    import rlplastic.cloning as cloning
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import cloning as script
+
+    config = CloningConfig(hidden=4, factor=2, base_steps=50, steps=60, measure_every=20)
+    script.main(script.Args(out=tmp_path / "straight", config=config))
+    real_train, calls = cloning.train, []
+
+    def killed_on_fourth(*a, **k):  # base, then the runs "base", "sgd", "noisy-sgd" (killed), "dropout"
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(cloning, "train", killed_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(script.Args(out=tmp_path / "killed", config=config))
+    assert list(json.loads((tmp_path / "killed" / "cloning.json").read_text())["histories"]) == ["base", "sgd"]
+    calls.clear()
+    script.main(script.Args(out=tmp_path / "killed", config=config))
+    assert len(calls) == 3  # the base again (the clones are made of it), noisy SGD, dropout
+    straight, resumed = (json.loads((tmp_path / d / "cloning.json").read_text()) for d in ("straight", "killed"))
+    assert resumed == straight and resumed["complete"] is True
+    with pytest.raises(SystemExit, match="cloning.json holds the results of other settings"):
+        script.main(script.Args(out=tmp_path / "killed", config=CloningConfig(hidden=5)))

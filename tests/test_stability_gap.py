@@ -60,3 +60,36 @@ def test_script_writes_its_table_and_figure(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "| GD_1,3 |" in (out / "stability_gap.md").read_text() and (out / "stability_gap.png").stat().st_size > 0
     assert set(json.loads((out / "stability_gap.json").read_text())["runs"]) == {"baseline", "neuronal-decay"}
+
+
+def test_script_killed_after_a_run_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    """stability_gap.json is saved after every run; the same command again runs only the missing
+    ones and writes what an uninterrupted invocation writes; other settings on the folder are refused."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import stability_gap as script
+
+    def args(out, seeds=2):
+        config = StabilityGapConfig(epochs=1, eval_samples=50, batch_size=128)
+        return script.Args(out=tmp_path / out, methods=("baseline", "neuronal-decay"), seeds=seeds, config=config)
+
+    script.main(args("straight"))
+    calls = []
+
+    def killed_on_third(config):
+        calls.append(config)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return run_stability_gap(config)
+
+    monkeypatch.setattr(script, "run_stability_gap", killed_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(args("killed"))
+    partial = json.loads((tmp_path / "killed" / "stability_gap.json").read_text())
+    assert {m: len(r) for m, r in partial["runs"].items()} == {"baseline": 2} and not partial["complete"]
+    calls.clear()
+    script.main(args("killed"))
+    assert [(c.method, c.seed) for c in calls] == [("neuronal-decay", 0), ("neuronal-decay", 1)]
+    for name in ("stability_gap.json", "stability_gap.md"):
+        assert (tmp_path / "killed" / name).read_text() == (tmp_path / "straight" / name).read_text(), name
+    with pytest.raises(SystemExit, match=r"holds the results of other settings \(not the same: seeds\)"):
+        script.main(args("killed", seeds=3))
