@@ -57,11 +57,14 @@ def main(args: Args) -> dict:
     if unknown or args.seeds < 1:
         raise SystemExit(f"stability_gap: --methods {unknown} / --seeds {args.seeds}: allowed methods "
                          f"{', '.join(METHODS)}, seeds >= 1")  # fmt: skip
-    settings = {"config": asdict(args.config), "seeds": args.seeds, "methods": list(args.methods)}
+    settings = {"config": asdict(args.config), "seeds": args.seeds}
     path = args.out / "stability_gap.json"
     try:
         make_folder(args.out, "--out")  # before the work, which a folder that cannot be made would lose
         done = finished_runs(path, settings, "runs", "--out")
+        if set(done) - set(args.methods):  # writing the file again would drop them
+            raise ValueError(f"--out {args.out}: {path.name} holds runs of --methods {' '.join(sorted(done))}, not "
+                             "all given now; it is kept: add them, move it away or choose another --out")  # fmt: skip
         if done:
             found = sum(len(results) for results in done.values())
             print(f"stability_gap: {found} runs found in {path} (same settings): kept, the rest run")

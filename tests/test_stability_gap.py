@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -93,3 +94,5 @@ def test_script_killed_after_a_run_goes_on_where_it_stopped(tmp_path, monkeypatc
         assert (tmp_path / "killed" / name).read_text() == (tmp_path / "straight" / name).read_text(), name
     with pytest.raises(SystemExit, match=r"holds the results of other settings \(not the same: seeds\)"):
         script.main(args("killed", seeds=3))
+    with pytest.raises(SystemExit, match="holds runs of --methods baseline neuronal-decay, not all given now"):
+        script.main(replace(args("killed"), methods=("baseline",)))
