@@ -17,7 +17,7 @@ import numpy as np
 import tyro
 
 from rlplastic.supervised.data import DataError
-from rlplastic.supervised.train import RunConfig, read_jsonl, run, validate
+from rlplastic.supervised.train import RunConfig, read_jsonl, run, run_key, validate
 
 LIFECYCLE_COLUMNS = (("ACC", "test_acc", 100), ("mCA", "mca", 100), ("ECE", "ece", 100), ("Hessian", "hessian", 1),
                      ("Lipschitz", "lipschitz", 1))  # fmt: skip
@@ -96,6 +96,20 @@ def lifecycle_table(rows: list[dict]) -> str:
     return "\n\n".join(out)
 
 
+def drop_repeats(rows: list[dict]) -> tuple[list[dict], int]:
+    """The rows with every run once (the first line of each settings-and-seed), and how many were
+    dropped: a run appended twice (files joined, or written before run skipped finished runs) must
+    not count as two seeds, which would shrink the standard deviation."""
+    seen, kept = set(), []
+    for row in rows:
+        key = run_key(row["config"]) if isinstance(row.get("config"), dict) else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        kept.append(row)
+    return kept, len(rows) - len(kept)
+
+
 def table(args: Table) -> int:
     rows = []
     for path in args.results:
@@ -116,6 +130,10 @@ def table(args: Table) -> int:
     if not rows:
         print("supervised table: error: no result lines", file=sys.stderr)
         return 2
+    rows, repeats = drop_repeats(rows)
+    if repeats:
+        print(f"supervised table: {repeats} line(s) repeat a run already read (the same settings and seed): "
+              "counted once, not as more seeds", file=sys.stderr)  # fmt: skip
     kind = args.kind
     if kind == "auto":
         kind = "warm-start" if any(r["protocol"] == "warm-start" for r in rows) else "lifecycle"

@@ -284,9 +284,9 @@ def test_jsonl_append_keeps_earlier_lines_and_table_formats(tmp_path):
     common = {"dataset": "mnist1d", "model": "mlp", "subset": 0.1, "noise": 0.5, "mca": None}
     rows = [
         common | {"protocol": "warm-start", "method": "baseline", "test_acc": 0.5, "train_acc": 1.0, "ece": 0.1,
-                  "hessian": 2.0, "lipschitz": 10.0, "config": {"lr": None}},
+                  "hessian": 2.0, "lipschitz": 10.0, "config": {"lr": None, "seed": 0}},
         common | {"protocol": "warm-start", "method": "baseline", "test_acc": 0.7, "train_acc": 0.9, "ece": 0.2,
-                  "hessian": 4.0, "lipschitz": 30.0, "config": {"lr": None}},
+                  "hessian": 4.0, "lipschitz": 30.0, "config": {"lr": None, "seed": 1}},
         common | {"protocol": "warm-start", "method": "baseline", "test_acc": 0.9, "train_acc": 0.9, "ece": 0.2,
                   "hessian": 4.0, "lipschitz": 30.0, "config": {"lr": 0.01}},
         common | {"protocol": "warm-start", "method": "baseline", "test_acc": 0.2, "train_acc": 0.9, "ece": 0.2,
@@ -311,10 +311,37 @@ def test_jsonl_append_keeps_earlier_lines_and_table_formats(tmp_path):
     assert (
         "| baseline | 60.00 ± 14.14 (2) | — | 15.00 ± 7.07 (2) | 3.00 ± 1.41 (2) | 20.00 ± 14.14 (2) |" in life.stdout
     )
+    append_jsonl(path, rows[0] | {"config": {"lr": None, "seed": 0, "device": "cuda"}})  # seed 0 again, elsewhere
+    again = subprocess.run([sys.executable, script, "table", str(path)], capture_output=True, text=True)
+    assert "| baseline | 60.00 ± 14.14 (2) | 95.00 ± 7.07 (2) |" in again.stdout  # still two seeds, not three
+    assert "1 line(s) repeat a run already read (the same settings and seed): counted once" in again.stderr
     with open(path, "a") as f:
         f.write('{"dataset": "mnist1d", "trunc\n')
     broken = subprocess.run([sys.executable, script, "table", str(path)], capture_output=True, text=True)
-    assert broken.returncode == 2 and f"{path}:6: not a JSON line" in broken.stderr and "Traceback" not in broken.stderr
+    assert broken.returncode == 2 and f"{path}:7: not a JSON line" in broken.stderr and "Traceback" not in broken.stderr
+
+
+def test_a_run_already_in_out_is_not_run_again(tmp_path):
+    """A script of runs restarted after a kill appends each run once: a second identical run (on
+    any device, with any logging) returns the line already there instead of training again, so
+    the table never counts one seed twice."""
+    path, lines = tmp_path / "r.jsonl", []
+    first = run(TINY, out=path, log=lambda s: None)
+    again = run(replace(TINY, log_every=1, device="cpu"), out=path, log=lines.append)
+    assert again == json.loads(path.read_text()) == json.loads(json.dumps(first))  # the line, read back
+    assert len(path.read_text().splitlines()) == 1
+    assert lines == [f"supervised: {path} already holds this run ({first['run_id']}, the same settings and seed): "
+                     "not run again"]  # fmt: skip
+    other_seed = run(replace(TINY, seed=TINY.seed + 1), out=path, log=lambda s: None)
+    assert [row["run_id"] for row in read_jsonl(path)] == [first["run_id"], other_seed["run_id"]]
+    # killed after its line was appended, before its checkpoint was removed: the checkpoint goes
+    from rlplastic.supervised.train import checkpoint_file
+
+    stale = checkpoint_file(replace(TINY, checkpoint_dir=str(tmp_path / "ckpt")))
+    stale.parent.mkdir()
+    stale.write_bytes(b"left behind")
+    run(replace(TINY, checkpoint_dir=str(tmp_path / "ckpt")), out=path, log=lambda s: None)
+    assert not stale.exists() and len(read_jsonl(path)) == 2
 
 
 def test_cli_rejects_bad_input_before_work(tmp_path):

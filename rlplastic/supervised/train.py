@@ -656,6 +656,13 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
                          (f"--out {out}: its folder", Path(out).parent if out else None)):  # fmt: skip
         if folder:  # before any work: a folder that cannot be made would lose it
             make_folder(folder, flag)
+    earlier = result_in(out, config) if out is not None else None
+    if earlier is not None:  # run again (a script of runs restarted): one line per run, never two
+        log(f"supervised: {out} already holds this run ({earlier.get('run_id')}, the same settings and seed): "
+            "not run again")  # fmt: skip
+        if checkpoint_file(config):
+            checkpoint_file(config).unlink(missing_ok=True)  # killed after its line was appended: done
+        return earlier
     code_commit = git_commit(__file__)  # the code that runs, read now: HEAD may move while it runs
     device = resolve_device(config.device)
     data = load_dataset(config.dataset, config.data_dir)
@@ -824,13 +831,29 @@ def protocol_stages(config: RunConfig, data: Dataset, x_train, y_train, device) 
     return stages, records
 
 
+# where and how a run reports, not what it measures
+NOT_MEASURED = ("checkpoint_dir", "log_every", "tb_dir", "device")
+
+
+def run_key(config: dict) -> str:
+    """What identifies a run (its settings and seed) as one string, from a config dict (asdict of a
+    RunConfig, or a result line's "config"): two runs with the same key are the same run."""
+    settings = {k: v for k, v in config.items() if k not in NOT_MEASURED}
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def result_in(path: str | Path, config: RunConfig) -> dict | None:
+    """The result line of this run (same settings and seed) in the JSON-lines file `path`, if any."""
+    key = run_key(asdict(config))
+    return next((row for row in _rows_if_any(path) if isinstance(row, dict)
+                 and isinstance(row.get("config"), dict) and run_key(row["config"]) == key), None)  # fmt: skip
+
+
 def checkpoint_file(config: RunConfig) -> Path | None:
     """<checkpoint_dir>/<dataset>_<model>_<protocol>_<method>_seed<seed>_<hash of the config>.pt"""
     if not config.checkpoint_dir:
         return None
-    ignored = ("checkpoint_dir", "log_every", "tb_dir", "device")
-    settings = {k: v for k, v in asdict(config).items() if k not in ignored}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(run_key(asdict(config)).encode()).hexdigest()[:10]
     name = f"{config.dataset}_{config.model}_{config.protocol}_{config.method}_seed{config.seed}_{digest}.pt"
     return Path(config.checkpoint_dir) / name
 
