@@ -39,14 +39,31 @@ _JOINS = {operator.add, operator.sub, operator.iadd, torch.add, torch.sub, "add"
 _REINDEXING = {torch.cat, torch.stack, torch.concat}  # unit i lands elsewhere (CReLU's [relu(x), -relu(-x)])
 
 
+# What makes a value >= 0 (an activation whose outputs are never negative) and what keeps a value
+# >= 0 when its input is (reshaping, dropout's scaling, max / average pooling, zero padding).
+_NONNEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+_NONNEGATIVE_CALLS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.sigmoid,
+                      torch.nn.functional.sigmoid, torch.nn.functional.softplus, "relu", "sigmoid"}  # fmt: skip
+_SIGN_KEEPING_MODULES = (
+    nn.Flatten, nn.Identity, nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+)  # fmt: skip
+_SIGN_KEEPING_CALLS = {torch.flatten, torch.nn.functional.dropout, torch.nn.functional.max_pool2d,
+                       torch.nn.functional.avg_pool2d, "flatten", "view", "reshape", "contiguous"}  # fmt: skip
+
+
 class LayerLink(NamedTuple):
     """A hidden layer, the layers its output feeds, and whether its units reach them one to one:
     False when the path joins another tensor on the way (a residual sum, a concatenation) or passes
-    through a module that mixes units (attention, a whole transformer block)."""
+    through a module that mixes units (attention, a whole transformer block). nonnegative: what the
+    first following layer receives is >= 0 whatever the weights (it comes out of a ReLU or another
+    non-negative activation through reshaping, pooling, dropout or zero padding only), so that the
+    sum of |h| over a batch is the sum of h."""
 
     layer: nn.Module
     following: list[nn.Module]
     unitwise: bool
+    nonnegative: bool = False
 
 
 def layer_links(model: nn.Module) -> list[LayerLink]:
@@ -90,8 +107,33 @@ def trace_layers(model: nn.Module) -> tuple[list[LayerLink], list[nn.Module]]:
                 unitwise = False
             elif user.target in _JOINS and any(arg not in path and arg.op != "get_attr" for arg in _node_args(user)):
                 unitwise = False  # joined with a tensor that does not come from this layer
-        links.append(LayerLink(modules[node.target], following, unitwise))
+        receivers = [n for n in path if is_layer(n) and n is not node and modules[n.target] is following[0]]
+        nonnegative = all(bool(r.args) and _nonnegative(r.args[0], node, modules) for r in receivers)
+        links.append(LayerLink(modules[node.target], following, unitwise, nonnegative))
     return links, outputs
+
+
+def _nonnegative(value: fx.Node, layer: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether `value` (a node on the path from `layer`) is >= 0 by construction: walking back
+    through sign-keeping steps, the first step that changes values must be a non-negative activation."""
+    while isinstance(value, fx.Node) and value is not layer:
+        if value.op == "call_module":
+            module = modules[value.target]
+            if isinstance(module, _NONNEGATIVE_MODULES):
+                return True
+            keeps = isinstance(module, _SIGN_KEEPING_MODULES) or (
+                isinstance(module, nn.modules.padding._ConstantPadNd) and module.value >= 0
+            )
+        elif value.op in ("call_function", "call_method"):
+            if value.target in _NONNEGATIVE_CALLS:
+                return True
+            keeps = value.target in _SIGN_KEEPING_CALLS
+        else:
+            keeps = False
+        if not keeps or not value.args:
+            return False
+        value = value.args[0]
+    return False
 
 
 def _node_args(node: fx.Node) -> list[fx.Node]:

@@ -592,3 +592,67 @@ def test_the_interventions_container_steps_saves_and_reports_each_ones_activity(
     swap_in_lifecycle(model, optimizer=optimizer, lifespan=(1, 1), recovery=(5, 5))
     train_steps(model, optimizer, 1)
     assert lifecycle_metrics(model) == {"lifecycle/dead": 1.0} and lifecycle_metrics(MLP()) == {}
+
+
+def test_tracing_tells_which_layers_reach_the_next_one_non_negative():
+    """CBP's |h| and h sums are one reduction when the traced path makes h >= 0 whatever the
+    weights: a ReLU followed only by zero padding, pooling or flattening; not a Tanh, a LeakyReLU,
+    a ReLU followed by a shift, nor a raw layer output."""
+    from rlplastic.introspection import layer_links
+
+    def flags(*middle):
+        return [link.nonnegative for link in layer_links(nn.Sequential(nn.Linear(3, 4), *middle, nn.Linear(4, 2)))]
+
+    assert flags(nn.ReLU()) == [True] and flags(nn.Sigmoid(), nn.Dropout(0.1)) == [True]
+    assert flags(nn.Tanh()) == [False] and flags(nn.LeakyReLU()) == [False] and flags() == [False]
+    conv = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.ZeroPad2d(1), nn.MaxPool2d(2), nn.Conv2d(3, 3, 3),
+                         nn.ReLU(), nn.ConstantPad2d(1, -1.0), nn.Conv2d(3, 2, 3))  # fmt: skip
+    assert [link.nonnegative for link in layer_links(conv)] == [True, False]  # padding with -1 breaks it
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).flatten(1) - 0.5)
+
+    assert [link.nonnegative for link in layer_links(Shifted())] == [False]
+
+
+def test_cbp_after_a_relu_sums_once_and_keeps_its_numbers():
+    """On a ReLU network the sums of |h| and h are one tensor and one reduction; the utilities,
+    mean activations and replacements equal those of the two-sum path exactly (|h| = h)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    results, counts = [], []
+    for explicit in (False, True):
+        torch.manual_seed(0)
+        model = ConvNet()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        layers = [(model.conv, [model.fc])] if explicit else None  # given: nothing traced, two sums
+        cbp = ContinualBackprop(model, optimizer, replacement_rate=0.2, decay=0.9, maturity=2, layers=layers)
+        assert (cbp.state[0]["batch_mean"] is cbp.state[0]["batch_abs"]) is not explicit
+        for _ in range(8):
+            x = torch.randn(16, 1, 4, 4)
+            optimizer.zero_grad()
+            with Count() as count:
+                loss = model(x).pow(2).sum()
+            loss.backward()
+            optimizer.step()
+            cbp.step()
+        counts.append(count.ops)
+        results.append([p.detach().clone() for p in model.parameters()] + [cbp.state[0]["utility"].clone(),
+                       cbp.state[0]["mean_activation"].clone(), torch.tensor(float(cbp.replaced))])  # fmt: skip
+    assert results[1][-1] > 0  # units were replaced
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    assert counts[0] < counts[1]  # the forward's statistics: fewer operators

@@ -7,7 +7,7 @@ from torch import nn
 from rlplastic.init import torch_default_init
 from rlplastic.interventions.base import InitFn, Intervention, recycle_units
 from rlplastic.interventions.redo import LayerPairs
-from rlplastic.introspection import num_units, received_features, recyclable_layers
+from rlplastic.introspection import layer_links, num_units, received_features
 
 
 def _abs_sum(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None, out: torch.Tensor | None = None):
@@ -21,15 +21,21 @@ def _abs_sum(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None, out: t
 
 def _sums_per_unit(h: torch.Tensor, abs_out: torch.Tensor, sum_out: torch.Tensor) -> None:
     """sum |h| and sum h per unit of h (N, units[, positions...]) into two buffers, in place (a
-    captured graph refills them). Over the batch first, then over the positions: a reduction over
-    dims 0, 2, 3 at once has few outputs and runs poorly parallel on a GPU (25 us per kernel for
-    DrQ's (32, 64, 13, 13) activations on an H100, against a few us for each of the two steps)."""
+    captured graph refills them); one sum when the two buffers are one (h >= 0 by construction:
+    then |h| = h). Over the batch first, then over the positions: a reduction over dims 0, 2, 3 at
+    once has few outputs and runs poorly parallel on a GPU (25 us per kernel for DrQ's
+    (32, 64, 13, 13) activations on an H100, against a few us for each of the two steps)."""
     dtype = abs_out.dtype
+    nonnegative = sum_out is abs_out
     if h.dim() == 2:
-        _abs_sum(h, 0, dtype, out=abs_out)
+        if not nonnegative:
+            _abs_sum(h, 0, dtype, out=abs_out)
         torch.sum(h, dim=0, dtype=dtype, out=sum_out)
         return
     flat = h.flatten(2)
+    if nonnegative:
+        torch.sum(torch.sum(flat, dim=0, dtype=dtype), dim=-1, out=abs_out)
+        return
     torch.sum(_abs_sum(flat, 0, dtype), dim=-1, out=abs_out)
     torch.sum(torch.sum(flat, dim=0, dtype=dtype), dim=-1, out=sum_out)
 
@@ -72,7 +78,9 @@ class ContinualBackprop(Intervention):
     forward pre-hook on the first following layer on forwards that build a graph in training mode
     (the update's forward, not target or acting forwards) into buffers of fixed shape; call step()
     after optimizer.step(). Layers whose output joins a residual stream are not replaced
-    (base.recyclable_layers).
+    (introspection.recyclable_layers). Where tracing shows that a layer's output reaches the next
+    layer through a ReLU (or another non-negative activation), the sums of |h| and of h are one
+    reduction, not two.
 
     Graph-safe: device_step() (the utility and mean-activation EMAs from the last training forward,
     the ages) is device work an agent may capture in a CUDA graph with its update; host_step()
@@ -99,10 +107,17 @@ class ContinualBackprop(Intervention):
         self.model, self.optimizer = model, optimizer
         self.replacement_rate, self.decay, self.maturity = replacement_rate, decay, maturity
         self.init_fn = init_fn
-        self.layers = [(layer, list(following)) for layer, following in (layers or recyclable_layers(model))]
+        if layers is None:  # traced: also whether each layer's output reaches the next one >= 0
+            links = [link for link in layer_links(model) if link.unitwise]
+            nonnegative = [link.nonnegative for link in links]
+            layers = [(link.layer, link.following) for link in links]
+        else:
+            nonnegative = [False] * len(layers)
+        self.layers = [(layer, list(following)) for layer, following in layers]
         self.state = []
-        for layer, _ in self.layers:
+        for (layer, _), positive in zip(self.layers, nonnegative, strict=True):
             units, device = num_units(layer), layer.weight.device
+            batch_abs = torch.zeros(units, device=device)
             self.state.append(
                 {
                     "utility": torch.zeros(units, device=device),
@@ -110,9 +125,10 @@ class ContinualBackprop(Intervention):
                     "age": torch.zeros(units, device=device),
                     "host_age": np.zeros(units, dtype=np.int64),  # mirror: eligibility without a sync
                     "due": 0.0,
-                    # the last training forward's sums of |h| and h per unit, over `count` values each
-                    "batch_abs": torch.zeros(units, device=device),
-                    "batch_mean": torch.zeros(units, device=device),
+                    # the last training forward's sums of |h| and h per unit, over `count` values each;
+                    # one tensor when h >= 0 by construction (after a ReLU |h| = h: one reduction less)
+                    "batch_abs": batch_abs,
+                    "batch_mean": batch_abs if positive else torch.zeros(units, device=device),
                     "count": 1,
                     "fed": False,  # whether a training forward has filled the three above yet
                 }
