@@ -331,7 +331,7 @@ def test_a_run_already_in_out_is_not_run_again(tmp_path):
     assert again == json.loads(path.read_text()) == json.loads(json.dumps(first))  # the line, read back
     assert len(path.read_text().splitlines()) == 1
     assert lines == [f"supervised: {path} already holds this run ({first['run_id']}, the same settings and seed): "
-                     "not run again"]  # fmt: skip
+                     "not run again (another --out runs it anew)"]  # fmt: skip
     other_seed = run(replace(TINY, seed=TINY.seed + 1), out=path, log=lambda s: None)
     assert [row["run_id"] for row in read_jsonl(path)] == [first["run_id"], other_seed["run_id"]]
     # killed after its line was appended, before its checkpoint was removed: the checkpoint goes

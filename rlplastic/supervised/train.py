@@ -659,7 +659,7 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
     earlier = result_in(out, config) if out is not None else None
     if earlier is not None:  # run again (a script of runs restarted): one line per run, never two
         log(f"supervised: {out} already holds this run ({earlier.get('run_id')}, the same settings and seed): "
-            "not run again")  # fmt: skip
+            "not run again (another --out runs it anew)")  # fmt: skip
         if checkpoint_file(config):
             checkpoint_file(config).unlink(missing_ok=True)  # killed after its line was appended: done
         return earlier
