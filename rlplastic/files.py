@@ -35,12 +35,18 @@ class ResumeError(ValueError):
     would overwrite it."""
 
 
+def save_runs(path: str | os.PathLike, settings: dict[str, Any], results: dict[str, Any], complete: bool) -> None:
+    """An experiment's JSON file as finished_runs reads it: {**settings, **results (its runs so far
+    under one key, and whatever else it reports), "complete": complete}; saved after every run."""
+    atomic_write_json(path, {**settings, **results, "complete": complete})
+
+
 def finished_runs(path: str | os.PathLike, settings: dict[str, Any], runs_key: str, flag: str) -> dict[str, Any]:
     """The runs an earlier invocation with the same `settings` saved in the JSON file `path` (under
-    `runs_key`), so that a command killed half-way goes on where it stopped instead of losing what
-    it had; {} when there is no such file. Its writer saves {**settings, runs_key: runs so far,
-    "complete": bool} after every run. A file written with other settings, or unreadable, is
-    refused (ResumeError naming the setting that differs and `flag`): overwriting it would lose it."""
+    `runs_key`, by save_runs), so that a command killed half-way goes on where it stopped instead of
+    losing what it had; {} when there is no such file. A file written with other settings, or
+    unreadable, is refused (ResumeError naming the setting that differs and `flag`): overwriting it
+    would lose it."""
     path = Path(path)
     if not path.exists():
         return {}

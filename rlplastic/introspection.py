@@ -149,13 +149,18 @@ def hidden_layers(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
     return [(link.layer, link.following) for link in layer_links(model)]
 
 
+def recyclable_links(model: nn.Module) -> list[LayerLink]:
+    """The links of the hidden layers whose units reach the next layers one to one, so that a unit
+    can be recycled by re-drawing its incoming weights and zeroing its outgoing ones (ReDo,
+    continual backprop). A layer whose output joins a residual stream is left out: its channel of
+    the stream also carries the identity path, so zeroing the next layer's weights on that channel
+    would cut the whole residual channel, not the unit."""
+    return [link for link in layer_links(model) if link.unitwise]
+
+
 def recyclable_layers(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
-    """The hidden layers whose units reach the next layers one to one, so that a unit can be
-    recycled by re-drawing its incoming weights and zeroing its outgoing ones (ReDo, continual
-    backprop). A layer whose output joins a residual stream is left out: its channel of the stream
-    also carries the identity path, so zeroing the next layer's weights on that channel would cut
-    the whole residual channel, not the unit."""
-    return [(link.layer, link.following) for link in layer_links(model) if link.unitwise]
+    """(layer, the layers its output feeds) of recyclable_links."""
+    return [(link.layer, link.following) for link in recyclable_links(model)]
 
 
 def output_layers(model: nn.Module) -> list[nn.Module]:

@@ -17,7 +17,7 @@ import matplotlib
 import tyro
 
 from rlplastic.bitflip import BitFlipConfig, run_bitflip
-from rlplastic.files import atomic_write, atomic_write_json, finished_runs, make_folder
+from rlplastic.files import atomic_write, finished_runs, make_folder, save_runs
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -56,8 +56,8 @@ def main(args: Args) -> dict:
             continue
         print(f"bitflip: {label}", flush=True)
         runs[label] = run_bitflip(config, cbp_from, report=lambda row: print("  " + _line(row), flush=True))
-        atomic_write_json(path, {**settings, "runs": runs, "complete": False})
-    atomic_write_json(path, {**settings, "runs": runs, "complete": True})
+        save_runs(path, settings, {"runs": runs}, complete=False)
+    save_runs(path, settings, {"runs": runs}, complete=True)
     table = _table(runs, switch)
     atomic_write(args.out / "bitflip.md", lambda f: f.write(table.encode()))
     _plot(runs, switch, args.out / "bitflip.png")

@@ -22,7 +22,7 @@ import matplotlib
 import tyro
 
 from rlplastic.cloning import CloningConfig, run_cloning
-from rlplastic.files import atomic_write, atomic_write_json, finished_runs, make_folder
+from rlplastic.files import atomic_write, finished_runs, make_folder, save_runs
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -47,11 +47,10 @@ def main(args: Args) -> dict:
         done = finished_runs(path, settings, "histories", "--out")
         if done:
             print(f"cloning: {', '.join(done)} found in {path} (same settings): kept, the rest trained")
-        save = lambda partial: atomic_write_json(path, {**settings, **partial, "complete": False})  # noqa: E731
-        result = run_cloning(args.config, done, on_run=save)
+        result = run_cloning(args.config, done, on_run=lambda partial: save_runs(path, settings, partial, False))
     except ValueError as e:
         raise SystemExit(f"cloning: {e}") from None
-    atomic_write_json(path, {**settings, **result, "complete": True})
+    save_runs(path, settings, result, complete=True)
     rows = [{"variant": name, **row} for name, history in result["histories"].items() for row in history]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=["variant", "step", "loss", "effective_rank", "cloning_r2"])

@@ -19,7 +19,7 @@ import matplotlib
 import numpy as np
 import tyro
 
-from rlplastic.files import atomic_write, atomic_write_json, finished_runs, make_folder
+from rlplastic.files import atomic_write, finished_runs, make_folder, save_runs
 from rlplastic.supervised.stability_gap import METHODS, StabilityGapConfig, run_stability_gap
 
 matplotlib.use("Agg")
@@ -73,10 +73,10 @@ def main(args: Args) -> dict:
             runs[m] = list(done.get(m, []))[: args.seeds]  # seeds 0, 1, ... in order
             for s in range(len(runs[m]), args.seeds):
                 runs[m].append(run_stability_gap(replace(args.config, method=m, seed=s)))
-                atomic_write_json(path, {**settings, "runs": runs, "complete": False})
+                save_runs(path, settings, {"runs": runs}, complete=False)
     except ValueError as e:
         raise SystemExit(f"stability_gap: {e}") from None
-    atomic_write_json(path, {**settings, "runs": runs, "complete": True})
+    save_runs(path, settings, {"runs": runs}, complete=True)
     data = runs[args.methods[0]][0]["data"]
     legend = (
         "GD_t,j: gap depth of task t in interval j (p.p.); TTR_t,j: time to recover (% of the interval's "

@@ -7,7 +7,7 @@ from torch import nn
 from rlplastic.init import torch_default_init
 from rlplastic.interventions.base import InitFn, Intervention, recycle_units
 from rlplastic.interventions.redo import LayerPairs
-from rlplastic.introspection import layer_links, num_units, received_features
+from rlplastic.introspection import num_units, received_features, recyclable_links
 
 
 def _abs_sum(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None, out: torch.Tensor | None = None):
@@ -78,7 +78,7 @@ class ContinualBackprop(Intervention):
     forward pre-hook on the first following layer on forwards that build a graph in training mode
     (the update's forward, not target or acting forwards) into buffers of fixed shape; call step()
     after optimizer.step(). Layers whose output joins a residual stream are not replaced
-    (introspection.recyclable_layers). Where tracing shows that a layer's output reaches the next
+    (introspection.recyclable_links). Where tracing shows that a layer's output reaches the next
     layer through a ReLU (or another non-negative activation), the sums of |h| and of h are one
     reduction, not two.
 
@@ -108,7 +108,7 @@ class ContinualBackprop(Intervention):
         self.replacement_rate, self.decay, self.maturity = replacement_rate, decay, maturity
         self.init_fn = init_fn
         if layers is None:  # traced: also whether each layer's output reaches the next one >= 0
-            links = [link for link in layer_links(model) if link.unitwise]
+            links = recyclable_links(model)
             nonnegative = [link.nonnegative for link in links]
             layers = [(link.layer, link.following) for link in links]
         else:

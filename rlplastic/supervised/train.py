@@ -656,12 +656,13 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
                          (f"--out {out}: its folder", Path(out).parent if out else None)):  # fmt: skip
         if folder:  # before any work: a folder that cannot be made would lose it
             make_folder(folder, flag)
+    checkpoint_path = checkpoint_file(config)
     earlier = result_in(out, config) if out is not None else None
     if earlier is not None:  # run again (a script of runs restarted): one line per run, never two
         log(f"supervised: {out} already holds this run ({earlier.get('run_id')}, the same settings and seed): "
             "not run again (another --out runs it anew)")  # fmt: skip
-        if checkpoint_file(config):
-            checkpoint_file(config).unlink(missing_ok=True)  # killed after its line was appended: done
+        if checkpoint_path:
+            checkpoint_path.unlink(missing_ok=True)  # killed after its line was appended: done
         return earlier
     code_commit = git_commit(__file__)  # the code that runs, read now: HEAD may move while it runs
     device = resolve_device(config.device)
@@ -685,7 +686,6 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
     diagnostics: dict[str, dict] = {}
     log(f"supervised: {config.dataset} {config.model} {config.protocol} {config.method} seed {config.seed} on {device}")
 
-    checkpoint_path = checkpoint_file(config)
     saved = read_checkpoint(checkpoint_path, "cpu", "supervised") if checkpoint_path else None
     if saved and saved.get("result") is not None:  # killed between its checkpoint and its result line
         return finish(saved["result"], out, checkpoint_path, log)
@@ -767,9 +767,9 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
 
 
 def finish(result: dict, out, checkpoint_path: Path | None, log) -> dict:
-    """Append the result line once (a line with this run's id already there is not written again),
-    then drop the checkpoint."""
-    if out is not None and not any(row.get("run_id") == result["run_id"] for row in _rows_if_any(out)):
+    """Append the result line, then drop the checkpoint. Once: a run whose line is already in `out`
+    (killed after the append, before the checkpoint went) never gets here (run returns it first)."""
+    if out is not None:
         append_jsonl(out, result)
     if checkpoint_path:
         checkpoint_path.unlink(missing_ok=True)
