@@ -19,6 +19,21 @@ class Planted:
         return (Path.touch, (self.marker,))
 
 
+def killed_on_call(n: int, function):
+    """A stand-in for `function` that a kill (KeyboardInterrupt) stops on its n-th call, and the list
+    of the arguments of every call it received (clear it to count the calls of a later invocation).
+    The calls after the n-th run `function`, so the same stand-in serves the resumed invocation."""
+    calls: list[tuple] = []
+
+    def stand_in(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return stand_in, calls
+
+
 def load_agent(name: str):
     """Import agents/<name>.py as a module (agents are scripts, not a package), as sweeps do."""
     return sweep.load_agent(name)

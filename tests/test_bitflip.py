@@ -3,7 +3,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, killed_on_call
 
 from rlplastic.bitflip import BitFlipConfig, BitFlippingTask, run_bitflip
 
@@ -75,15 +75,8 @@ def test_script_killed_after_one_run_goes_on_where_it_stopped(tmp_path, monkeypa
 
     config = BitFlipConfig(steps=1_000, record_every=250, probe_size=50)
     bitflip.main(bitflip.Args(out=tmp_path / "straight", config=config))
-    calls = []
-
-    def killed_on_second(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return run_bitflip(*a, **k)
-
-    monkeypatch.setattr(bitflip, "run_bitflip", killed_on_second)
+    stand_in, calls = killed_on_call(2, run_bitflip)
+    monkeypatch.setattr(bitflip, "run_bitflip", stand_in)
     with pytest.raises(KeyboardInterrupt):
         bitflip.main(bitflip.Args(out=tmp_path / "killed", config=config))
     partial = json.loads((tmp_path / "killed" / "bitflip.json").read_text())

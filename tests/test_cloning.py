@@ -35,7 +35,7 @@ def test_script_killed_mid_way_trains_only_the_variants_it_lacks(tmp_path, monke
     import json
     import sys
 
-    from conftest import ROOT
+    from conftest import ROOT, killed_on_call
 
     import rlplastic.cloning as cloning
 
@@ -44,15 +44,9 @@ def test_script_killed_mid_way_trains_only_the_variants_it_lacks(tmp_path, monke
 
     config = CloningConfig(hidden=4, factor=2, base_steps=50, steps=60, measure_every=20)
     script.main(script.Args(out=tmp_path / "straight", config=config))
-    real_train, calls = cloning.train, []
-
-    def killed_on_fourth(*a, **k):  # base, then the runs "base", "sgd", "noisy-sgd" (killed), "dropout"
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_train(*a, **k)
-
-    monkeypatch.setattr(cloning, "train", killed_on_fourth)
+    # trains the base, then the runs "base", "sgd", "noisy-sgd" (killed), "dropout"
+    stand_in, calls = killed_on_call(4, cloning.train)
+    monkeypatch.setattr(cloning, "train", stand_in)
     with pytest.raises(KeyboardInterrupt):
         script.main(script.Args(out=tmp_path / "killed", config=config))
     assert list(json.loads((tmp_path / "killed" / "cloning.json").read_text())["histories"]) == ["base", "sgd"]

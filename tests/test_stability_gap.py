@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, killed_on_call
 from test_supervised import write_idx
 
 from rlplastic.supervised.stability_gap import StabilityGapConfig, gap_metrics, rotate, run_stability_gap
@@ -74,22 +74,15 @@ def test_script_killed_after_a_run_goes_on_where_it_stopped(tmp_path, monkeypatc
         return script.Args(out=tmp_path / out, methods=("baseline", "neuronal-decay"), seeds=seeds, config=config)
 
     script.main(args("straight"))
-    calls = []
-
-    def killed_on_third(config):
-        calls.append(config)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return run_stability_gap(config)
-
-    monkeypatch.setattr(script, "run_stability_gap", killed_on_third)
+    stand_in, calls = killed_on_call(3, run_stability_gap)
+    monkeypatch.setattr(script, "run_stability_gap", stand_in)
     with pytest.raises(KeyboardInterrupt):
         script.main(args("killed"))
     partial = json.loads((tmp_path / "killed" / "stability_gap.json").read_text())
     assert {m: len(r) for m, r in partial["runs"].items()} == {"baseline": 2} and not partial["complete"]
     calls.clear()
     script.main(args("killed"))
-    assert [(c.method, c.seed) for c in calls] == [("neuronal-decay", 0), ("neuronal-decay", 1)]
+    assert [(c.method, c.seed) for (c,) in calls] == [("neuronal-decay", 0), ("neuronal-decay", 1)]
     for name in ("stability_gap.json", "stability_gap.md"):
         assert (tmp_path / "killed" / name).read_text() == (tmp_path / "straight" / name).read_text(), name
     with pytest.raises(SystemExit, match=r"holds the results of other settings \(not the same: seeds\)"):
