@@ -379,7 +379,7 @@ def test_gradient_noise_is_isotropic_with_the_gradient_norm_and_decays():
     assert abs(added.std().item() - 0.5 * 5.0) < 0.1 and abs(added.mean().item()) < 0.1
     assert added[:4].abs().sum() > 0 and (-q.detach()).abs().mean() > 1.0  # zero-gradient entries move too
     assert noise.t == 1 and noise.sigma == 0.25
-    assert noise.t_device.item() == 1  # the optimizer step advanced the device counter the noise reads
+    assert noise.sigma_device.item() == 0.25  # the optimizer step moved on the device's sigma the noise reads
 
 
 def test_gradient_noise_draws_each_parameter_its_own_noise_and_skips_those_without_a_gradient():
@@ -398,22 +398,34 @@ def test_gradient_noise_draws_each_parameter_its_own_noise_and_skips_those_witho
     assert abs(torch.cat([added_p, added_q]).std().item() - 0.5 * 5.0) < 0.1
 
 
-def test_gradient_noise_reads_sigma_from_its_device_counter():
+def test_gradient_noise_reads_sigma_from_the_device():
     """The hook (captured in an agent's CUDA graph with the optimizer step) scales the noise by
-    sigma0 * decay^t with t counted on the device; a checkpoint restores that counter."""
+    sigma0 * decay^t kept on the device; a checkpoint restores it from t."""
     p = nn.Parameter(torch.zeros(4000))
     optimizer = torch.optim.SGD([p], lr=1.0)
     noise = GradientNoise(optimizer, sigma0=0.5, decay=0.5, generator=torch.Generator().manual_seed(1))
     noise.load_state_dict({"t": 3})  # as a resumed run
-    assert noise.t == 3 and noise.t_device.item() == 3
+    assert noise.t == 3 and noise.sigma_device.item() == 0.5 * 0.5**3
     p.grad = torch.zeros(4000)
     p.grad[:2] = torch.tensor([3.0, 4.0])  # ||g|| = 5
     gradient = p.grad.clone()
     optimizer.step()
     added = -p.detach() - gradient
     assert abs(added.std().item() - 0.5 * 0.5**3 * 5.0) < 0.01  # sigma_3 ||g|| = 0.3125
-    assert noise.t_device.item() == 4 and noise.t == 3  # the host counts in step(), once per gradient step
+    assert noise.sigma_device.item() == 0.5 * 0.5**4 and noise.t == 3  # the host counts in step(), once per step
     assert GradientNoise(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)).sigma == 0.01  # the paper's
+
+
+def test_gradient_noise_resumed_keeps_the_uninterrupted_sigma_to_the_bit():
+    """The device's sigma is a running product; a checkpoint restores it from t by the same float64
+    multiplications, so a resumed run scales its noise exactly as one that never stopped."""
+    running = GradientNoise(torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=1.0), sigma0=0.01, decay=0.999)
+    for _ in range(1234):
+        running._perturb()  # what the optimizer's pre-hook runs at every step
+    resumed = GradientNoise(torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=1.0), sigma0=0.01, decay=0.999)
+    resumed.load_state_dict({"t": 1234})
+    assert resumed.sigma_device.item() == running.sigma_device.item()
+    assert resumed.sigma_device.item() == pytest.approx(0.01 * 0.999**1234, rel=1e-12)
 
 
 def test_cbp_on_conv_channels_feeding_a_linear_layer():

@@ -15,13 +15,14 @@ class GradientNoise(Intervention):
     experiments use sigma0 0.01 and decay 0.999.
 
     The noise is added inside optimizer.step() by a step pre-hook, so it works with any optimizer
-    and needs no call between backward() and step(). The hook is device work only: t lives in a
-    device counter that the hook advances, so an update captured in a CUDA graph with its optimizer
-    step replays the noise with the right sigma every time (graph-safe; draws from `generator`, or
-    the device's default generator, which CUDA graphs handle). step() only counts t on the host
-    for metrics() and checkpoints; the noise does not depend on it. The noise of all parameters is
-    one normal draw into one flat buffer, of which each parameter's noise is a view: about ten
-    kernels per step however many parameters the optimizer holds.
+    and needs no call between backward() and step(). The hook is device work only: sigma_t lives
+    on the device (float64) and the hook multiplies it by `decay` after each use, so an update
+    captured in a CUDA graph with its optimizer step replays the noise with the right sigma every
+    time (graph-safe; draws from `generator`, or the device's default generator, which CUDA graphs
+    handle). step() only counts t on the host for metrics() and checkpoints; the noise does not
+    depend on it. The noise of all parameters is one normal draw into one flat buffer, of which each
+    parameter's noise is a view: eight kernels per step however many parameters the optimizer
+    holds.
     """
 
     state_keys = ("t",)
@@ -42,8 +43,9 @@ class GradientNoise(Intervention):
         offsets = list(accumulate((p.numel() for p in self.params), initial=0))
         self.noise_views = [self.flat_noise[start:end].view_as(p) for p, start, end
                             in zip(self.params, offsets[:-1], offsets[1:], strict=True)]  # fmt: skip
-        # float64, so sigma0 * decay^t rounds to the same float32 as the host's double arithmetic
-        self.t_device = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
+        # sigma_t = sigma0 * decay^t as a running product (one kernel a step, where decay^t from a
+        # step counter took three), in float64 like the host's arithmetic in _sigma_after
+        self.sigma_device = torch.tensor(sigma0, dtype=torch.float64, device=self.params[0].device)
         self._hook = optimizer.register_step_pre_hook(lambda *_: self._perturb())
 
     @property
@@ -58,7 +60,15 @@ class GradientNoise(Intervention):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.t_device.fill_(self.t)
+        self.sigma_device.fill_(self._sigma_after(self.t))
+
+    def _sigma_after(self, t: int) -> float:
+        """sigma_t as the device reaches it, one float64 multiplication a step (IEEE doubles on
+        both sides), so a resumed run draws with the same sigma as an uninterrupted one, to the bit."""
+        sigma = self.sigma0
+        for _ in range(t):
+            sigma *= self.decay
+        return sigma
 
     @torch.no_grad()
     def _perturb(self) -> None:
@@ -66,10 +76,9 @@ class GradientNoise(Intervention):
         if self.sigma0 > 0 and present:
             grads, noise = [g for g, _ in present], [view for _, view in present]
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # ||g||, on the device
-            sigma = self.sigma0 * torch.pow(self.decay, self.t_device)  # float64, as the host computes it
-            self.flat_noise.normal_(generator=self.generator).mul_(norm * sigma)
+            self.flat_noise.normal_(generator=self.generator).mul_(norm * self.sigma_device)
             torch._foreach_add_(grads, noise)
-        self.t_device.add_(1)
+        self.sigma_device.mul_(self.decay)
 
     def remove(self) -> None:
         self._hook.remove()
