@@ -292,6 +292,28 @@ def run_logged(command: Sequence[str], log_path: str, env: dict | None = None) -
         return subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
 
+def exit_code_path(log_path: str | Path) -> Path:
+    """Where a slurm job leaves its run's return code: beside its log, as plain text."""
+    return Path(f"{log_path}.exit")
+
+
+def run_logged_and_recorded(command: Sequence[str], log_path: str) -> int:
+    """run_logged, then the return code written atomically beside the log (exit_code_path): what a
+    launcher waiting on a slurm job reads, instead of unpickling submitit's result file."""
+    returncode = run_logged(command, log_path)
+    atomic_write(exit_code_path(log_path), lambda f: f.write(f"{returncode}\n".encode()))
+    return returncode
+
+
+def read_exit_code(log_path: str | Path) -> int | None:
+    """The return code a finished job left (run_logged_and_recorded); None if it left none (killed
+    before the run ended) or not a number."""
+    try:
+        return int(exit_code_path(log_path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def run_local(
     specs: Sequence[RunSpec], workers: int = 1, gpus: Sequence[str] = (), stream: TextIO = sys.stdout, pack: int = 1
 ) -> list[Outcome]:
@@ -432,7 +454,10 @@ def run_slurm(specs: Sequence[RunSpec], executor, wait: bool = False, stream: Te
     wait, block until the jobs end and return their outcomes; otherwise return none (re-run the sweep
     once they end: finished runs are skipped, queued or running ones are not submitted again)."""
     start = time.time()
-    jobs = executor.map_array(run_logged, [spec.command() for spec in specs], [str(spec.log_path) for spec in specs])
+    for spec in specs:  # an earlier job's return code must not stand for this one's
+        exit_code_path(spec.log_path).unlink(missing_ok=True)
+    jobs = executor.map_array(run_logged_and_recorded, [spec.command() for spec in specs],
+                              [str(spec.log_path) for spec in specs])  # fmt: skip
     if out is not None:
         record_jobs(out, specs, jobs, executor.folder)
     for spec, job in zip(specs, jobs, strict=True):
@@ -442,10 +467,16 @@ def run_slurm(specs: Sequence[RunSpec], executor, wait: bool = False, stream: Te
         return []
     outcomes = []
     for index, (spec, job) in enumerate(zip(specs, jobs, strict=True), start=1):
+        # the return code comes from the plain-text file the job wrote; submitit's result file is a
+        # pickle, and the launcher unpickles nothing from the sweep folder
         try:
-            returncode = job.result()
-        except Exception as e:  # a job killed by slurm (time limit, preemption) raises here
+            job.wait()
+        except Exception as e:
             print(f"job {job.job_id}: {type(e).__name__}: {e}", file=stream, flush=True)
+        returncode = read_exit_code(spec.log_path)
+        if returncode is None:  # killed by slurm (time limit, preemption, node failure) before the run ended
+            print(f"job {job.job_id} ended without a return code ({job_state(str(job.job_id), str(executor.folder))})",
+                  file=stream, flush=True)  # fmt: skip
             returncode = -1
         outcomes.append(Outcome(spec, returncode, time.time() - start))
         report_outcome(outcomes[-1], index, len(specs), stream)

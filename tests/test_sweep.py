@@ -125,6 +125,49 @@ def test_slurm_launcher_submits_one_job_array(tmp_path, monkeypatch):
         assert line in script
 
 
+class PickleFreeJobs:
+    """A stand-in slurm executor: map_array runs each task at once, except those named in `killed`
+    (a job slurm ended before its run did); the jobs' result() fails the test if called, since the
+    launcher must not unpickle submitit's result files."""
+
+    def __init__(self, folder, killed=()):
+        self.folder, self.killed = folder, set(killed)
+
+    def map_array(self, fn, commands, logs):
+        jobs = []
+        for index, (command, log) in enumerate(zip(commands, logs, strict=True)):
+            if index not in self.killed:
+                fn(command, log)
+            jobs.append(self.Job(f"77_{index}"))
+        return jobs
+
+    class Job:
+        def __init__(self, job_id):
+            self.job_id = job_id
+
+        def wait(self):
+            pass
+
+        def result(self):
+            raise AssertionError("the launcher read a job's result pickle")
+
+
+def test_a_waiting_slurm_sweep_reads_return_codes_from_plain_text_not_pickles(tmp_path, monkeypatch):
+    specs = sweep.expand_grid("drq", ["Pong", "Breakout", "Boxing"], [1], tmp_path / "runs", settings=TINY)
+    codes = {"Pong": 0, "Breakout": 3, "Boxing": 0}
+    monkeypatch.setattr(sweep.RunSpec, "command", lambda self: [sys.executable, "-c", f"exit({codes[self.game]})"])
+    stale = sweep.exit_code_path(specs[2].log_path)
+    stale.parent.mkdir(parents=True)
+    stale.write_text("0\n")  # an earlier job's: it must not stand for the killed one
+    stream = tmp_path / "stream.txt"
+    with stream.open("w") as out:
+        outcomes = sweep.run_slurm(specs, PickleFreeJobs(tmp_path / "slurm", killed={2}), wait=True, stream=out)
+    assert [o.returncode for o in outcomes] == [0, 3, -1]
+    assert sweep.exit_code_path(specs[1].log_path).read_text() == "3\n"
+    assert "job 77_2 ended without a return code" in stream.read_text()
+    assert sweep.read_exit_code(tmp_path / "nowhere.txt") is None
+
+
 def sweep_cli(*args):
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "atari100k.py"), *args], capture_output=True, text=True, timeout=600
