@@ -112,3 +112,80 @@ def performance_profiles(
 
     _seed_numpy(seed)
     return rly.create_performance_profile(matrices, taus, reps=reps)
+
+
+def _share_below(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per leading index, the share of (x run, y run) pairs with x > y, ties counting one half (the
+    Mann-Whitney U statistic over n_x n_y): x (..., k), y (..., n) -> (...)."""
+    greater = (x[..., :, None] > y[..., None, :]).mean(axis=(-2, -1))
+    equal = (x[..., :, None] == y[..., None, :]).mean(axis=(-2, -1))
+    return greater + 0.5 * equal
+
+
+def _iqm_rows(pooled: np.ndarray) -> np.ndarray:
+    """iqm() of each row of (sets, scores)."""
+    ordered = np.sort(pooled, axis=-1)
+    cut = int(0.25 * ordered.shape[-1])
+    return ordered[..., cut : ordered.shape[-1] - cut].mean(axis=-1)
+
+
+def reproduction_check(
+    x: MethodScores,
+    y: MethodScores,
+    reference: dict[str, tuple[float, float]],
+    draws: int = 10_000,
+    seed: int = 0,
+) -> dict:
+    """Do X's runs look like runs of Y? For a reimplementation (X, a few runs per game) against the
+    published runs of the agent it implements (Y, many per game), over the games both have, with
+    every run of each (also those a score matrix leaves out to keep its games even).
+
+    Two statistics of X: P(X > Y), the share of Y's runs that X's runs beat, ties one half (per game,
+    then averaged over games: probability_of_improvement's point estimate), which is 1/2 when X's runs
+    come from Y's distribution; and the IQM of X's human-normalized scores. Their distribution under
+    that hypothesis comes from Y itself: `draws` times, as many runs per game as X has are drawn from
+    Y without replacement and scored against the rest of Y. The p-values are two-sided Monte Carlo
+    ones, (1 + draws as extreme) / (1 + draws) on each side, doubled. The per-game shares say where
+    each game's runs sit among Y's."""
+    games = [g for g in x.games if g in y.games]
+    if not games:
+        raise ScoreError(f"{x.method} and {y.method} share no game: no reproduction check")
+    xs, ys = ({g: _all_runs(m, g, reference) for g in games} for m in (x, y))
+    short = [f"{g} ({len(ys[g])} for {len(xs[g])})" for g in games if len(ys[g]) < len(xs[g]) + 2]
+    if short:
+        raise ScoreError(f"reproduction check of {x.method} against {y.method}: {y.method} needs 2 runs more per "
+                         f"game than {x.method} has (its runs drawn from it, 2 left to compare them with); it has "
+                         f"fewer on {', '.join(short)}: per-game means cannot say how runs spread")  # fmt: skip
+    per_game = np.array([_share_below(xs[g], ys[g]) for g in games])
+    observed = {"p_improvement": float(per_game.mean()), "iqm": iqm(np.concatenate(list(xs.values())))}
+
+    rng = np.random.default_rng(seed)
+    shares, pseudo_runs = [], []
+    for g in games:  # per game: draws x (as many of Y's runs as X has, drawn; the rest of Y's)
+        k, n = len(xs[g]), len(ys[g])
+        drawn = ys[g][rng.permuted(np.broadcast_to(np.arange(n), (draws, n)), axis=-1)]
+        shares.append(_share_below(drawn[:, :k], drawn[:, k:]))
+        pseudo_runs.append(drawn[:, :k])
+    null = {"p_improvement": np.mean(shares, axis=0), "iqm": _iqm_rows(np.concatenate(pseudo_runs, axis=1))}
+    result = {"x": x.method, "y": y.method, "games": games, "draws": draws}
+    for name, value in observed.items():
+        low = (1 + np.sum(null[name] <= value)) / (1 + draws)
+        high = (1 + np.sum(null[name] >= value)) / (1 + draws)
+        result[name] = {"value": value, "null_95": [float(q) for q in np.quantile(null[name], [0.025, 0.975])],
+                        "p_value": float(min(1.0, 2 * min(low, high)))}  # fmt: skip
+    result["per_game"] = {
+        g: {"scores": _all_runs(x, g).tolist(), "share_below": float(share), "reference_runs": len(ys[g]),
+            "reference_mean": float(_all_runs(y, g).mean()), "reference_median": float(np.median(_all_runs(y, g)))}
+        for g, share in zip(games, per_game, strict=True)
+    }  # fmt: skip
+    return result
+
+
+def _all_runs(m: MethodScores, game: str, reference: dict[str, tuple[float, float]] | None = None) -> np.ndarray:
+    """Every run of `m` on `game`, those left out of its matrix included: raw scores, or
+    human-normalized ones given `reference`."""
+    raw = np.array(m.raw[:, m.games.index(game)].tolist() + [d.score for d in m.dropped if d.game == game])
+    if reference is None:
+        return raw
+    random, human = reference[game]
+    return (raw - random) / (human - random)

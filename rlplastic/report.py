@@ -17,6 +17,7 @@ from rlplastic.aggregates import (
     interval_estimates,
     performance_profiles,
     probability_of_improvement,
+    reproduction_check,
 )
 from rlplastic.scores import (
     MIN_RUNS_PER_GAME,
@@ -142,6 +143,7 @@ class Report:
     markdown: str
     common_games: list[str] = field(default_factory=list)  # when the methods cover different games
     common_estimates: dict[str, dict] = field(default_factory=dict)  # the aggregates over those alone
+    reproductions: list[dict] = field(default_factory=list)  # reproduction_check of each --reproduce pair
 
     def as_json(self) -> dict:
         """{"METHOD": {"iqm", "median", "mean", "og", "ci": {...}, "games": n}} (+ runs, missing games,
@@ -153,6 +155,30 @@ class Report:
                if self.common_estimates else {})
             for method, est in self.estimates.items()
         }  # fmt: skip
+
+
+def reproduction_markdown(check: dict) -> list[str]:
+    """The report's section for one reproduction_check."""
+    x, y, draws = check["x"], check["y"], check["draws"]
+    lines = [f"## Reproduction check: {x} against {y}", "",
+             f"Do the runs of X = {x} look like runs of Y = {y}? Per game, the share of Y's runs that X's runs "
+             f"beat (ties count one half; 0.5 is the middle of Y's spread); then two statistics over the "
+             f"{len(check['games'])} games both have, against {draws:,} sets of as many runs per game drawn from "
+             "Y itself (each scored against the rest of Y's runs): the range 95% of those sets fall in, and a "
+             "two-sided p-value.", ""]  # fmt: skip
+    lines.append(markdown_table(
+        ["statistic", "X", "sets drawn from Y: 95% range", "p-value"],
+        [[title, f"{check[key]['value']:.3f}", "[{:.3f}, {:.3f}]".format(*check[key]["null_95"]),
+          f"{check[key]['p_value']:.3f}"]
+         for key, title in (("p_improvement", "P(X > Y)"), ("iqm", "IQM (human-normalized)"))],
+    ))  # fmt: skip
+    lines += ["", markdown_table(
+        ["game", "X runs", "share of Y's runs below X's", "Y runs", "Y mean", "Y median"],
+        [[game, ", ".join(f"{s:g}" for s in row["scores"]), f"{row['share_below']:.2f}", row["reference_runs"],
+          f"{row['reference_mean']:.1f}", f"{row['reference_median']:.1f}"]
+         for game, row in check["per_game"].items()],
+    ), ""]  # fmt: skip
+    return lines
 
 
 def common_games(matrices: dict[str, MethodScores]) -> list[str]:
@@ -173,20 +199,26 @@ def build_report(
     profile_reps: int = 2_000,
     improvement_reps: int = 2_000,
     reference: dict[str, tuple[float, float]] | None = None,
+    reproduce: Sequence[tuple[str, str]] = (),
+    reproduce_draws: int = 10_000,
 ) -> Report:
     """Aggregates, per-game table, probability of improvement and plots, written into out_dir:
     report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, performance_profile.png, and
-    curves.png / curves.csv when runs evaluated during training (--eval-every)."""
+    curves.png / curves.csv when runs evaluated during training (--eval-every); with `reproduce`
+    pairs (X, Y), whether X's runs look like Y's (reproduction_check), also in reproduction.json."""
     from rlplastic.files import atomic_write, atomic_write_json, make_folder
 
     reference = reference or reference_scores()
     if not scores:
         raise ScoreError("no scores: no results.json below the run folders and no --scores rows")
     matrices = score_matrices(scores, reference)
-    for x, y in compare:
-        for name in (x, y):
-            if name not in matrices:
-                raise ScoreError(f"--compare {x} {y}: no method {name!r}; methods: {', '.join(matrices)}")
+    for flag, pairs in (("--compare", compare), ("--reproduce", reproduce)):
+        for x, y in pairs:
+            for name in (x, y):
+                if name not in matrices:
+                    raise ScoreError(f"{flag} {x} {y}: no method {name!r}; methods: {', '.join(matrices)}")
+    reproductions = [reproduction_check(matrices[x], matrices[y], reference, reproduce_draws, seed)
+                     for x, y in reproduce]  # fmt: skip
     out_dir = make_folder(out_dir, "--out")  # FolderError names it
 
     estimates = interval_estimates({m: s.normalized for m, s in matrices.items()}, reps=reps, seed=seed)
@@ -212,8 +244,10 @@ def build_report(
     common_estimates = interval_estimates(
         {m: s.normalized[:, [s.games.index(g) for g in common]] for m, s in matrices.items()}, reps=reps, seed=seed
     ) if common else {}  # fmt: skip
-    report = Report(matrices, estimates, improvements, "", common, common_estimates)
+    report = Report(matrices, estimates, improvements, "", common, common_estimates, reproductions)
     atomic_write_json(out_dir / "aggregates.json", report.as_json())
+    if reproductions:
+        atomic_write_json(out_dir / "reproduction.json", reproductions)
 
     md = ["# Atari-100k report", ""]
     md += [f"Human-normalized aggregates, 95% stratified-bootstrap CIs ({reps:,} reps, seed {seed}, rliable).", ""]
@@ -271,6 +305,8 @@ def build_report(
             )
         )
         md += ["", f"95% CIs from {improvement_reps:,} stratified independent bootstrap reps.", ""]
+    for check in reproductions:
+        md += reproduction_markdown(check)
     md += ["## Per-game mean raw score", ""]
     md.append(markdown_table(game_header, game_rows))
     md.append("")

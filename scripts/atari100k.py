@@ -5,6 +5,7 @@
   sweep:  one single-file agent run per (method, game, seed), on local worker processes or slurm.
 
   python scripts/atari100k.py report runs/ --scores published.csv --compare drq+hare-tortoise drq
+  python scripts/atari100k.py report runs/drq --scores published_runs.csv --reproduce drq "DrQ(eps) published"
   python scripts/atari100k.py sweep --agent drq --games all --seeds 1-5 --set ema=0.995 \\
       --grid reset=hare-tortoise,head --out runs/sweep --workers 4 --gpus 0,1
 """
@@ -28,7 +29,7 @@ from rlplastic.files import FolderError, atomic_write_json, make_folder
 def report(args: Report) -> int:
     if not args.run_dirs and not args.scores:
         raise scoring.ScoreError("give run folders, --scores FILE.csv, or both")
-    for name in ("reps", "profile_reps", "improvement_reps"):
+    for name in ("reps", "profile_reps", "improvement_reps", "reproduce_draws"):
         if getattr(args, name) < 1:
             raise scoring.ScoreError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     scores = scoring.screen_protocol(scoring.collect_run_scores(args.run_dirs), args.allow_short)
@@ -42,13 +43,16 @@ def report(args: Report) -> int:
         compare=[tuple(pair) for pair in args.compare],
         profile_reps=args.profile_reps,
         improvement_reps=args.improvement_reps,
+        reproduce=[tuple(pair) for pair in args.reproduce],
+        reproduce_draws=args.reproduce_draws,
     )
     if args.json:
         print(json.dumps(result.as_json(), indent=2))
     else:
         print(result.markdown)
         print(f"\nwritten: {args.out}/report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, "
-              "performance_profile.png (+ curves.png, curves.csv for runs with --eval-every)",
+              "performance_profile.png (+ curves.png, curves.csv for runs with --eval-every"
+              + (", reproduction.json" if args.reproduce else "") + ")",
               file=sys.stderr)  # fmt: skip
     for method, games in scoring.thin_games(scores).items():
         print(f"warning: {method} has fewer than {scoring.MIN_RUNS_PER_GAME} runs on {', '.join(games)}: "
@@ -162,6 +166,12 @@ class Report:
     marked [smoke] in every table; refused otherwise"""
     compare: tyro.conf.UseAppendAction[list[tuple[str, str]]] = field(default_factory=list)
     """X Y: probability that method X improves on method Y; repeatable"""
+    reproduce: tyro.conf.UseAppendAction[list[tuple[str, str]]] = field(default_factory=list)
+    """X Y: do X's runs look like Y's (a reimplementation against the published runs of the agent it
+    implements)? Per-game shares of Y's runs below X's, P(X > Y) and IQM against sets of runs drawn from
+    Y itself, with p-values; Y needs per-run scores (2 more per game than X has); repeatable"""
+    reproduce_draws: int = 10_000
+    """sets of runs drawn from Y for --reproduce"""
 
 
 @dataclass

@@ -161,6 +161,59 @@ def test_probability_of_improvement_by_hand():
     assert result["ci"][0] <= 0.75 <= result["ci"][1]
 
 
+def method_scores(name, per_game):
+    scores = [Score(name, g, s, v, "x") for g, values in per_game.items() for s, v in enumerate(values)]
+    return scoring.score_matrices(scores, scoring.reference_scores())[name]
+
+
+def test_reproduction_check_by_hand_and_against_rliable():
+    """Per game the share of Y's runs below X's (ties one half), every run counted, also those the
+    score matrix leaves out to keep its games even; with even runs it is rliable's P(X > Y)."""
+    y_runs = {"Pong": [-21.0, -20.0, -19.0, -18.0, -10.0], "Breakout": [1.0, 2.0, 3.0, 4.0, 5.0]}
+    x = method_scores("x", {"Pong": [-19.0], "Breakout": [10.0, 0.0]})  # Breakout's second run is left out
+    y = method_scores("y", y_runs)
+    assert [(d.game, d.score) for d in x.dropped] == [("Breakout", 0.0)]
+    check = aggregates.reproduction_check(x, y, scoring.reference_scores(), draws=500, seed=0)
+    # Pong: -19 beats 2 of 5, ties 1 -> 2.5 / 5 = 0.5; Breakout: 10 beats all 5, 0 none -> 5 / 10 = 0.5
+    assert check["per_game"]["Pong"]["share_below"] == 0.5 and check["per_game"]["Breakout"]["share_below"] == 0.5
+    assert check["per_game"]["Breakout"]["scores"] == [10.0, 0.0] and check["p_improvement"]["value"] == 0.5
+    even = method_scores("x", {"Pong": [-19.0, -15.0], "Breakout": [10.0, 0.0]})
+    rliable = aggregates.probability_of_improvement(even, y, reps=50, seed=0)["p"]
+    assert aggregates.reproduction_check(even, y, scoring.reference_scores(), draws=50)["p_improvement"]["value"] == (
+        pytest.approx(rliable)
+    )  # fmt: skip
+
+
+def test_reproduction_check_tells_runs_of_the_reference_from_runs_below_it():
+    """X drawn from Y's own distribution passes (at about the nominal rate); X a little worse on every
+    game does not, by both statistics."""
+    rng = np.random.default_rng(0)
+    games = ATARI100K_GAMES[:9]
+    reference = scoring.reference_scores()
+    spread = {g: (reference[g][1] - reference[g][0]) for g in games}  # one human-random gap per game
+
+    def runs(name, count, shift=0.0):
+        return method_scores(name, {g: list(reference[g][0] + spread[g] * rng.normal(0.4 + shift, 0.3, count))
+                                    for g in games})  # fmt: skip
+
+    y = runs("y", 100)
+    p_values = [aggregates.reproduction_check(runs("x", 2), y, reference, draws=400, seed=i)["p_improvement"]["p_value"]
+                for i in range(40)]  # fmt: skip
+    assert np.mean(np.array(p_values) < 0.05) <= 0.15 and np.median(p_values) > 0.3
+    worse = aggregates.reproduction_check(runs("x", 2, shift=-0.3), y, reference, draws=2000, seed=0)
+    assert worse["p_improvement"]["value"] < worse["p_improvement"]["null_95"][0]
+    assert worse["p_improvement"]["p_value"] < 0.01 and worse["iqm"]["p_value"] < 0.01
+
+
+def test_reproduction_check_needs_the_references_runs_not_its_means():
+    x = method_scores("x", {"Pong": [-19.0]})
+    means = method_scores("published", {"Pong": [-15.0]})
+    with pytest.raises(ScoreError, match=r"published needs 2 runs more per game than x has .* Pong \(1 for 1\)"):
+        aggregates.reproduction_check(x, means, scoring.reference_scores())
+    with pytest.raises(ScoreError, match="share no game"):
+        aggregates.reproduction_check(x, method_scores("y", {"Breakout": [1.0, 2.0, 3.0]}), scoring.reference_scores())
+
+
 def write_results(path, method, game, seed, eval_mean, total_steps=100_000, episodes=100, curve=()):
     path.mkdir(parents=True)
     payload = {"agent": "drq", "method": method, "game": game, "seed": seed, "eval_mean": eval_mean, "config": {},
@@ -240,6 +293,20 @@ def test_cli_json_and_errors(tmp_path):
 
     done = cli("report", "--scores", str(good), "--compare", "A", "Z", "--out", str(tmp_path / "y"))
     assert done.returncode == 2 and "no method 'Z'" in done.stderr
+
+    # --reproduce: a section of the report and reproduction.json; a per-game-means reference is refused
+    many = write_csv(tmp_path / "many.csv", [["B", g, s, 100.0 * s + i] for i, g in enumerate(ATARI100K_GAMES[:5])
+                                             for s in range(1, 21)])  # fmt: skip
+    done = cli("report", "--scores", str(good), "--scores", str(many), "--reproduce", "A", "B", "--reproduce-draws",
+               "300", "--reps", "100", "--profile-reps", "10", "--out", str(tmp_path / "r"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "## Reproduction check: A against B" in done.stdout and "| P(X > Y) |" in done.stdout
+    check = json.loads((tmp_path / "r" / "reproduction.json").read_text())[0]
+    assert check["x"] == "A" and check["y"] == "B" and len(check["games"]) == 5 and check["draws"] == 300
+    done = cli("report", "--scores", str(many), "--scores", str(good), "--reproduce", "B", "A", "--out",
+               str(tmp_path / "z"))  # fmt: skip
+    assert done.returncode == 2 and "A needs 2 runs more per game than B has" in done.stderr
+    assert not (tmp_path / "z").exists()
 
 
 def test_report_refuses_runs_that_are_not_full_atari100k_runs(tmp_path):
