@@ -175,7 +175,8 @@ def reproduction_check(
                         "p_value": float(min(1.0, 2 * min(low, high)))}  # fmt: skip
     result["per_game"] = {
         g: {"scores": _all_runs(x, g).tolist(), "share_below": float(share), "reference_runs": len(ys[g]),
-            "reference_mean": float(_all_runs(y, g).mean()), "reference_median": float(np.median(_all_runs(y, g)))}
+            "reference_mean": float(_all_runs(y, g).mean()), "reference_median": float(np.median(_all_runs(y, g))),
+            "reference_scores": _all_runs(y, g).tolist()}
         for g, share in zip(games, per_game, strict=True)
     }  # fmt: skip
     return result

@@ -157,7 +157,45 @@ class Report:
         }  # fmt: skip
 
 
-def reproduction_markdown(check: dict) -> list[str]:
+def plot_reproduction(check: dict, path: str | Path) -> None:
+    """One panel per game of a reproduction_check: Y's runs as dots (spread sideways so that equal
+    scores stay visible), X's runs as red diamonds, the share of Y's runs below X's in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlplastic.files import atomic_write
+
+    games = check["games"]
+    cols = min(5, len(games))
+    rows = -(-len(games) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
+    jitter = np.random.default_rng(0)
+    for ax, game in zip(axes.flat, games, strict=False):
+        row = check["per_game"][game]
+        reference = np.array(row["reference_scores"])
+        ax.scatter(jitter.uniform(-0.3, 0.3, len(reference)), reference, s=6, color="0.55", label=check["y"])
+        ax.scatter(np.zeros(len(row["scores"])), row["scores"], s=60, marker="D", color="tab:red", zorder=3,
+                   label=check["x"])  # fmt: skip
+        ax.set_title(f"{game}: {row['share_below']:.2f} below", fontsize=9)
+        ax.set_xticks([])
+        ax.set_xlim(-0.6, 0.6)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(games) :]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("final score")
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def reproduction_figure_name(index: int) -> str:
+    return "reproduction.png" if index == 0 else f"reproduction_{index + 1}.png"
+
+
+def reproduction_markdown(check: dict, figure: str | None = None) -> list[str]:
     """The report's section for one reproduction_check."""
     x, y, draws = check["x"], check["y"], check["draws"]
     lines = [f"## Reproduction check: {x} against {y}", "",
@@ -172,7 +210,8 @@ def reproduction_markdown(check: dict) -> list[str]:
           f"{check[key]['p_value']:.3f}"]
          for key, title in (("p_improvement", "P(X > Y)"), ("iqm", "IQM (human-normalized)"))],
     ))  # fmt: skip
-    lines += ["", markdown_table(
+    lines += [""] + ([f"![reproduction check]({figure})", ""] if figure else [])
+    lines += [markdown_table(
         ["game", "X runs", "share of Y's runs below X's", "Y runs", "Y mean", "Y median"],
         [[game, ", ".join(f"{s:g}" for s in row["scores"]), f"{row['share_below']:.2f}", row["reference_runs"],
           f"{row['reference_mean']:.1f}", f"{row['reference_median']:.1f}"]
@@ -205,7 +244,8 @@ def build_report(
     """Aggregates, per-game table, probability of improvement and plots, written into out_dir:
     report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, performance_profile.png, and
     curves.png / curves.csv when runs evaluated during training (--eval-every); with `reproduce`
-    pairs (X, Y), whether X's runs look like Y's (reproduction_check), also in reproduction.json."""
+    pairs (X, Y), whether X's runs look like Y's (reproduction_check), also in reproduction.json and
+    reproduction.png (reproduction_2.png, ... for more pairs)."""
     from rlplastic.files import atomic_write, atomic_write_json, make_folder
 
     reference = reference or reference_scores()
@@ -305,8 +345,9 @@ def build_report(
             )
         )
         md += ["", f"95% CIs from {improvement_reps:,} stratified independent bootstrap reps.", ""]
-    for check in reproductions:
-        md += reproduction_markdown(check)
+    for index, check in enumerate(reproductions):
+        plot_reproduction(check, out_dir / reproduction_figure_name(index))
+        md += reproduction_markdown(check, reproduction_figure_name(index))
     md += ["## Per-game mean raw score", ""]
     md.append(markdown_table(game_header, game_rows))
     md.append("")

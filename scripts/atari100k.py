@@ -52,7 +52,7 @@ def report(args: Report) -> int:
         print(result.markdown)
         print(f"\nwritten: {args.out}/report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, "
               "performance_profile.png (+ curves.png, curves.csv for runs with --eval-every"
-              + (", reproduction.json" if args.reproduce else "") + ")",
+              + (", reproduction.json, reproduction.png" if args.reproduce else "") + ")",
               file=sys.stderr)  # fmt: skip
     for method, games in scoring.thin_games(scores).items():
         print(f"warning: {method} has fewer than {scoring.MIN_RUNS_PER_GAME} runs on {', '.join(games)}: "

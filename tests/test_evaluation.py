@@ -301,6 +301,8 @@ def test_cli_json_and_errors(tmp_path):
                "300", "--reps", "100", "--profile-reps", "10", "--out", str(tmp_path / "r"))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "## Reproduction check: A against B" in done.stdout and "| P(X > Y) |" in done.stdout
+    assert "![reproduction check](reproduction.png)" in done.stdout
+    assert (tmp_path / "r" / "reproduction.png").stat().st_size > 0
     check = json.loads((tmp_path / "r" / "reproduction.json").read_text())[0]
     assert check["x"] == "A" and check["y"] == "B" and len(check["games"]) == 5 and check["draws"] == 300
     done = cli("report", "--scores", str(many), "--scores", str(good), "--reproduce", "B", "A", "--out",
