@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlplastic.scores import MethodScores, ScoreError
+from rlplastic.scores import MethodScores, ScoreError, human_normalized
 
 AGGREGATES = ("iqm", "median", "mean", "og")
 AGGREGATE_TITLES = {"iqm": "IQM", "median": "Median", "mean": "Mean", "og": "Optimality gap"}
 
 
 # The aggregates of rliable, in plain numpy: the tests hold rliable's numbers against these.
+def _iqm_rows(pooled: np.ndarray) -> np.ndarray:
+    """The IQM of each row of (..., scores): the mean of its middle 50% (25% trimmed from each end)."""
+    ordered = np.sort(pooled, axis=-1)
+    cut = int(0.25 * ordered.shape[-1])  # scipy.stats.trim_mean rounds the cut down the same way
+    return ordered[..., cut : ordered.shape[-1] - cut].mean(axis=-1)
+
+
 def iqm(scores: np.ndarray) -> float:
     """Mean of the middle 50% of all runs x games scores pooled (25% trimmed from each end)."""
-    pooled = np.sort(scores, axis=None)
-    cut = int(0.25 * pooled.size)  # scipy.stats.trim_mean rounds the cut down the same way
-    return float(pooled[cut : pooled.size - cut].mean())
+    return float(_iqm_rows(np.ravel(scores)))
 
 
 def median(scores: np.ndarray) -> float:
@@ -122,13 +127,6 @@ def _share_below(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return greater + 0.5 * equal
 
 
-def _iqm_rows(pooled: np.ndarray) -> np.ndarray:
-    """iqm() of each row of (sets, scores)."""
-    ordered = np.sort(pooled, axis=-1)
-    cut = int(0.25 * ordered.shape[-1])
-    return ordered[..., cut : ordered.shape[-1] - cut].mean(axis=-1)
-
-
 def reproduction_check(
     x: MethodScores,
     y: MethodScores,
@@ -150,7 +148,8 @@ def reproduction_check(
     games = [g for g in x.games if g in y.games]
     if not games:
         raise ScoreError(f"{x.method} and {y.method} share no game: no reproduction check")
-    xs, ys = ({g: _all_runs(m, g, reference) for g in games} for m in (x, y))
+    raw_x, raw_y = ({g: _all_runs(m, g) for g in games} for m in (x, y))
+    xs, ys = ({g: human_normalized(g, raw[g], reference) for g in games} for raw in (raw_x, raw_y))
     short = [f"{g} ({len(ys[g])} for {len(xs[g])})" for g in games if len(ys[g]) < len(xs[g]) + 2]
     if short:
         raise ScoreError(f"reproduction check of {x.method} against {y.method}: {y.method} needs 2 runs more per "
@@ -174,19 +173,14 @@ def reproduction_check(
         result[name] = {"value": value, "null_95": [float(q) for q in np.quantile(null[name], [0.025, 0.975])],
                         "p_value": float(min(1.0, 2 * min(low, high)))}  # fmt: skip
     result["per_game"] = {
-        g: {"scores": _all_runs(x, g).tolist(), "share_below": float(share), "reference_runs": len(ys[g]),
-            "reference_mean": float(_all_runs(y, g).mean()), "reference_median": float(np.median(_all_runs(y, g))),
-            "reference_scores": _all_runs(y, g).tolist()}
+        g: {"scores": raw_x[g].tolist(), "share_below": float(share), "reference_runs": len(raw_y[g]),
+            "reference_mean": float(raw_y[g].mean()), "reference_median": float(np.median(raw_y[g])),
+            "reference_scores": raw_y[g].tolist()}
         for g, share in zip(games, per_game, strict=True)
     }  # fmt: skip
     return result
 
 
-def _all_runs(m: MethodScores, game: str, reference: dict[str, tuple[float, float]] | None = None) -> np.ndarray:
-    """Every run of `m` on `game`, those left out of its matrix included: raw scores, or
-    human-normalized ones given `reference`."""
-    raw = np.array(m.raw[:, m.games.index(game)].tolist() + [d.score for d in m.dropped if d.game == game])
-    if reference is None:
-        return raw
-    random, human = reference[game]
-    return (raw - random) / (human - random)
+def _all_runs(m: MethodScores, game: str) -> np.ndarray:
+    """Every run's raw score of `m` on `game`, those left out of its matrix included."""
+    return np.array(m.raw[:, m.games.index(game)].tolist() + [d.score for d in m.dropped if d.game == game])
