@@ -5,6 +5,8 @@ plain numpy so tests can check one against the other."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from rlplastic.scores import MethodScores, ScoreError, human_normalized
@@ -119,12 +121,18 @@ def performance_profiles(
     return rly.create_performance_profile(matrices, taus, reps=reps)
 
 
+def _run_shares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per run of x, the share of y's runs below it, ties counting one half: x (..., k), y (..., n) ->
+    (..., k)."""
+    greater = (x[..., :, None] > y[..., None, :]).mean(axis=-1)
+    equal = (x[..., :, None] == y[..., None, :]).mean(axis=-1)
+    return greater + 0.5 * equal
+
+
 def _share_below(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per leading index, the share of (x run, y run) pairs with x > y, ties counting one half (the
     Mann-Whitney U statistic over n_x n_y): x (..., k), y (..., n) -> (...)."""
-    greater = (x[..., :, None] > y[..., None, :]).mean(axis=(-2, -1))
-    equal = (x[..., :, None] == y[..., None, :]).mean(axis=(-2, -1))
-    return greater + 0.5 * equal
+    return _run_shares(x, y).mean(axis=-1)
 
 
 def reproduction_check(
@@ -138,13 +146,20 @@ def reproduction_check(
     published runs of the agent it implements (Y, many per game), over the games both have, with
     every run of each (also those a score matrix leaves out to keep its games even).
 
-    Two statistics of X: P(X > Y), the share of Y's runs that X's runs beat, ties one half (per game,
+    Three statistics of X: P(X > Y), the share of Y's runs that X's runs beat, ties one half (per game,
     then averaged over games: probability_of_improvement's point estimate), which is 1/2 when X's runs
-    come from Y's distribution; and the IQM of X's human-normalized scores. Their distribution under
+    come from Y's distribution; the IQM of X's human-normalized scores; and how far X's runs sit from
+    the middle of Y's, |share - 1/2| per run averaged over runs and games (1/4 for runs of Y: a run's
+    share is uniform on [0, 1]), which is large when X's runs land in Y's tails more often than Y's
+    own runs do, in either direction: a difference P(X > Y) cannot see when games off upwards and
+    games off downwards cancel, or a few runs per game spread wider than Y's. Their distribution under
     that hypothesis comes from Y itself: `draws` times, as many runs per game as X has are drawn from
     Y without replacement and scored against the rest of Y. The p-values are two-sided Monte Carlo
     ones, (1 + draws as extreme) / (1 + draws) on each side, doubled. The per-game shares say where
-    each game's runs sit among Y's."""
+    each game's runs sit among Y's; each has its own p-value against the same draws of that game, and a
+    Holm-adjusted one (Holm 1979), which keeps the chance of any false alarm over all the games at the
+    level read (a game's own p-value alone does not: with 9 games, one below 0.05 comes by chance 37%
+    of the time)."""
     games = [g for g in x.games if g in y.games]
     if not games:
         raise ScoreError(f"{x.method} and {y.method} share no game: no reproduction check")
@@ -155,30 +170,55 @@ def reproduction_check(
         raise ScoreError(f"reproduction check of {x.method} against {y.method}: {y.method} needs 2 runs more per "
                          f"game than {x.method} has (its runs drawn from it, 2 left to compare them with); it has "
                          f"fewer on {', '.join(short)}: per-game means cannot say how runs spread")  # fmt: skip
-    per_game = np.array([_share_below(xs[g], ys[g]) for g in games])
-    observed = {"p_improvement": float(per_game.mean()), "iqm": iqm(np.concatenate(list(xs.values())))}
+    run_shares = [_run_shares(xs[g], ys[g]) for g in games]
+    per_game = np.array([r.mean() for r in run_shares])
+    observed = {"p_improvement": float(per_game.mean()), "iqm": iqm(np.concatenate(list(xs.values()))),
+                "tails": float(np.mean([np.abs(r - 0.5).mean() for r in run_shares]))}  # fmt: skip
 
     rng = np.random.default_rng(seed)
-    shares, pseudo_runs = [], []
+    shares, tails, pseudo_runs = [], [], []
     for g in games:  # per game: draws x (as many of Y's runs as X has, drawn; the rest of Y's)
         k, n = len(xs[g]), len(ys[g])
         drawn = ys[g][rng.permuted(np.broadcast_to(np.arange(n), (draws, n)), axis=-1)]
-        shares.append(_share_below(drawn[:, :k], drawn[:, k:]))
+        drawn_shares = _run_shares(drawn[:, :k], drawn[:, k:])
+        shares.append(drawn_shares.mean(axis=-1))
+        tails.append(np.abs(drawn_shares - 0.5).mean(axis=-1))
         pseudo_runs.append(drawn[:, :k])
-    null = {"p_improvement": np.mean(shares, axis=0), "iqm": _iqm_rows(np.concatenate(pseudo_runs, axis=1))}
+    null = {"p_improvement": np.mean(shares, axis=0), "iqm": _iqm_rows(np.concatenate(pseudo_runs, axis=1)),
+            "tails": np.mean(tails, axis=0)}  # fmt: skip
     result = {"x": x.method, "y": y.method, "games": games, "draws": draws}
     for name, value in observed.items():
-        low = (1 + np.sum(null[name] <= value)) / (1 + draws)
-        high = (1 + np.sum(null[name] >= value)) / (1 + draws)
         result[name] = {"value": value, "null_95": [float(q) for q in np.quantile(null[name], [0.025, 0.975])],
-                        "p_value": float(min(1.0, 2 * min(low, high)))}  # fmt: skip
+                        "p_value": _two_sided_p(null[name], value)}  # fmt: skip
+    game_p = [_two_sided_p(null_shares, share) for null_shares, share in zip(shares, per_game, strict=True)]
     result["per_game"] = {
-        g: {"scores": raw_x[g].tolist(), "share_below": float(share), "reference_runs": len(raw_y[g]),
-            "reference_mean": float(raw_y[g].mean()), "reference_median": float(np.median(raw_y[g])),
-            "reference_scores": raw_y[g].tolist()}
-        for g, share in zip(games, per_game, strict=True)
+        g: {"scores": raw_x[g].tolist(), "share_below": float(share), "p_value": p, "p_holm": p_holm,
+            "null_95": [float(q) for q in np.quantile(null_shares, [0.025, 0.975])],
+            "reference_runs": len(raw_y[g]), "reference_mean": float(raw_y[g].mean()),
+            "reference_median": float(np.median(raw_y[g])), "reference_scores": raw_y[g].tolist()}
+        for g, share, null_shares, p, p_holm in zip(games, per_game, shares, game_p, holm(game_p), strict=True)
     }  # fmt: skip
     return result
+
+
+def _two_sided_p(null: np.ndarray, value: float) -> float:
+    """Two-sided Monte Carlo p-value of `value` among the draws `null`: (1 + draws as extreme) /
+    (1 + draws) on each side, the smaller doubled."""
+    low = (1 + np.sum(null <= value)) / (1 + len(null))
+    high = (1 + np.sum(null >= value)) / (1 + len(null))
+    return float(min(1.0, 2 * min(low, high)))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979): the i-th smallest of m p-values times (m - i + 1),
+    made non-decreasing in that order and capped at 1. Rejecting where the adjusted value is below
+    alpha keeps the chance of any false rejection at most alpha."""
+    order = np.argsort(p_values, kind="stable")
+    m = len(p_values)
+    adjusted = np.minimum(1.0, np.maximum.accumulate([(m - i) * p_values[j] for i, j in enumerate(order)]))
+    out = np.empty(m)
+    out[order] = adjusted
+    return [float(a) for a in out]
 
 
 def _all_runs(m: MethodScores, game: str) -> np.ndarray:

@@ -159,7 +159,8 @@ class Report:
 
 def plot_reproduction(check: dict, path: str | Path) -> None:
     """One panel per game of a reproduction_check: Y's runs as dots (spread sideways so that equal
-    scores stay visible), X's runs as red diamonds, the share of Y's runs below X's in the title."""
+    scores stay visible), X's runs as red diamonds, the share of Y's runs below X's and its p-value in
+    the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +179,7 @@ def plot_reproduction(check: dict, path: str | Path) -> None:
         ax.scatter(jitter.uniform(-0.3, 0.3, len(reference)), reference, s=6, color="0.55", label=check["y"])
         ax.scatter(np.zeros(len(row["scores"])), row["scores"], s=60, marker="D", color="tab:red", zorder=3,
                    label=check["x"])  # fmt: skip
-        ax.set_title(f"{game}: {row['share_below']:.2f} below", fontsize=9)
+        ax.set_title(f"{game}\n{row['share_below']:.2f} below, p {row['p_value']:.2g}", fontsize=9)
         ax.set_xticks([])
         ax.set_xlim(-0.6, 0.6)
         ax.tick_params(labelsize=7)
@@ -203,18 +204,31 @@ def reproduction_markdown(check: dict, figure: str | None = None) -> list[str]:
              f"beat (ties count one half; 0.5 is the middle of Y's spread); then two statistics over the "
              f"{len(check['games'])} games both have, against {draws:,} sets of as many runs per game drawn from "
              "Y itself (each scored against the rest of Y's runs): the range 95% of those sets fall in, and a "
-             "two-sided p-value.", ""]  # fmt: skip
+             "two-sided p-value. The third statistic, each run's distance from the middle of Y's runs averaged over "
+             "runs and games, is large when X's runs land in Y's tails more often than Y's own runs do, in either "
+             "direction (games off upwards and downwards, which P(X > Y) averages away, or runs spread wider "
+             "than Y's).", ""]  # fmt: skip
     lines.append(markdown_table(
         ["statistic", "X", "sets drawn from Y: 95% range", "p-value"],
         [[title, f"{check[key]['value']:.3f}", "[{:.3f}, {:.3f}]".format(*check[key]["null_95"]),
           f"{check[key]['p_value']:.3f}"]
-         for key, title in (("p_improvement", "P(X > Y)"), ("iqm", "IQM (human-normalized)"))],
+         for key, title in (("p_improvement", "P(X > Y)"), ("iqm", "IQM (human-normalized)"),
+                            ("tails", "|share − ½| of X's runs (tails; about ¼ for runs of Y)"))],
     ))  # fmt: skip
     lines += [""] + ([f"![reproduction check]({figure})", ""] if figure else [])
+    lines += [
+        "Per game, the share's own 95% range and p-value come from the same sets drawn from Y; the "
+        "Holm-adjusted p-value is the one to read across games (below 0.05 there, a game's runs are unlikely "
+        "runs of Y even after looking at every game; some game's own p-value falls below 0.05 by chance in "
+        f"about {1 - 0.95 ** len(check['games']):.0%} of checks over {len(check['games'])} games).",
+        "",
+    ]
     lines += [markdown_table(
-        ["game", "X runs", "share of Y's runs below X's", "Y runs", "Y mean", "Y median"],
-        [[game, ", ".join(f"{s:g}" for s in row["scores"]), f"{row['share_below']:.2f}", row["reference_runs"],
-          f"{row['reference_mean']:.1f}", f"{row['reference_median']:.1f}"]
+        ["game", "X runs", "share of Y's runs below X's", "sets drawn from Y: 95% range", "p-value",
+         "Holm-adjusted", "Y runs", "Y mean", "Y median"],
+        [[game, ", ".join(f"{s:g}" for s in row["scores"]), f"{row['share_below']:.2f}",
+          "[{:.2f}, {:.2f}]".format(*row["null_95"]), f"{row['p_value']:.3f}", f"{row['p_holm']:.3f}",
+          row["reference_runs"], f"{row['reference_mean']:.1f}", f"{row['reference_median']:.1f}"]
          for game, row in check["per_game"].items()],
     ), ""]  # fmt: skip
     return lines

@@ -177,6 +177,8 @@ def test_reproduction_check_by_hand_and_against_rliable():
     # Pong: -19 beats 2 of 5, ties 1 -> 2.5 / 5 = 0.5; Breakout: 10 beats all 5, 0 none -> 5 / 10 = 0.5
     assert check["per_game"]["Pong"]["share_below"] == 0.5 and check["per_game"]["Breakout"]["share_below"] == 0.5
     assert check["per_game"]["Breakout"]["scores"] == [10.0, 0.0] and check["p_improvement"]["value"] == 0.5
+    # tails: Pong's run in the middle (|0.5 - 0.5| = 0), Breakout's two at the ends (0.5 each) -> (0 + 0.5) / 2
+    assert check["tails"]["value"] == 0.25
     even = method_scores("x", {"Pong": [-19.0, -15.0], "Breakout": [10.0, 0.0]})
     rliable = aggregates.probability_of_improvement(even, y, reps=50, seed=0)["p"]
     assert aggregates.reproduction_check(even, y, scoring.reference_scores(), draws=50)["p_improvement"]["value"] == (
@@ -197,12 +199,51 @@ def test_reproduction_check_tells_runs_of_the_reference_from_runs_below_it():
                                     for g in games})  # fmt: skip
 
     y = runs("y", 100)
-    p_values = [aggregates.reproduction_check(runs("x", 2), y, reference, draws=400, seed=i)["p_improvement"]["p_value"]
-                for i in range(40)]  # fmt: skip
+    checks = [aggregates.reproduction_check(runs("x", 2), y, reference, draws=400, seed=i) for i in range(40)]
+    p_values = [check["p_improvement"]["p_value"] for check in checks]
     assert np.mean(np.array(p_values) < 0.05) <= 0.15 and np.median(p_values) > 0.3
+    # per game too: a game's own p-value below 0.05 about 5% of the time, Holm's over 9 games rarely at all
+    game_p = np.array([[check["per_game"][g]["p_value"] for g in games] for check in checks])
+    game_holm = np.array([[check["per_game"][g]["p_holm"] for g in games] for check in checks])
+    assert np.mean(game_p < 0.05) <= 0.1 and np.mean(game_p.min(axis=1) < 0.05) >= 0.1
+    assert np.mean(game_holm.min(axis=1) < 0.05) <= 0.15 and (game_holm >= game_p).all()
+    assert np.mean(np.array([check["tails"]["p_value"] for check in checks]) < 0.05) <= 0.15
     worse = aggregates.reproduction_check(runs("x", 2, shift=-0.3), y, reference, draws=2000, seed=0)
     assert worse["p_improvement"]["value"] < worse["p_improvement"]["null_95"][0]
     assert worse["p_improvement"]["p_value"] < 0.01 and worse["iqm"]["p_value"] < 0.01
+
+
+def test_reproduction_check_per_game_p_values_find_the_game_that_differs():
+    """Three runs below all 100 of Y's on one game: that game's p-value is as small as the draws can
+    say and stays below 0.05 after Holm's adjustment; a game whose runs sit in Y's middle does not."""
+    rng = np.random.default_rng(1)
+    y = method_scores("y", {"Pong": list(rng.uniform(-20, 0, 100)), "Breakout": list(rng.uniform(0, 30, 100))})
+    x = method_scores("x", {"Pong": [-21.0, -20.5, -20.9], "Breakout": [14.0, 15.0, 16.0]})
+    check = aggregates.reproduction_check(x, y, scoring.reference_scores(), draws=2000, seed=0)
+    pong, breakout = check["per_game"]["Pong"], check["per_game"]["Breakout"]
+    assert pong["share_below"] == 0.0 and pong["p_value"] == pytest.approx(2 / 2001)
+    assert pong["p_holm"] == pytest.approx(2 * pong["p_value"]) and pong["null_95"][0] > 0.0
+    assert breakout["p_value"] > 0.3 and breakout["p_holm"] == breakout["p_value"]  # the larger: times 1, then the max
+
+
+def test_reproduction_check_tails_sees_runs_spread_wider_than_the_reference():
+    """X's runs one in Y's top tenth and one in its bottom tenth on every game: on average as good as Y
+    (P(X > Y) passes), but in Y's tails far more often than Y's own runs are, which the tails
+    statistic says."""
+    rng = np.random.default_rng(2)
+    games = ATARI100K_GAMES[:9]
+    y_runs = {g: np.sort(rng.uniform(0.0, 100.0, 100)) for g in games}
+    y = method_scores("y", {g: list(v) for g, v in y_runs.items()})
+    x = method_scores("x", {g: [float(rng.choice(v[:10])), float(rng.choice(v[90:]))] for g, v in y_runs.items()})
+    check = aggregates.reproduction_check(x, y, scoring.reference_scores(), draws=2000, seed=0)
+    assert check["p_improvement"]["p_value"] > 0.2
+    assert check["tails"]["value"] > 0.4 and check["tails"]["p_value"] < 0.01
+
+
+def test_holm_adjustment_by_hand():
+    # sorted 0.01, 0.03, 0.04, 0.5 -> 4 x 0.01, 3 x 0.03, max(2 x 0.04, 0.09), 0.5; back in the given order
+    assert aggregates.holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert aggregates.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0]) and aggregates.holm([]) == []
 
 
 def test_reproduction_check_needs_the_references_runs_not_its_means():
@@ -305,6 +346,8 @@ def test_cli_json_and_errors(tmp_path):
     assert (tmp_path / "r" / "reproduction.png").stat().st_size > 0
     check = json.loads((tmp_path / "r" / "reproduction.json").read_text())[0]
     assert check["x"] == "A" and check["y"] == "B" and len(check["games"]) == 5 and check["draws"] == 300
+    assert all({"p_value", "p_holm", "null_95"} <= set(row) for row in check["per_game"].values())
+    assert "| Holm-adjusted |" in done.stdout
     done = cli("report", "--scores", str(many), "--scores", str(good), "--reproduce", "B", "A", "--out",
                str(tmp_path / "z"))  # fmt: skip
     assert done.returncode == 2 and "A needs 2 runs more per game than B has" in done.stderr
