@@ -25,6 +25,9 @@ Differences from the reference, on purpose:
   copies itself into the online network only when --reset hare-tortoise is on;
 - the update is queued before the environment steps (dopamine trains just before choosing the
   action): the action comes from parameters one update older, so a GPU overlaps the two;
+- the noop starts are 0..29 agent steps, as in dopamine's Atari-100k runner since 2023 (BBF's); its
+  2021 runner, the one DrQ_eps.gin configured when Agarwal et al. 2021 released their DrQ(epsilon)
+  runs, played 0..29 single frames instead: --noop-unit frames (rlplastic.envs.atari);
 - the 27k-step episode cap is in agent steps as the papers give it; dopamine's newer gymnasium
   path also asks ALE for at most 100,000 frames (25k steps, noop frames included), which would end
   a few very long evaluation episodes earlier.
@@ -317,8 +320,9 @@ def train(all_args: list[Args]) -> list[dict]:
     problems += batched.batch_problems(all_args) if many else []
     exit_on_problems("drq", problems)
     runs, nets = [], []
-    games, cap = [(canonical_game(a.env_id), a.seed) for a in all_args], args.run.max_episode_steps
-    workers = EnvWorkers(games, args.run.env_workers, cap) if many and args.run.env_workers else None
+    games = [(canonical_game(a.env_id), a.seed) for a in all_args]
+    protocol = (args.run.max_episode_steps, args.run.noop_unit)  # the same for all runs (batch_problems)
+    workers = EnvWorkers(games, args.run.env_workers, *protocol) if many and args.run.env_workers else None
     for i, run_args in enumerate(all_args):  # each run seeds, then draws its network, as alone
         runs.append(Run("drq", run_args, [], method_label(run_args), __file__))  # folder, logs, checkpoints
         env = runs[-1].use_env(workers.env(i)) if workers else runs[-1].make_env()

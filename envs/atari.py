@@ -23,6 +23,14 @@ Agarwal et al. 2021 (100 evaluation episodes, 27k-step cap). What the frame loop
 - noop starts: 0..29 noop agent steps at each episode start. As in the runner, they count
   neither in the episode's length, its return, the 27k cap, nor the run's step budget, and a
   terminal during them (a life lost, or game over) restarts the game;
+- or, with `noop_unit="frames"`, the noop starts of dopamine's 2021 Atari-100k runner
+  (`labs/atari_100k/eval_run_experiment.py`, MaxEpisodeEvalRunner, from its commit "Correctly
+  implement no-ops" of 2021-08-24 until the runner above replaced it in 2023; the runner that
+  DrQ_eps.gin of 2021-09-08 configures, so presumably the one behind the 100 DrQ(ε) runs per game
+  Agarwal et al. 2021 released): 0..29 single emulator frames of NOOP straight on the ALE, the
+  wrapper's screens and lives untouched, so the first observation is the reset screen, as there;
+  only a game over during them restarts the game. Those starts fall on every frame offset, not only
+  on multiples of the frame skip, which may give a near-greedy evaluation more varied episodes;
 - an episode ends at game over or after 27,000 counted agent steps.
 
 Why not ale-py's AtariVectorEnv: its noop starts are 1..30 raw frames rather than 0..29 agent
@@ -55,7 +63,8 @@ ATARI100K_GAMES: tuple[str, ...] = (
 FRAME_SKIP = 4
 FRAME_SIZE = 84
 STACK = 4
-NOOP_MAX = 30  # noop starts draw 0..NOOP_MAX-1 agent steps
+NOOP_MAX = 30  # noop starts draw 0..NOOP_MAX-1 agent steps (or frames, noop_unit="frames")
+NOOP_UNITS = ("agent-steps", "frames")
 MAX_EPISODE_STEPS = 27_000  # 108k frames
 
 
@@ -79,9 +88,18 @@ class Atari100kProtocol(gym.Wrapper):
     """Frame skip with max-pool, noop starts, zero-filled frame stack, life-loss signal, episode cap
     and raw return, on an `ALE/<Game>-v5` env built with frameskip=1 (it plays the ALE directly)."""
 
-    def __init__(self, env: gym.Env, noop_max: int = NOOP_MAX, max_episode_steps: int = MAX_EPISODE_STEPS):
+    def __init__(
+        self,
+        env: gym.Env,
+        noop_max: int = NOOP_MAX,
+        max_episode_steps: int = MAX_EPISODE_STEPS,
+        noop_unit: str = "agent-steps",
+    ):
         super().__init__(env)
+        if noop_unit not in NOOP_UNITS:
+            raise ValueError(f"noop unit {noop_unit!r}: allowed {', '.join(NOOP_UNITS)}")
         self.noop_max = noop_max
+        self.noop_unit = noop_unit
         self.max_episode_steps = max_episode_steps
         self.observation_space = gym.spaces.Box(0, 255, (STACK, FRAME_SIZE, FRAME_SIZE), np.uint8)
         self.ale = env.unwrapped.ale
@@ -137,7 +155,12 @@ class Atari100kProtocol(gym.Wrapper):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         frame = self._new_game(seed, options)
         noops = int(self.env.unwrapped.np_random.integers(0, self.noop_max)) if self.noop_max > 0 else 0
-        for _ in range(noops):  # not counted: the runner steps the env outside its episode counters
+        if self.noop_unit == "frames":  # the 2021 runner: raw frames; the observation stays the reset screen
+            for _ in range(noops):
+                self.ale.act(self._actions[0])
+            if self.ale.game_over(with_truncation=False):
+                frame = self._new_game()
+        for _ in range(noops if self.noop_unit == "agent-steps" else 0):  # outside the episode's counters
             frame, _, game_over, life_lost = self._skip(0)
             if game_over or life_lost:  # a terminal during the noops restarts the game, as there
                 frame = self._new_game()
@@ -196,8 +219,10 @@ def make_atari100k_env(
     *,
     noop_max: int = NOOP_MAX,
     max_episode_steps: int = MAX_EPISODE_STEPS,
+    noop_unit: str = "agent-steps",
 ) -> Atari100kProtocol:
-    """One Atari-100k environment, seeded. Rewards are raw; clip them for learning only."""
+    """One Atari-100k environment, seeded. Rewards are raw; clip them for learning only. `noop_unit`:
+    "agent-steps" (dopamine's runner since 2023, the default) or "frames" (its 2021 runner)."""
     name = canonical_game(game)
     env = gym.make(
         f"ALE/{name}-v5",
@@ -209,7 +234,7 @@ def make_atari100k_env(
         obs_type="grayscale",  # the cheapest observation; the protocol reads the screen itself
         disable_env_checker=True,
     )
-    env = Atari100kProtocol(env, noop_max=noop_max, max_episode_steps=max_episode_steps)
+    env = Atari100kProtocol(env, noop_max=noop_max, max_episode_steps=max_episode_steps, noop_unit=noop_unit)
     env.reset(seed=seed)
     env.action_space.seed(seed)
     return env

@@ -18,6 +18,9 @@ from rlplastic.files import FolderError, atomic_torch_save, make_folder, read_fa
 # run and logged, not its results.
 RESUMABLE_CHANGES = frozenset({"device", "log_every", "checkpoint_every", "track_tensorboard", "track",
                                "wandb_project_name", "wandb_entity", "save_model", "env_workers"})  # fmt: skip
+# Arguments added after runs were already being checkpointed, each with the value that does what those
+# runs did: a checkpoint written before an argument existed resumes under that value, and only that one.
+ADDED_ARGUMENTS = {"noop_unit": "agent-steps"}
 
 
 def output_dir_problems(output_dir: str | None) -> list[str]:
@@ -114,7 +117,8 @@ def load_checkpoint(
             f"{CHECKPOINT_FORMAT} only (the layout changed with the run harness), so it cannot resume that run: "
             "finish it with the rlplastic version that wrote it, or start over in another --output-dir"
         )
-    changed = {k for k in config if k not in resumable and checkpoint["config"].get(k) != config[k]}
+    saved = {**ADDED_ARGUMENTS, **checkpoint["config"]}
+    changed = {k for k in config if k not in resumable and saved.get(k) != config[k]}
     if changed:
         sys.exit(
             f"{agent}: {path} was written with other arguments ({', '.join(sorted(changed))}); "

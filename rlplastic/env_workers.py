@@ -25,13 +25,15 @@ from rlplastic.evaluation import step_env
 StepResult = tuple[np.ndarray, float, bool, bool, dict]
 
 
-def _serve(connection, specs: list[tuple[str, int, int]]) -> None:
+def _serve(connection, specs: list[tuple[str, int, int, str]]) -> None:
     """A worker: builds its environments, then answers commands until told to close."""
     from rlplastic.envs.atari import make_atari100k_env
 
     envs = []
     try:
-        envs = [make_atari100k_env(game, seed, max_episode_steps=cap) for game, seed, cap in specs]
+        envs = [
+            make_atari100k_env(game, seed, max_episode_steps=cap, noop_unit=unit) for game, seed, cap, unit in specs
+        ]
         connection.send(("ok", [int(env.action_space.n) for env in envs]))
     except Exception:  # noqa: BLE001 (reported to the parent, which raises)
         connection.send(("error", traceback.format_exc()))
@@ -89,14 +91,17 @@ class EnvWorkers:
     """`processes` worker processes holding the environments of (game, seed) runs, dealt round
     robin; step_all steps them all at once."""
 
-    def __init__(self, runs: Sequence[tuple[str, int]], processes: int, max_episode_steps: int):
+    def __init__(
+        self, runs: Sequence[tuple[str, int]], processes: int, max_episode_steps: int, noop_unit: str = "agent-steps"
+    ):
         processes = max(1, min(processes, len(runs)))
         context = mp.get_context("spawn")  # never fork a process whose torch has started its threads
         self._owner = [i % processes for i in range(len(runs))]
         self._local = [i // processes for i in range(len(runs))]
         self._connections, self._processes = [], []
         for worker in range(processes):
-            specs = [(game, seed, max_episode_steps) for i, (game, seed) in enumerate(runs) if self._owner[i] == worker]
+            specs = [(game, seed, max_episode_steps, noop_unit)
+                     for i, (game, seed) in enumerate(runs) if self._owner[i] == worker]  # fmt: skip
             parent, child = context.Pipe()
             process = context.Process(target=_serve, args=(child, specs), daemon=True)
             process.start()

@@ -201,6 +201,10 @@ class RunOptions:
     """episodes of each evaluation during training (--eval-every); fewer make them cheaper"""
     max_episode_steps: int = MAX_EPISODE_STEPS
     """cap on an episode's agent steps, training and evaluation (27k = 108k frames)"""
+    noop_unit: Literal["agent-steps", "frames"] = "agent-steps"
+    """what the 0..29 noops that start every episode (training and evaluation) are: agent steps, as in
+    dopamine's Atari-100k runner since 2023, or single emulator frames, as in its 2021 runner (the one
+    DrQ_eps.gin configured when Agarwal et al. 2021 released their runs; rlplastic.envs.atari)"""
     diag_every: int = 5_000
     """agent steps between plasticity diagnostics (tensorboard plasticity/..., results.json); 0 = never"""
     diag_batch: int = 256
@@ -516,7 +520,8 @@ class Run:
 
     def make_env(self) -> Any:
         """The training environment (Atari-100k protocol, seeded with the run), kept for checkpoints."""
-        return self.use_env(make_atari100k_env(self.game, self.seed, max_episode_steps=self.options.max_episode_steps))
+        return self.use_env(make_atari100k_env(self.game, self.seed, max_episode_steps=self.options.max_episode_steps,
+                                               noop_unit=self.options.noop_unit))  # fmt: skip
 
     def use_env(self, env: Any) -> Any:
         """Train on `env` (e.g. an rlplastic.env_workers stand-in), kept for checkpoints."""
@@ -603,7 +608,8 @@ class Run:
         training (the training environment and random streams are untouched)."""
 
         def make_env(env_seed: int) -> Any:
-            return make_atari100k_env(self.game, env_seed, max_episode_steps=self.options.max_episode_steps)
+            return make_atari100k_env(self.game, env_seed, max_episode_steps=self.options.max_episode_steps,
+                                      noop_unit=self.options.noop_unit)  # fmt: skip
 
         return evaluate_episodes(make_env, act, episodes, self.options.eval_envs, self.options.eval_epsilon, seed)
 
@@ -692,7 +698,7 @@ def final_evaluations(
         module.eval()
     seeds = [run.final_eval_seed for run in runs]
     workers = EnvWorkers([(run.game, seed + i) for run, seed in zip(runs, seeds, strict=True) for i in range(per_run)],
-                         processes, options.max_episode_steps)  # fmt: skip
+                         processes, options.max_episode_steps, options.noop_unit)  # fmt: skip
     try:
         return evaluate_runs(workers, acts, options.eval_episodes, options.eval_envs, options.eval_epsilon, seeds)
     finally:

@@ -39,6 +39,9 @@ class EvalArgs:
     """seed of the evaluation environments (the agent's final evaluation uses its seed + 10,000)"""
     max_episode_steps: int = MAX_EPISODE_STEPS
     """cap on an episode's agent steps"""
+    noop_unit: Literal["agent-steps", "frames"] = "agent-steps"
+    """the 0..29 noops starting each episode: agent steps (dopamine's runner since 2023, the runs'
+    default) or single frames (its 2021 runner)"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the network runs"""
 
@@ -70,10 +73,13 @@ def main(args: EvalArgs) -> dict:
             return q_network(torch.as_tensor(observations, device=device)).argmax(1).cpu().numpy()
 
     # the runs' own evaluation, with this script's epsilon, environments and episode cap
-    make_env = lambda seed: make_atari100k_env(game, seed, max_episode_steps=args.max_episode_steps)  # noqa: E731
+    make_env = lambda seed: make_atari100k_env(  # noqa: E731
+        game, seed, max_episode_steps=args.max_episode_steps, noop_unit=args.noop_unit
+    )
     result = evaluate_episodes(make_env, greedy_actions, args.episodes, args.envs, args.epsilon, args.seed)
     returns = np.array(result.returns)
-    print(f"drq_evaluate: {game} epsilon {args.epsilon}: mean {returns.mean():.2f} (std {returns.std():.2f}) "
+    print(f"drq_evaluate: {game} epsilon {args.epsilon}, noops in {args.noop_unit}: "
+          f"mean {returns.mean():.2f} (std {returns.std():.2f}) "
           f"over {len(returns)} episodes, mean length {np.mean(result.lengths):.0f}")  # fmt: skip
     print("returns:", " ".join(f"{r:g}" for r in returns))
     return {"mean": float(returns.mean()), "returns": result.returns, "lengths": result.lengths}

@@ -57,6 +57,24 @@ def test_noop_starts_take_0_to_29_agent_steps():
     assert len(set(counts)) > 10
 
 
+def test_noop_starts_in_frames_as_dopamines_2021_runner():
+    """noop_unit="frames": 0..29 single NOOP frames on the ALE, outside the episode's counters; the
+    first observation stays the reset screen (the 2021 runner pooled the screens it already had)."""
+    env = make_atari100k_env("Pong", seed=3, noop_unit="frames")
+    reset_screen = make_atari100k_env("Pong", seed=3, noop_max=0).reset()[0]
+    counts = []
+    for _ in range(40):
+        obs, info = env.reset()
+        counts.append(info["noops"])
+        assert base_ale(env).getEpisodeFrameNumber() == info["noops"]
+        assert np.array_equal(obs, reset_screen)
+    assert min(counts) >= 0 and max(counts) <= 29 and len({c % 4 for c in counts}) == 4  # every frame phase
+    _, _, _, _, step_info = env.step(0)
+    assert base_ale(env).getEpisodeFrameNumber() == counts[-1] + 4 and env._steps == 1
+    with pytest.raises(ValueError, match="'steps'.*agent-steps, frames"):
+        make_atari100k_env("Pong", seed=0, noop_unit="steps")
+
+
 def test_life_loss_is_signalled_resets_the_stack_and_the_game_goes_on():
     env = make_atari100k_env("Breakout", seed=1)
     rng = np.random.default_rng(0)

@@ -293,7 +293,8 @@ def test_concurrent_updates_give_each_run_exactly_its_single_run(drq, tmp_path):
 
 
 @pytest.mark.slow
-def test_final_evaluations_of_several_runs_together_are_each_runs_own():
+@pytest.mark.parametrize("noop_unit", ["agent-steps", "frames"])
+def test_final_evaluations_of_several_runs_together_are_each_runs_own(noop_unit):
     """rlplastic.evaluation.evaluate_runs plays the evaluations of several runs at once, their
     environments in this process or in worker processes: each run's episodes (returns, lengths)
     are the ones evaluate_episodes plays for it alone, exploration draws included."""
@@ -307,15 +308,17 @@ def test_final_evaluations_of_several_runs_together_are_each_runs_own():
     def policy(offset):  # greedy actions that depend on the observations
         return lambda obs: (obs.reshape(len(obs), -1).sum(1) + offset) % 3
 
+    def make_env(game, seed):
+        return make_atari100k_env(game, seed, max_episode_steps=cap, noop_unit=noop_unit)
+
     acts = [policy(0), policy(1)]
-    alone = [evaluate_episodes(lambda s, g=game: make_atari100k_env(g, s, max_episode_steps=cap), act, episodes,
-                               envs_per_run, 0.3, seed)
+    alone = [evaluate_episodes(lambda s, g=game: make_env(g, s), act, episodes, envs_per_run, 0.3, seed)
              for game, act, seed in zip(games, acts, seeds, strict=True)]  # fmt: skip
     assert all(len(result.returns) == episodes for result in alone)
     per_run = len(episode_quotas(episodes, envs_per_run))
     specs = [(game, seed + i) for game, seed in zip(games, seeds, strict=True) for i in range(per_run)]
-    local = LocalEnvs([make_atari100k_env(game, seed, max_episode_steps=cap) for game, seed in specs])
-    workers = EnvWorkers(specs, processes=2, max_episode_steps=cap)
+    local = LocalEnvs([make_env(game, seed) for game, seed in specs])
+    workers = EnvWorkers(specs, processes=2, max_episode_steps=cap, noop_unit=noop_unit)
     try:
         for envs in (local, workers):
             together = evaluate_runs(envs, acts, episodes, envs_per_run, 0.3, seeds)

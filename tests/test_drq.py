@@ -310,6 +310,29 @@ def test_a_bad_checkpoint_is_refused_by_name_and_never_runs_code(drq, tmp_path, 
     assert not (run_dir / "results.json").exists()
 
 
+def test_a_run_with_the_2021_runners_frame_noops(drq, tmp_path, monkeypatch):
+    """--noop-unit frames: training and evaluation episodes start after 0..29 NOOP frames; it is
+    recorded in the run's config."""
+    from rlplastic import runs
+
+    units, real_make = [], runs.make_atari100k_env
+
+    def make_env(*a, **kw):
+        units.append(kw["noop_unit"])
+        return real_make(*a, **kw)
+
+    monkeypatch.setattr(runs, "make_atari100k_env", make_env)
+    args = with_flags(
+        drq.Args(), env_id="Pong", seed=2, total_steps=80, learning_starts=40, eval_episodes=2, max_episode_steps=30,
+        batch_size=4, device="cpu", track_tensorboard=False, diag_every=0, noop_unit="frames",
+        output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    results = drq.main(args)
+    assert results["config"]["noop_unit"] == "frames" and results["eval_lengths"] == [30, 30]
+    assert [e["length"] for e in results["train_episodes"]] == [30, 30]
+    assert len(units) >= 2 and set(units) == {"frames"}  # the training environment and the evaluation's
+
+
 def test_a_saved_network_is_evaluated_again_at_another_epsilon(drq, tmp_path):
     from rlplastic.files import atomic_torch_save
 
@@ -320,7 +343,10 @@ def test_a_saved_network_is_evaluated_again_at_another_epsilon(drq, tmp_path):
                "--epsilon", "0.5", "--device", "cpu"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "Pong epsilon 0.5: mean" in done.stdout and "over 2 episodes, mean length 30" in done.stdout
+    assert "Pong epsilon 0.5, noops in agent-steps: mean" in done.stdout
+    assert "over 2 episodes, mean length 30" in done.stdout
+    frames = subprocess.run(command + ["--noop-unit", "frames"], capture_output=True, text=True, timeout=300)
+    assert frames.returncode == 0 and "noops in frames: mean" in frames.stdout, frames.stderr
     wrong_game = subprocess.run(command[:3] + ["--env-id", "Boxing", "--device", "cpu"], capture_output=True,
                                 text=True, timeout=300)  # fmt: skip
     assert wrong_game.returncode != 0 and "is not a DrQ network for Boxing (18 actions)" in wrong_game.stderr

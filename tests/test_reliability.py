@@ -36,6 +36,21 @@ def test_a_second_process_is_refused_with_the_holders_pid_and_a_killed_holder_fr
     assert (folder / ".lock").read_text() == str(os.getpid())
 
 
+def test_a_checkpoint_from_before_an_argument_existed_resumes_only_under_its_old_meaning(tmp_path):
+    """A run checkpointed before --noop-unit existed played agent-step noops: it resumes under that
+    value and is refused under the other, like any changed argument."""
+    path = tmp_path / "checkpoint.pt"
+    old_config = {"env_id": "Pong", "seed": 1}
+    saved = {"format": checkpoints.CHECKPOINT_FORMAT, "step": 10, "config": old_config}
+    checkpoints.save_checkpoint(path, saved, "drq")
+    config = {**old_config, "noop_unit": "agent-steps"}
+    assert checkpoints.load_checkpoint(path, config, set(), torch.device("cpu"), "drq")["step"] == 10
+    with pytest.raises(SystemExit, match=r"other arguments \(noop_unit\)"):
+        checkpoints.load_checkpoint(path, {**config, "noop_unit": "frames"}, set(), torch.device("cpu"), "drq")
+    with pytest.raises(SystemExit, match=r"other arguments \(new_flag\)"):  # any other missing key still differs
+        checkpoints.load_checkpoint(path, {**config, "new_flag": 1}, set(), torch.device("cpu"), "drq")
+
+
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_stops_with_a_message(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     checkpoints.save_checkpoint(path, {"step": 1, "weights": torch.ones(3)}, "drq")
