@@ -201,7 +201,7 @@ def reproduction_markdown(check: dict, figure: str | None = None) -> list[str]:
     x, y, draws = check["x"], check["y"], check["draws"]
     lines = [f"## Reproduction check: {x} against {y}", "",
              f"Do the runs of X = {x} look like runs of Y = {y}? Per game, the share of Y's runs that X's runs "
-             f"beat (ties count one half; 0.5 is the middle of Y's spread); then two statistics over the "
+             f"beat (ties count one half; 0.5 is the middle of Y's spread); then three statistics over the "
              f"{len(check['games'])} games both have, against {draws:,} sets of as many runs per game drawn from "
              "Y itself (each scored against the rest of Y's runs): the range 95% of those sets fall in, and a "
              "two-sided p-value. The third statistic, each run's distance from the middle of Y's runs averaged over "
