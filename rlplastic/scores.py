@@ -40,6 +40,9 @@ class Score:
 ATARI100K_STEPS = 100_000  # agent steps of training
 ATARI100K_EVAL_EPISODES = 100  # episodes of the final evaluation
 SMOKE_MARK = " [smoke]"  # appended to the method of off-protocol runs let through with allow_short
+# appended to the method of runs whose episodes started with noop frames (dopamine's 2021 runner,
+# --noop-unit frames) rather than agent steps: a protocol variant, never pooled with the default
+FRAME_NOOPS_MARK = " [frame noops]"
 MIN_RUNS_PER_GAME = 5  # fewer runs per game than this makes the CIs unreliable (Agarwal et al. 2021)
 
 
@@ -128,7 +131,8 @@ def parse_score(text: str, where: str) -> float:
 
 def collect_run_scores(run_dirs: Iterable[str | Path]) -> list[Score]:
     """The final evaluation mean of every results.json below the given folders, labelled with the
-    run's method (its --exp-name, or the agent's default label)."""
+    run's method (its --exp-name, or the agent's default label), FRAME_NOOPS_MARK appended for runs
+    played with --noop-unit frames."""
     scores = []
     for run_dir in run_dirs:
         run_dir = Path(run_dir)
@@ -140,6 +144,8 @@ def collect_run_scores(run_dirs: Iterable[str | Path]) -> list[Score]:
                 if not isinstance(results, dict):
                     raise TypeError(f"a JSON {type(results).__name__}, not an object")
                 method = results.get("method") or results["config"]["exp_name"]
+                if (results.get("config") or {}).get("noop_unit") == "frames":
+                    method = f"{method}{FRAME_NOOPS_MARK}"
                 game, seed, score = results["game"], results["seed"], results["eval_mean"]
                 if isinstance(seed, bool) or not isinstance(seed, int):
                     raise TypeError(f"seed {seed!r} is not an integer")

@@ -255,9 +255,10 @@ def test_reproduction_check_needs_the_references_runs_not_its_means():
         aggregates.reproduction_check(x, method_scores("y", {"Breakout": [1.0, 2.0, 3.0]}), scoring.reference_scores())
 
 
-def write_results(path, method, game, seed, eval_mean, total_steps=100_000, episodes=100, curve=()):
+def write_results(path, method, game, seed, eval_mean, total_steps=100_000, episodes=100, curve=(), config=None):
     path.mkdir(parents=True)
-    payload = {"agent": "drq", "method": method, "game": game, "seed": seed, "eval_mean": eval_mean, "config": {},
+    payload = {"agent": "drq", "method": method, "game": game, "seed": seed, "eval_mean": eval_mean,
+               "config": config or {},
                "total_steps": total_steps, "eval_returns": [eval_mean] * episodes,
                "eval_curve": [{"step": step, "mean": mean, "returns": [mean]} for step, mean in curve]}  # fmt: skip
     (path / "results.json").write_text(json.dumps(payload))
@@ -269,7 +270,11 @@ def test_report_from_run_folders_writes_every_output(tmp_path):
         write_results(runs / "a" / f"pong{seed}", "drq", "Pong", seed, -20.0 + seed)
         write_results(runs / "a" / f"breakout{seed}", "drq", "Breakout", seed, 5.0 * seed)
         write_results(runs / "b" / f"pong{seed}", "drq+head", "Pong", seed, -10.0)
+    write_results(runs / "c" / "pong1", "drq", "Pong", 1, -5.0, config={"noop_unit": "frames"})  # a protocol variant
+    write_results(runs / "c" / "pong2", "drq", "Pong", 2, -5.0, config={"noop_unit": "agent-steps"})
     scores = scoring.collect_run_scores([runs])
+    assert [s.method for s in scores if "/c/" in s.source] == ["drq [frame noops]", "drq"]
+    scores = [s for s in scores if "/c/" not in s.source]
     report = reporting.build_report(scores, tmp_path / "out", reps=100, profile_reps=50, compare=[("drq+head", "drq")])
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"report.md", "scores.csv", "per_game.csv", "aggregates.json", "aggregates.png"} <= files
