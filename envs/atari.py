@@ -155,15 +155,17 @@ class Atari100kProtocol(gym.Wrapper):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         frame = self._new_game(seed, options)
         noops = int(self.env.unwrapped.np_random.integers(0, self.noop_max)) if self.noop_max > 0 else 0
+        # not counted: the runner plays the noops outside the episode's counters
         if self.noop_unit == "frames":  # the 2021 runner: raw frames; the observation stays the reset screen
             for _ in range(noops):
                 self.ale.act(self._actions[0])
             if self.ale.game_over(with_truncation=False):
                 frame = self._new_game()
-        for _ in range(noops if self.noop_unit == "agent-steps" else 0):  # outside the episode's counters
-            frame, _, game_over, life_lost = self._skip(0)
-            if game_over or life_lost:  # a terminal during the noops restarts the game, as there
-                frame = self._new_game()
+        else:
+            for _ in range(noops):
+                frame, _, game_over, life_lost = self._skip(0)
+                if game_over or life_lost:  # a terminal during the noops restarts the game, as there
+                    frame = self._new_game()
         self._steps, self._return = 0, 0.0
         return self._restart_stack(frame), {"noops": noops, "lives": self._lives, "life_loss": False}
 

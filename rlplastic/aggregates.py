@@ -123,16 +123,10 @@ def performance_profiles(
 
 def _run_shares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per run of x, the share of y's runs below it, ties counting one half: x (..., k), y (..., n) ->
-    (..., k)."""
+    (..., k). Their mean over x's runs is the Mann-Whitney U statistic over n_x n_y."""
     greater = (x[..., :, None] > y[..., None, :]).mean(axis=-1)
     equal = (x[..., :, None] == y[..., None, :]).mean(axis=-1)
     return greater + 0.5 * equal
-
-
-def _share_below(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Per leading index, the share of (x run, y run) pairs with x > y, ties counting one half (the
-    Mann-Whitney U statistic over n_x n_y): x (..., k), y (..., n) -> (...)."""
-    return _run_shares(x, y).mean(axis=-1)
 
 
 def reproduction_check(

@@ -520,8 +520,12 @@ class Run:
 
     def make_env(self) -> Any:
         """The training environment (Atari-100k protocol, seeded with the run), kept for checkpoints."""
-        return self.use_env(make_atari100k_env(self.game, self.seed, max_episode_steps=self.options.max_episode_steps,
-                                               noop_unit=self.options.noop_unit))  # fmt: skip
+        return self.use_env(self.protocol_env(self.seed))
+
+    def protocol_env(self, seed: int) -> Any:
+        """An environment of this run's game under its protocol options (episode cap, noop unit)."""
+        return make_atari100k_env(self.game, seed, max_episode_steps=self.options.max_episode_steps,
+                                  noop_unit=self.options.noop_unit)  # fmt: skip
 
     def use_env(self, env: Any) -> Any:
         """Train on `env` (e.g. an rlplastic.env_workers stand-in), kept for checkpoints."""
@@ -606,12 +610,8 @@ class Run:
     def evaluate(self, act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int) -> EvalResult:
         """Epsilon-greedy episodes of the current policy on fresh environments seeded apart from
         training (the training environment and random streams are untouched)."""
-
-        def make_env(env_seed: int) -> Any:
-            return make_atari100k_env(self.game, env_seed, max_episode_steps=self.options.max_episode_steps,
-                                      noop_unit=self.options.noop_unit)  # fmt: skip
-
-        return evaluate_episodes(make_env, act, episodes, self.options.eval_envs, self.options.eval_epsilon, seed)
+        options = self.options
+        return evaluate_episodes(self.protocol_env, act, episodes, options.eval_envs, options.eval_epsilon, seed)
 
     @property
     def final_eval_seed(self) -> int:
