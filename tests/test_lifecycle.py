@@ -285,3 +285,36 @@ def test_the_lifecycle_intervention_takes_the_clock_over_and_ticks_as_the_optimi
             assert torch.equal(getattr(hooked[0], name), getattr(driven[0], name)), (step, name)
         assert torch.equal(hooked[0].weight, driven[0].weight)
     assert (~hooked[0].active).any() or hooked[0].scaler.lt(1).any()  # deaths happened along the way
+
+
+def test_hare_tortoise_resets_leave_the_lifecycle_clock_where_its_host_mirror_is():
+    """With Hare & Tortoise and lifecycle layers together (the agents' order: the EMA, then the
+    lifecycle clock), the tortoise's copy of the counters is taken before each step's tick; a reset
+    that copied it back would rewind the hare's counters one tick behind the host mirror that decides
+    deaths and revivals, and a checkpoint (which saves the counters) would resume a different run.
+    The reset leaves integer and boolean buffers alone; parameters and float buffers it copies."""
+    from rlplastic.interventions.base import Interventions
+    from rlplastic.interventions.hare_tortoise import HareTortoise
+    from rlplastic.interventions.options import Lifecycle, ema_target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    swap_in_lifecycle(model, optimizer=optimizer, lifespan=(3, 6), recovery=(2, 4), warmup=2)
+    tortoise = ema_target(model)
+    hare_tortoise = HareTortoise(model, tortoise, momentum=0.9, reset_every=5)
+    interventions = Interventions([hare_tortoise, Lifecycle(model)])
+    layer = model[0]
+    for step in range(12):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        optimizer.step()
+        interventions.step()
+        host = layer._host_counters()
+        for name in ("active", "life", "recovery"):
+            assert (getattr(layer, name).numpy() == host[name]).all(), (step, name)
+    assert hare_tortoise.resets == 2 and (~layer.active).any()  # units died along the way
+    counters = {name: getattr(layer, name).clone() for name in ("active", "life", "recovery")}
+    hare_tortoise.reset_hare()
+    assert torch.equal(layer.weight, tortoise[0].weight) and torch.equal(layer.scaler, tortoise[0].scaler)
+    assert all(torch.equal(getattr(layer, name), value) for name, value in counters.items())

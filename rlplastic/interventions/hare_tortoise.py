@@ -19,6 +19,12 @@ class HareTortoise(Intervention):
     epochs. The paper keeps the optimizer state across resets, hence reset_optimizer=False by
     default. With reset_every=0 this is a plain EMA target.
 
+    Integer and boolean buffers are counters of the hare's own steps (BatchNorm's batch count, a
+    lifecycle layer's clock and which of its units are alive): the tortoise copies them every step,
+    and a reset leaves the hare's. Copied back, they would rewind the hare's clock to the moment of
+    the tortoise's last copy (before that step's tick, for the lifecycle layers stepped after the
+    EMA), apart from the host's mirror of it that decides deaths and revivals.
+
         ht = HareTortoise(hare=q, tortoise=q_target, momentum=0.995, reset_every=4000)
         ...; optimizer.step(); ht.step()
     """
@@ -68,9 +74,10 @@ class HareTortoise(Intervention):
 
     @torch.no_grad()
     def reset_hare(self) -> None:
-        """hare <- tortoise, copied in place so the optimizer keeps its references."""
+        """hare <- tortoise (parameters and floating-point buffers), copied in place so the optimizer
+        keeps its references; the hare keeps its own counters (see the class docstring)."""
         torch._foreach_copy_(self.hare_params, self.tortoise_params)
-        for hare_buffer, tortoise_buffer in self.float_buffers + self.other_buffers:
+        for hare_buffer, tortoise_buffer in self.float_buffers:
             hare_buffer.copy_(tortoise_buffer)
         if self.reset_optimizer:
             clear_optimizer_state(self.optimizer, self.hare_params)
