@@ -318,3 +318,37 @@ def test_hare_tortoise_resets_leave_the_lifecycle_clock_where_its_host_mirror_is
     hare_tortoise.reset_hare()
     assert torch.equal(layer.weight, tortoise[0].weight) and torch.equal(layer.scaler, tortoise[0].scaler)
     assert all(torch.equal(getattr(layer, name), value) for name, value in counters.items())
+
+
+@pytest.mark.parametrize("toward", ["fresh", "initial"])
+def test_full_resets_redraw_float_buffers_and_leave_the_lifecycle_clock(toward):
+    """Shrink & Perturb at shrink 0 (a head reset) re-draws floating-point buffers such as
+    BatchNorm's statistics; a lifecycle layer's counters stay with its host mirror (toward="initial"
+    would otherwise copy the counters of the snapshot taken at the start)."""
+    from rlplastic.interventions.base import Interventions
+    from rlplastic.interventions.options import Lifecycle
+    from rlplastic.interventions.shrink_perturb import ShrinkPerturb
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    swap_in_lifecycle(model, optimizer=optimizer, lifespan=(3, 6), recovery=(2, 4), warmup=2)
+
+    def init_fn(module):  # each layer's own init, BatchNorm's (statistics included) too
+        if isinstance(module, nn.Linear | nn.BatchNorm1d):
+            module.reset_parameters()
+
+    reset = ShrinkPerturb(model, {"": (0.0, 1.0)}, every=5, optimizer=optimizer, init_fn=init_fn, toward=toward)
+    interventions = Interventions([reset, Lifecycle(model)])
+    layer, norm = model[0], model[1]
+    for step in range(12):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4) + 3).pow(2).mean().backward()
+        optimizer.step()
+        interventions.step()
+        host = layer._host_counters()
+        for name in ("active", "life", "recovery"):
+            assert (getattr(layer, name).numpy() == host[name]).all(), (step, name)
+        if step == 9:  # the second reset, just now: the statistics are a fresh BatchNorm's again
+            assert torch.equal(norm.running_mean, torch.zeros(16)) and torch.equal(norm.running_var, torch.ones(16))
+    assert reset.resets == 2 and (~layer.active).any()

@@ -22,7 +22,11 @@ class ShrinkPerturb(Intervention):
     (shrink, perturb): Ash & Adams' defaults are (0.4, 0.1); the warm-start study shrinks toward the
     original init with (0.2, 0.8); (0, 1) is a full re-initialization; BBF's reset is
     {"encoder": (0.5, 0.5), "transition": (0.5, 0.5), "projection": (0, 1), "head": (0, 1)}.
-    Buffers (BatchNorm statistics) are re-drawn only where shrink is 0.
+    Floating-point buffers (BatchNorm statistics) are re-drawn only where shrink is 0; integer and
+    boolean buffers are counters of the network's own steps (BatchNorm's batch count, a lifecycle
+    layer's clock and which of its units are alive) and stay, as in HareTortoise's reset: copied
+    from a snapshot they would move a lifecycle layer's counters apart from the host mirror that
+    decides its deaths and revivals.
 
     Pass several models (e.g. an online network and its target) to give each the same treatment
     with its own fresh draw, as BBF does.
@@ -90,7 +94,8 @@ class ShrinkPerturb(Intervention):
                 torch._foreach_add_(params, list(source.parameters()), alpha=perturb)
                 if shrink == 0:
                     for buffer, fresh_buffer in zip(module.buffers(), source.buffers(), strict=True):
-                        buffer.copy_(fresh_buffer)
+                        if buffer.is_floating_point():
+                            buffer.copy_(fresh_buffer)
                 clear_optimizer_state(self.optimizer, params)
         self.resets += 1
 
