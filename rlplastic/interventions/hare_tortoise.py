@@ -65,8 +65,9 @@ class HareTortoise(Intervention):
         if self.float_buffers:
             tortoise_buffers, hare_buffers = zip(*[(t, h) for h, t in self.float_buffers], strict=True)
             torch._foreach_lerp_(list(tortoise_buffers), list(hare_buffers), 1.0 - self.momentum)
-        for hare_buffer, tortoise_buffer in self.other_buffers:  # e.g. BatchNorm's batch counter
-            tortoise_buffer.copy_(hare_buffer)
+        if self.other_buffers:  # counters (BatchNorm's batch count, lifecycle clocks): copied, not averaged
+            hare_counters, tortoise_counters = zip(*self.other_buffers, strict=True)
+            torch._foreach_copy_(list(tortoise_counters), list(hare_counters))
 
     def host_step(self) -> None:
         if self.due():
