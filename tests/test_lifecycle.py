@@ -287,6 +287,13 @@ def test_the_lifecycle_intervention_takes_the_clock_over_and_ticks_as_the_optimi
     assert (~hooked[0].active).any() or hooked[0].scaler.lt(1).any()  # deaths happened along the way
 
 
+def assert_counters_match_host_mirror(layer, step):
+    """The layer's counters on the device equal the host's copy that decides deaths and revivals."""
+    host = layer._host_counters()
+    for name in ("active", "life", "recovery"):
+        assert (getattr(layer, name).numpy() == host[name]).all(), (step, name)
+
+
 def test_hare_tortoise_resets_leave_the_lifecycle_clock_where_its_host_mirror_is():
     """With Hare & Tortoise and lifecycle layers together (the agents' order: the EMA, then the
     lifecycle clock), the tortoise's copy of the counters is taken before each step's tick; a reset
@@ -310,9 +317,7 @@ def test_hare_tortoise_resets_leave_the_lifecycle_clock_where_its_host_mirror_is
         model(torch.randn(8, 4)).pow(2).mean().backward()
         optimizer.step()
         interventions.step()
-        host = layer._host_counters()
-        for name in ("active", "life", "recovery"):
-            assert (getattr(layer, name).numpy() == host[name]).all(), (step, name)
+        assert_counters_match_host_mirror(layer, step)
     assert hare_tortoise.resets == 2 and (~layer.active).any()  # units died along the way
     counters = {name: getattr(layer, name).clone() for name in ("active", "life", "recovery")}
     hare_tortoise.reset_hare()
@@ -346,9 +351,7 @@ def test_full_resets_redraw_float_buffers_and_leave_the_lifecycle_clock(toward):
         model(torch.randn(8, 4) + 3).pow(2).mean().backward()
         optimizer.step()
         interventions.step()
-        host = layer._host_counters()
-        for name in ("active", "life", "recovery"):
-            assert (getattr(layer, name).numpy() == host[name]).all(), (step, name)
+        assert_counters_match_host_mirror(layer, step)
         if step == 9:  # the second reset, just now: the statistics are a fresh BatchNorm's again
             assert torch.equal(norm.running_mean, torch.zeros(16)) and torch.equal(norm.running_var, torch.ones(16))
     assert reset.resets == 2 and (~layer.active).any()
