@@ -25,9 +25,10 @@ Differences from the reference, on purpose:
   copies itself into the online network only when --reset hare-tortoise is on;
 - the update is queued before the environment steps (dopamine trains just before choosing the
   action): the action comes from parameters one update older, so a GPU overlaps the two;
-- the noop starts are 0..29 agent steps, as in dopamine's Atari-100k runner since 2023 (BBF's); its
-  2021 runner, the one DrQ_eps.gin configured when Agarwal et al. 2021 released their DrQ(epsilon)
-  runs, played 0..29 single frames instead: --noop-unit frames (rlplastic.envs.atari);
+- without a preset the noop starts are 0..29 agent steps, as in dopamine's Atari-100k runner since
+  2023 (BBF's); its 2021 runner, the one DrQ_eps.gin configured when it was added (2021-09-08) and
+  so presumably the one behind Agarwal et al. 2021's released DrQ(epsilon) runs, played 0..29 single
+  frames instead: the `drq-eps` preset sets --noop-unit frames to compare with those runs;
 - the 27k-step episode cap is in agent steps as the papers give it; dopamine's newer gymnasium
   path also asks ALE for at most 100,000 frames (25k steps, noop frames included), which would end
   a few very long evaluation episodes earlier.
@@ -114,7 +115,10 @@ class Args:
 
 
 PRESETS = {
-    "drq-eps": ("DrQ(epsilon) as dopamine's DrQ_eps.gin (the defaults)", Args()),
+    # the agent of Agarwal et al. 2021's released runs, under the runner DrQ_eps.gin configured when it was
+    # added (2021-09-08): dopamine's 2021 labs/atari_100k runner, whose noop starts were single frames
+    "drq-eps": ("DrQ(epsilon) as dopamine's DrQ_eps.gin with its 2021 runner's noop starts (frames)",
+                Args(run=RunOptions(noop_unit="frames"))),
     "hare-tortoise": ("Hare & Tortoise's DrQ (Lee et al. 2024, Table 1): replay ratio 2, EMA target 0.995, "
                       "hare <- tortoise every 4,000 gradient steps",
                       Args(updates_per_step=2, interventions=InterventionOptions(reset=("hare-tortoise",), ema=0.995))),

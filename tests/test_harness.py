@@ -41,6 +41,17 @@ def test_a_preset_sets_defaults_that_flags_override(drq, bbf_agent):
         cli_with_presets(bbf.Args, bbf.PRESETS, None, ["rr9"])
 
 
+def test_each_preset_plays_the_noop_starts_of_the_runner_it_follows(drq, bbf_agent):
+    """drq-eps compares with Agarwal et al. 2021's released runs: dopamine's 2021 runner, noop frames;
+    Hare & Tortoise and BBF follow the BBF-era runner: noop agent steps (as the plain default)."""
+    units = {name: args.run.noop_unit for name, (_, args) in drq.PRESETS.items()}
+    assert units == {"drq-eps": "frames", "hare-tortoise": "agent-steps", "cpu-smoke": "agent-steps"}
+    assert {args.run.noop_unit for _, args in bbf_agent.PRESETS.values()} == {"agent-steps"}
+    assert drq.Args().run.noop_unit == "agent-steps"
+    parsed = cli_with_presets(drq.Args, drq.PRESETS, None, ["drq-eps", "--env-id", "Qbert", "--seed", "4"])
+    assert parsed.run.noop_unit == "frames" and flat_config(parsed)["noop_unit"] == "frames"
+
+
 def test_help_lists_the_presets_and_the_shared_flags():
     for agent, presets in (("drq", ["drq-eps", "hare-tortoise", "cpu-smoke"]),
                            ("bbf", ["bbf-rr2", "bbf-rr8", "hare-tortoise", "cpu-smoke"])):  # fmt: skip
