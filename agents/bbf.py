@@ -57,7 +57,7 @@ from rlplastic.diagnostics import PlasticityProbe
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import InterventionOptions, ShrinkPerturb, build_interventions, ema_target
 from rlplastic.replay import PrioritizedFrameReplay
-from rlplastic.runs import Run, RunOptions, run_problems
+from rlplastic.runs import Run, RunOptions, interruptible, run_problems
 from rlplastic.schedules import LinearEpsilon
 
 FLAT = tyro.conf.arg(name="")  # a nested dataclass whose flags stay flat: --reset, not --interventions.reset
@@ -547,4 +547,5 @@ def main(args: Args) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    main(cli_with_presets(Args, PRESETS, __doc__))
+    with interruptible("bbf"):  # Ctrl-C / SIGTERM: one line per run, the checkpoint kept
+        main(cli_with_presets(Args, PRESETS, __doc__))

@@ -63,7 +63,7 @@ from rlplastic.env_workers import EnvWorkers
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import InterventionOptions, build_interventions, ema_target, swap_in_chosen_lifecycle
 from rlplastic.replay import FrameReplay, StackedFrameReplays
-from rlplastic.runs import Run, RunOptions, exit_on_problems, final_evaluations, run_problems
+from rlplastic.runs import Run, RunOptions, exit_on_problems, final_evaluations, interruptible, run_problems
 from rlplastic.schedules import LinearEpsilon
 
 FLAT = tyro.conf.arg(name="")  # a nested dataclass whose flags stay flat: --reset, not --interventions.reset
@@ -437,4 +437,5 @@ if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")
     commands = expand_runs(sys.argv[1:])  # --env-id A B --seed 1 2 3: one process, several runs
     all_args = [cli_with_presets(Args, PRESETS, __doc__, command) for command in commands]
-    train(all_args)
+    with interruptible("drq"):  # Ctrl-C / SIGTERM: one line per run, the checkpoint kept
+        train(all_args)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from rlplastic.envs.atari import canonical_game
 from rlplastic.replay import FrameReplay
 from rlplastic.runs import flat_config
 
@@ -146,7 +147,7 @@ def batch_problems(all_args: Sequence[Any]) -> list[str]:
     problems = [f"--{key.replace('_', '-')}: runs in one process share one configuration, not {values}"
                 for key in configs[0] if key not in PER_RUN
                 for values in [sorted({str(c[key]) for c in configs})] if len(values) > 1]  # fmt: skip
-    pairs = [(c["env_id"], c["seed"]) for c in configs]
+    pairs = [(_game_or_spelling(c["env_id"]), c["seed"]) for c in configs]  # Pong and ALE/Pong-v5 are one game
     if len(set(pairs)) < len(pairs):
         problems.append(f"--env-id / --seed: a (game, seed) repeats in {pairs}")
     chosen = [m for m in getattr(all_args[0].interventions, "continual", ()) if m in refused]
@@ -156,6 +157,13 @@ def batch_problems(all_args: Sequence[Any]) -> list[str]:
                         "stacked layers); run these one (game, seed) at a time")  # fmt: skip
     args = all_args[0]
     return problems or FrameReplay.memory_problems(args.buffer_size, args.run.device, runs=len(all_args))
+
+
+def _game_or_spelling(env_id: str) -> str:
+    try:
+        return canonical_game(env_id)
+    except ValueError:  # an unknown game: refused by the run's own validation
+        return env_id
 
 
 def group_by(keys: Sequence[Any]) -> dict[Any, list[int]]:

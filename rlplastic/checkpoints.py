@@ -12,12 +12,20 @@ from typing import Any
 
 import torch
 
-from rlplastic.files import FolderError, atomic_torch_save, make_folder, read_failure, safe_torch_load
+from rlplastic.files import (
+    FolderError,
+    atomic_torch_save,
+    make_folder,
+    read_failure,
+    remove_interrupted_writes,
+    safe_torch_load,
+)
 
 # Arguments of an agent run that may differ when an interrupted run resumes: they change how it is
 # run and logged, not its results.
-RESUMABLE_CHANGES = frozenset({"device", "log_every", "checkpoint_every", "track_tensorboard", "track",
-                               "wandb_project_name", "wandb_entity", "save_model", "env_workers"})  # fmt: skip
+# Where the run folder lives is not part of a run's identity: a folder moved to another disk resumes.
+RESUMABLE_CHANGES = frozenset({"output_dir", "device", "threads", "log_every", "checkpoint_every", "track_tensorboard",
+                               "track", "wandb_project_name", "wandb_entity", "save_model", "env_workers"})  # fmt: skip
 # Arguments added after runs were already being checkpointed, each with the value that does what those
 # runs did: a checkpoint written before an argument existed resumes under that value, and only that one.
 ADDED_ARGUMENTS = {"noop_unit": "agent-steps"}
@@ -28,9 +36,13 @@ def output_dir_problems(output_dir: str | None) -> list[str]:
     if output_dir is None:
         return []
     path = Path(output_dir)
-    if path.exists() and not path.is_dir():
+    try:
+        exists, finished = path.exists(), (path / "results.json").exists()
+    except OSError as e:  # e.g. a name longer than the file system allows
+        return [f"--output-dir {output_dir}: cannot be used as a folder ({e.strerror or e}); choose another"]
+    if exists and not path.is_dir():
         return [f"--output-dir {output_dir}: is a file, not a folder; choose a folder for the run"]
-    if (path / "results.json").exists():
+    if finished:
         return [f"--output-dir {output_dir}: already holds a finished run (results.json); choose another folder "
                 "or remove it"]  # fmt: skip
     return []
@@ -53,7 +65,10 @@ def hold_run_folder(folder: Path, agent: str) -> None:
     key = folder.resolve()
     if key in _HELD_FOLDERS:
         return
-    lock_file = open(folder / ".lock", "a+")  # noqa: SIM115 (kept open: the lock lives as long as the file)
+    try:
+        lock_file = open(folder / ".lock", "a+")  # noqa: SIM115 (kept open: the lock lives as long as the file)
+    except OSError as e:
+        sys.exit(f"{agent}: --output-dir {folder}: cannot write in this folder ({e.strerror or e}); choose another")
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -67,6 +82,8 @@ def hold_run_folder(folder: Path, agent: str) -> None:
     lock_file.write(str(os.getpid()))
     lock_file.flush()
     _HELD_FOLDERS[key] = lock_file
+    for tmp in remove_interrupted_writes(folder):  # no other writer now: these are a killed one's
+        print(f"{agent}: removed {tmp.name}, a file write interrupted in an earlier session", flush=True)
 
 
 def save_checkpoint(path: Path, payload: Any, agent: str) -> None:
@@ -74,10 +91,10 @@ def save_checkpoint(path: Path, payload: Any, agent: str) -> None:
     previous checkpoint is untouched, since the new one was written beside it."""
     try:
         atomic_torch_save(path, payload)
-    except OSError as e:
+    except OSError as e:  # atomic_write's WriteFailure: any exception type the writer raised
         kept = f"the previous checkpoint {path} is kept" if path.exists() else "no earlier checkpoint exists"
-        sys.exit(f"{agent}: could not write the checkpoint {path} ({e.strerror or e}); {kept}; free space and run "
-                 "the same command again to resume")  # fmt: skip
+        sys.exit(f"{agent}: could not write the checkpoint {path} ({e.strerror or e}); {kept}; free space (or "
+                 "make the folder writable) and run the same command again to resume")  # fmt: skip
 
 
 def read_checkpoint(path: Path, device: torch.device | str, who: str) -> dict | None:

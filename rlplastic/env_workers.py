@@ -27,8 +27,12 @@ StepResult = tuple[np.ndarray, float, bool, bool, dict]
 
 def _serve(connection, specs: list[tuple[str, int, int, str]]) -> None:
     """A worker: builds its environments, then answers commands until told to close."""
+    import signal
+
     from rlplastic.envs.atari import make_atari100k_env
 
+    # Ctrl-C reaches the whole process group: the training process reports it and ends the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs = []
     try:
         envs = [

@@ -16,7 +16,7 @@ SAMPLE = -1  # an action that tells the environment to draw from its own action 
 @dataclass
 class EvalResult:
     returns: list[float] = field(default_factory=list)  # raw, unclipped episode returns
-    lengths: list[int] = field(default_factory=list)  # agent steps, noop starts included
+    lengths: list[int] = field(default_factory=list)  # agent steps after the noop starts (never counted)
 
     @property
     def mean(self) -> float | None:

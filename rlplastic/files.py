@@ -3,9 +3,12 @@ checkpoints. A file received from someone else can never run code when it is rea
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,15 +22,62 @@ class FolderError(ValueError):
 
 
 def make_folder(path: str | os.PathLike, flag: str) -> Path:
-    """mkdir -p `path`, given by `flag`; a folder that cannot be made (a file in the way, no such
-    parent, no permission, a read-only file system) raises FolderError naming the flag, the path
-    and the reason, so that a command can refuse it before any work instead of losing that work."""
+    """mkdir -p `path`, given by `flag`, and check that files can be written in it; a folder that
+    cannot be made or written (a file in the way, no such parent, no permission, a read-only file
+    system, a name too long, a full disk) raises FolderError naming the flag, the path and the
+    reason, so that a command can refuse it before any work instead of losing that work."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=path)
+        try:
+            os.write(fd, b"probe\n")  # a full disk refuses the first block
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as e:
-        raise FolderError(f"{flag} {path}: cannot make this folder ({e.strerror or e}); choose another") from None
+        raise FolderError(f"{flag} {path}: cannot write in this folder ({e.strerror or e}); choose another") from None
     return path
+
+
+def file_destination_problem(path: str | os.PathLike, flag: str) -> str | None:
+    """Why the file `path` (given by `flag`) could not be written, checked before any work: its
+    folder cannot be made or written (make_folder), the name is too long for the file system, or it
+    is a folder. None when it can."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return f"{flag} {path}: is a folder; give a file"
+        make_folder(path.parent, flag)
+        max_name = os.pathconf(path.parent, "PC_NAME_MAX")
+    except FolderError as e:
+        return str(e)
+    except OSError as e:
+        return f"{flag} {path}: cannot be written ({e.strerror or e}); choose another"
+    if len(os.fsencode(path.name)) + len(".lock") > max_name:
+        return f"{flag} {path}: the file name is longer than this file system allows ({max_name} bytes); choose another"
+    return None
+
+
+class WriteFailure(OSError):
+    """A file that could not be written (full disk, read-only file system, I/O error), whatever
+    exception the writer raised: torch.save reports a full disk as a RuntimeError ("unexpected pos",
+    "file write failed"). Its message names the path and the reason; the previous file is intact."""
+
+
+def write_failure(path: Path, error: BaseException) -> WriteFailure:
+    """`error`, raised while writing `path`, as a WriteFailure with the reason in plain words."""
+    if isinstance(error, OSError) and error.errno is not None:
+        reason, errno_ = error.strerror or str(error), error.errno
+    else:
+        reason, errno_ = read_failure(error), None
+        with contextlib.suppress(OSError):  # a writer that hid the errno: ask the file system
+            stats = os.statvfs(path.parent)
+            if stats.f_bavail * stats.f_frsize < 1 << 20:
+                reason, errno_ = os.strerror(errno.ENOSPC), errno.ENOSPC
+    failure = WriteFailure(errno_, f"cannot write {path}: {reason}")
+    failure.filename = str(path)
+    return failure
 
 
 class ResumeError(ValueError):
@@ -78,20 +128,100 @@ _FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file; read once, at im
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call write(file) on a temp file in the same folder, fsync, then rename over `path`: readers
     never see half a file, and an interrupted write leaves the old one intact. The file gets the
-    permissions open() would give it (mkstemp's are owner-only: colleagues could not read results)."""
+    permissions open() would give it (mkstemp's are owner-only: colleagues could not read results).
+    Any failure to write (OSError, or the RuntimeError torch.save raises on a full disk) comes out
+    as a WriteFailure naming the path and the reason."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        failure = write_failure(path, e)  # while the temp file still fills the disk
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise failure from e
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+TEMP_SUFFIX = ".tmp"  # atomic_write's temp files: .{name}.{random}.tmp beside the file
+
+
+def remove_interrupted_writes(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that atomic_write left in `folder` when its process was killed mid-write
+    (up to a checkpoint's size each). Call it only while holding the folder (no live writer)."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+class TornLineWarning(UserWarning):
+    """A JSON-lines file whose last line was cut short by a writer that died mid-line."""
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike):
+    """An exclusive flock on `path`.lock (made if missing), released on exit or when the process
+    dies: one writer of `path` at a time, across processes."""
+    import fcntl
+
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def append_line(path: str | os.PathLike, row: Any) -> None:
+    """Append `row` as one JSON line to `path`, never rewriting what is there: one writer at a time
+    (locked), one O_APPEND write, fsync'd, so concurrent writers all land and a crash loses at most
+    the line being written. A torn last line (a writer killed mid-line) is kept as it is, closed
+    with a newline so the new line stays whole, and reported (TornLineWarning naming the line);
+    read_jsonl refuses it with its line number."""
+    path = Path(path)
+    line = json.dumps(row).encode() + b"\n"
+    try:
+        with locked(path):
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+            try:
+                size = os.fstat(fd).st_size
+                if size and not _ends_with_newline(path, size):
+                    warnings.warn(f"{path}: its last line (line {_count_lines(path)}) was cut short by a writer "
+                                  "that stopped mid-line; it is kept, and the new line starts after it",
+                                  TornLineWarning, stacklevel=2)  # fmt: skip
+                    line = b"\n" + line
+                if os.write(fd, line) != len(line):  # a full disk takes part of it: take that back
+                    os.ftruncate(fd, size)
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError as e:
+        raise write_failure(path, e) from e
+
+
+def _ends_with_newline(path: Path, size: int) -> bool:
+    with open(path, "rb") as f:
+        f.seek(size - 1)
+        return f.read(1) == b"\n"
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
 
 
 def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:

@@ -14,10 +14,11 @@ import importlib.util
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,35 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(name)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a Slurm task's share, a taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_threads(requested: int) -> int:
+    """Torch's CPU threads for a process: `requested` when > 0; else OMP_NUM_THREADS when set (a
+    launcher sharing the cores out among processes, as the sweep's local launcher does); else the
+    cores this process may use (the runs of one process update one after another, never at once).
+    Torch's own default, a thread per core in every process, oversubscribes the cores as soon as two
+    processes share them: scripts/bench_threads.py measures both."""
+    if requested > 0:
+        return requested
+    from_env = os.environ.get("OMP_NUM_THREADS", "")
+    if from_env.isdigit() and int(from_env) > 0:
+        return int(from_env)
+    return available_cores()
+
+
+def set_cpu_threads(requested: int) -> int:
+    """torch.set_num_threads(cpu_threads(requested)); the number set."""
+    threads = cpu_threads(requested)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -225,6 +255,10 @@ class RunOptions:
     env_workers: int = 0
     """several runs in one process (--env-id A B --seed 1 2): worker processes that step their
     environments in parallel; 0 = step them in this process, one after another"""
+    threads: int = 0
+    """torch's CPU threads; 0 = OMP_NUM_THREADS when set, else the cores this process may use. Processes
+    side by side on the same cores each want their share (e.g. --threads 1 for two runs on 2 cores):
+    more threads than cores slow every process down several times (scripts/bench_threads.py)"""
     save_model: bool = False
     """after training, save the acting network's weights (a plain state_dict) in the run folder, e.g.
     to evaluate it again at another epsilon (scripts/drq_evaluate.py)"""
@@ -235,7 +269,7 @@ class RunOptions:
         for name in ("eval_envs", "eval_every_episodes", "max_episode_steps", "diag_batch", "log_every"):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
-        for name in ("eval_episodes", "eval_every", "diag_every", "checkpoint_every", "env_workers"):
+        for name in ("eval_episodes", "eval_every", "diag_every", "checkpoint_every", "env_workers", "threads"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0 (0 = never)")
         if not 0.0 <= self.eval_epsilon <= 1.0:
@@ -374,6 +408,8 @@ class Run:
     records. Checkpoints hold tensors, arrays and plain data only and are read with
     torch.load(weights_only=True): a checkpoint from someone else cannot run code."""
 
+    live: list[Run] = []  # the runs of this process that have started and not finished (for interruptible)
+
     def __init__(self, agent: str, args: Any, problems: list[str], method: str, code: str | None = None):
         """`args`: the agent's Args, with env_id, seed, total_steps and run (RunOptions). `problems`:
         what its validation found (the run exits with them before any work). `method`: the label
@@ -391,6 +427,8 @@ class Run:
         self.checkpoint_path = self.folder / "checkpoint.pt"
         self._checkpoint = load_checkpoint(self.checkpoint_path, self.config, RESUMABLE_CHANGES, self.device, agent)
         self.start_step = self._checkpoint["step"] + 1 if self._checkpoint else 1
+        self.step = self.start_step - 1  # the last agent step taken
+        self.saved_step = self.start_step - 1 if self._checkpoint else None  # that of the last checkpoint
         if options.track:  # before the SummaryWriter, so that wandb syncs its scalars
             start_tracking(options.wandb_project_name, options.wandb_entity, self.folder, self.folder.name, self.config)
         self.writer = None
@@ -401,8 +439,9 @@ class Run:
             self.writer = SummaryWriter(str(self.folder), purge_step=self.start_step)
             if not self._checkpoint:
                 self.writer.add_text("hyperparameters", hparams_markdown(self.config))
-        print(f"{agent}: {game} seed {self.seed} on {self.device}, {self.total_steps} steps -> {self.folder}",
-              flush=True)  # fmt: skip
+        threads = set_cpu_threads(options.threads)
+        print(f"{agent}: {game} seed {self.seed} on {self.device} ({threads} CPU thread(s)), {self.total_steps} steps "
+              f"-> {self.folder}", flush=True)  # fmt: skip
         seed_everything(self.seed, options.deterministic)
         self.generator = device_generator(self.device, self.seed)  # replay sampling and augmentation
         self.rng = np.random.default_rng(self.seed)  # acting
@@ -416,6 +455,7 @@ class Run:
         self.start_time = time.time()
         self.end_time: float | None = None  # when training ended (stop_clock), before the final evaluation
         self.diverged: str | None = None  # why, once a loss was not finite (see finite())
+        Run.live.append(self)
 
     # Checkpoints
     def keep(self, **objects: Any) -> None:
@@ -457,6 +497,7 @@ class Run:
                    "git_commit": self.commit, "objects": {name: obj.state_dict() for name, obj in self.objects.items()},
                    "records": self.records, "extras": extras, "train_time_s": self.train_time()}  # fmt: skip
         save_checkpoint(self.checkpoint_path, payload, self.agent)
+        self.saved_step = step
 
     def finite(self, losses: dict[str, float], step: int) -> bool:
         """Whether the losses (read anyway for a report or a checkpoint) are finite. If not, the run
@@ -480,6 +521,7 @@ class Run:
 
     def set_aside(self) -> None:
         """A diverged run among several, at the end: close its logs and environment (no results)."""
+        Run.live.remove(self)
         if self.writer:
             self.writer.close()
         if self.env is not None:
@@ -506,9 +548,26 @@ class Run:
             self.random.set_global_states(outside)
 
     # The loop
-    def steps(self) -> range:
+    def steps(self) -> Iterator[int]:
+        """The agent steps left to take; `step` follows them (the step an interruption names)."""
         self.start_time = time.time()
-        return range(self.start_step, self.total_steps + 1)
+        return self._count(range(self.start_step, self.total_steps + 1))
+
+    def _count(self, steps: range) -> Iterator[int]:
+        for step in steps:
+            self.step = step
+            yield step
+
+    def interrupted(self) -> str:
+        """What an interruption leaves of this run, in one line: the step reached, the checkpoint kept
+        and how to resume."""
+        if self.step >= self.total_steps:
+            where = "in the final evaluation"
+        else:
+            where = f"at step {self.step} of {self.total_steps}"
+        kept = f"its checkpoint at step {self.saved_step} is kept" if self.saved_step else "no checkpoint yet"
+        return (f"{self.agent}: {self.game} seed {self.seed} interrupted {where}; {kept} in {self.folder}: "
+                "run the same command to resume")  # fmt: skip
 
     def train_time(self) -> float:
         """Seconds of training (all sessions), up to stop_clock() once it has been called."""
@@ -674,7 +733,37 @@ class Run:
               f"{self.folder / 'results.json'}")  # fmt: skip
         if self.env is not None:
             self.env.close()
+        Run.live.remove(self)
         return results
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, as Ctrl-C raises KeyboardInterrupt (see interruptible)."""
+
+
+@contextlib.contextmanager
+def interruptible(agent: str):
+    """Around an agent's runs: Ctrl-C (SIGINT) or SIGTERM ends them with one line per run (the step it
+    reached, the checkpoint kept, how to resume: Run.interrupted) instead of a traceback, and exit
+    status 130 or 143 as a shell reports a process those signals stopped. Files being written are
+    left whole (atomic writes drop their temp file); the last checkpoint stays."""
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while the lines print
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for run in Run.live or []:
+            print(run.interrupted(), file=sys.stderr, flush=True)
+        if not Run.live:
+            print(f"{agent}: interrupted before any run started", file=sys.stderr, flush=True)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def final_evaluations(

@@ -17,14 +17,16 @@ import sys
 import time
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Queue
 from typing import TextIO
 
+from rlplastic.checkpoints import ADDED_ARGUMENTS, RESUMABLE_CHANGES
 from rlplastic.cli import seed_problems
 from rlplastic.envs.atari import ATARI100K_GAMES, canonical_game
 from rlplastic.files import atomic_write
+from rlplastic.runs import flat_config
 
 AGENTS_DIR = Path(__file__).resolve().parents[1] / "agents"
 # Flags a sweep sets itself for every run: the grid may not touch them.
@@ -124,6 +126,9 @@ class RunSpec:
     seed: int
     args: tuple[str, ...]  # the agent arguments of the grid point, without game, seed and folder
     run_dir: Path
+    # the grid point's settings as results.json's config holds them (flat, JSON values), without those
+    # the sweep sets and those that change no result: what a finished run in run_dir must match
+    settings: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def log_path(self) -> Path:
@@ -136,14 +141,31 @@ class RunSpec:
         ]  # fmt: skip
 
     def status(self) -> str:
-        """finished (results.json), diverged (diverged.json: its losses turned non-finite, which a
-        resumed run would repeat, so a sweep does not retry it), unfinished (started before:
-        resumes), or new."""
+        """finished (results.json), conflict (a results.json of other settings: differences()),
+        diverged (diverged.json: its losses turned non-finite, which a resumed run would repeat, so a
+        sweep does not retry it), unfinished (started before: resumes), or new."""
         if (self.run_dir / "results.json").exists():
-            return "finished"
+            return "conflict" if self.differences() else "finished"
         if (self.run_dir / "diverged.json").exists():
             return "diverged"
         return "unfinished" if self.run_dir.exists() else "new"
+
+    def differences(self) -> list[str]:
+        """The settings in which the finished run in run_dir differs from this one: 'key: theirs,
+        not ours' (an unreadable results.json differs in everything)."""
+        try:
+            theirs = json.loads((self.run_dir / "results.json").read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return [f"results.json cannot be read ({type(e).__name__})"]
+        theirs = {**ADDED_ARGUMENTS, **theirs}
+        return [f"{key}: {theirs.get(key)!r} there, {value!r} here" for key, value in self.settings.items()
+                if theirs.get(key) != value]  # fmt: skip
+
+
+def result_settings(parsed) -> dict:
+    """An agent's parsed Args as the settings a finished run of it must have (see RunSpec.settings)."""
+    config = json.loads(json.dumps(flat_config(parsed), default=str))  # tuples as lists, as results.json
+    return {k: v for k, v in config.items() if k not in SWEEP_OWNED and k not in RESUMABLE_CHANGES}
 
 
 def expand_grid(
@@ -184,15 +206,28 @@ def expand_grid(
         if "/" in method or method.startswith("."):
             raise SweepError(f"method label {method!r} cannot name a folder (no '/' and no leading '.')")
         labels[method] = combo
-        points.append((method, tuple(args)))
+        points.append((method, tuple(args), result_settings(parsed)))
 
     out = Path(out)
     return [
-        RunSpec(agent, method, game, seed, args, out / method / game / f"seed{seed}")
-        for method, args in points
+        RunSpec(agent, method, game, seed, args, out / method / game / f"seed{seed}", settings)
+        for method, args, settings in points
         for game in games
         for seed in seeds
     ]
+
+
+def conflicts(specs: Sequence[RunSpec]) -> str | None:
+    """Runs of the sweep whose folder holds a finished run of other settings, as a refusal naming the
+    settings that differ; None when there is none. Such a run is never skipped as if it were done."""
+    clashes = [spec for spec in specs if spec.status() == "conflict"]
+    if not clashes:
+        return None
+    spec = clashes[0]
+    return (f"{spec.run_dir} holds a finished run of other settings ({'; '.join(spec.differences())})"
+            + (f", and {len(clashes) - 1} more run folder(s) likewise" if len(clashes) > 1 else "")
+            + "; nothing was run: give this sweep another --out, or --set exp_name=NAME to keep its runs in "
+            "their own folders")  # fmt: skip
 
 
 # Agents whose command line takes several games and seeds, run in one process (rlplastic.batched).

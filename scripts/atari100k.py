@@ -76,6 +76,9 @@ def run_sweep(args: Sweep) -> int:
             gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
             array_parallelism=args.array_parallelism, cluster=args.submitit_cluster,
         )  # fmt: skip
+    clash = sweep.conflicts(specs)
+    if clash:  # before anything runs, dry run included
+        raise sweep.SweepError(clash)
     status = {spec: spec.status() for spec in specs}
     counts = {s: sum(v == s for v in status.values()) for s in ("finished", "diverged", "unfinished", "new")}
     methods = sorted({s.method for s in specs})

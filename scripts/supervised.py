@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 import numpy as np
 import tyro
 
+from rlplastic.files import file_destination_problem
 from rlplastic.supervised.data import DataError
 from rlplastic.supervised.train import RunConfig, read_jsonl, run, run_key, validate
 
@@ -166,9 +167,9 @@ def run_command(args: Run) -> int:
     if problems:
         print("supervised run: invalid arguments:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
-    if Path(args.out).is_dir():
-        print(f"supervised run: error: --out {args.out}: is a folder; give the JSON-lines file to append to",
-              file=sys.stderr)  # fmt: skip
+    problem = file_destination_problem(args.out, "--out")  # a folder, unwritable, a name too long: before work
+    if problem:
+        print(f"supervised run: error: {problem}", file=sys.stderr)
         return 2
     try:
         run(config, out=args.out)

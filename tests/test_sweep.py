@@ -40,10 +40,31 @@ def test_a_diverged_run_is_not_run_again(tmp_path):
     assert dry.returncode == 0 and "0 finished (skipped), 1 diverged (skipped), 0 to restart, 1 new" in dry.stdout
     assert "diverged before: drq Pong seed 2" in dry.stdout and "delete that file to retry it" in dry.stdout
     (out / "drq" / "Pong" / "seed1").mkdir(parents=True)
-    (out / "drq" / "Pong" / "seed1" / "results.json").write_text("{}")
+    finished = {"config": sweep.result_settings(sweep.load_agent("drq").Args())}  # a run of these settings
+    (out / "drq" / "Pong" / "seed1" / "results.json").write_text(json.dumps(finished))
     nothing = sweep_cli(*base)
     assert nothing.returncode == 1 and "nothing to run" in nothing.stdout and "1 diverged" in nothing.stdout
     assert not (out / "drq" / "Pong" / "seed2" / "log.txt").exists()  # never launched
+
+
+def test_a_finished_run_of_other_settings_is_refused_by_name_never_skipped(tmp_path):
+    """--set learning-rate=... keeps the method label drq, so its runs' folders are those of a
+    finished default sweep: the sweep refuses, naming the setting that differs, before any run."""
+    out = tmp_path / "sweep"
+    folder = out / "drq" / "Pong" / "seed1"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"config": sweep.result_settings(sweep.load_agent("drq").Args())}))
+    base = ["sweep", "--agent", "drq", "--games", "Pong", "--seeds", "1", "--out", str(out)]
+    assert "1 finished (skipped)" in sweep_cli(*base, "--dry-run").stdout  # the same settings: finished
+    for command in ([*base, "--set", "learning-rate=0.001", "--dry-run"], [*base, "--set", "learning-rate=0.001"]):
+        proc = sweep_cli(*command)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        differs = "holds a finished run of other settings (learning_rate: 0.0001 there, 0.001 here)"
+        assert f"{folder} {differs}" in proc.stderr
+        assert "--set exp_name=NAME" in proc.stderr
+    assert not (folder / "log.txt").exists()  # nothing launched
+    labelled = sweep_cli(*base, "--set", "learning-rate=0.001", "--set", "exp_name=lr1e-3", "--dry-run")
+    assert labelled.returncode == 0 and "1 new" in labelled.stdout
 
 
 def test_a_dry_run_writes_nothing(tmp_path):

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import math
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from rlplastic.diagnostics import (
     initial_weights,
     lipschitz_bound,
 )
-from rlplastic.files import atomic_write, make_folder
+from rlplastic.files import FolderError, append_line, file_destination_problem, make_folder
 from rlplastic.init import torch_default_init
 from rlplastic.interventions import (
     HareTortoise,
@@ -49,7 +50,7 @@ from rlplastic.interventions import (
 from rlplastic.interventions.base import Every
 from rlplastic.interventions.lifecycle import REVIVALS
 from rlplastic.introspection import hidden_layers
-from rlplastic.runs import git_commit, resolve_device, seed_everything
+from rlplastic.runs import git_commit, resolve_device, seed_everything, set_cpu_threads
 from rlplastic.supervised.data import DATASETS, Dataset, load_dataset, subset_with_noise
 from rlplastic.supervised.models import MODELS, MODELS_WITH_HIDDEN_FC, Classifier, CReLU, build_model
 
@@ -140,6 +141,9 @@ class RunConfig:
     topk_tolerance: float = 0.02
     """topk-accuracy: allowed training-accuracy drop; topk-plateau: relative loss improvement counted as flat"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0
+    """torch's CPU threads; 0 = OMP_NUM_THREADS when set, else the cores this process may use (runs side
+    by side on the same cores each want their share, e.g. --threads 1)"""
     amp: Literal["fp32", "bf16"] = "fp32"
     """precision of the training forward: bf16 autocast, the loss in float32; evaluation stays fp32"""
     channels_last: bool = False
@@ -169,7 +173,7 @@ NOT_COMPILED = ("redo", "neuronal-decay", *LIFECYCLE_ABLATIONS, "topk-cycle", "t
 
 
 def validate(config: RunConfig) -> list[str]:
-    problems = []
+    problems = [f"--threads {config.threads}: must be >= 0 (0 = auto)"] if config.threads < 0 else []
     allowed = ", ".join(m for m in METHODS if m not in NOT_COMPILED)
     for flag, on in (("--compile", config.compile), ("--cuda-graph", config.cuda_graph)):
         if on and config.method in NOT_COMPILED:
@@ -656,6 +660,9 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
                          (f"--out {out}: its folder", Path(out).parent if out else None)):  # fmt: skip
         if folder:  # before any work: a folder that cannot be made would lose it
             make_folder(folder, flag)
+    problem = file_destination_problem(out, "--out") if out is not None else None
+    if problem:
+        raise FolderError(problem)
     checkpoint_path = checkpoint_file(config)
     earlier = result_in(out, config) if out is not None else None
     if earlier is not None:  # run again (a script of runs restarted): one line per run, never two
@@ -665,6 +672,7 @@ def run(config: RunConfig, out: str | Path | None = None, log=print) -> dict:
             checkpoint_path.unlink(missing_ok=True)  # killed after its line was appended: done
         return earlier
     code_commit = git_commit(__file__)  # the code that runs, read now: HEAD may move while it runs
+    set_cpu_threads(config.threads)
     device = resolve_device(config.device)
     data = load_dataset(config.dataset, config.data_dir)
     x_train, y_train, x_test, y_test = (torch.as_tensor(a).to(device) for a in
@@ -770,7 +778,15 @@ def finish(result: dict, out, checkpoint_path: Path | None, log) -> dict:
     """Append the result line, then drop the checkpoint. Once: a run whose line is already in `out`
     (killed after the append, before the checkpoint went) never gets here (run returns it first)."""
     if out is not None:
-        append_jsonl(out, result)
+        try:
+            append_jsonl(out, result)
+        except OSError as e:  # a full disk, say: the result survives in the checkpoint, or on stderr
+            if checkpoint_path:
+                raise SystemExit(f"supervised: {e.strerror or e}; the result is kept in {checkpoint_path}: run the "
+                                 "same command again to append it") from None  # fmt: skip
+            print(json.dumps(result), file=sys.stderr)
+            reason = e.strerror or e
+            raise SystemExit(f"supervised: {reason}; its result line is printed above, to append by hand") from None
     if checkpoint_path:
         checkpoint_path.unlink(missing_ok=True)
     log(f"supervised: test_acc {result['test_acc']:.4f} train_acc {result['train_acc']:.4f} "
@@ -832,7 +848,7 @@ def protocol_stages(config: RunConfig, data: Dataset, x_train, y_train, device) 
 
 
 # where and how a run reports, not what it measures
-NOT_MEASURED = ("checkpoint_dir", "log_every", "tb_dir", "device")
+NOT_MEASURED = ("checkpoint_dir", "log_every", "tb_dir", "device", "threads")
 
 
 def run_key(config: dict) -> str:
@@ -859,13 +875,9 @@ def checkpoint_file(config: RunConfig) -> Path | None:
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
-    """Append one JSON line atomically: the file is rewritten through a temp file and a rename, so
-    a crash never leaves half a line and earlier results are never lost."""
-    path = Path(path)
-    old = path.read_bytes() if path.exists() else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
-    atomic_write(path, lambda f: f.write(old + json.dumps(row).encode() + b"\n"))
+    """Append one JSON line (rlplastic.files.append_line): one writer at a time, what is there never
+    rewritten, so several runs appending to one file at once all land."""
+    append_line(path, row)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
