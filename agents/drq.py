@@ -1,40 +1,33 @@
-"""DrQ(epsilon) on Atari-100k, in one file.
+"""DrQ(epsilon) on Atari-100k, in one file: the arguments, the network, the loss, then the loop.
 
 Agarwal et al. 2021, "Deep RL at the Edge of the Statistical Precipice" (DrQ(epsilon)), after
 Kostrikov et al. 2020 (DrQ); hyperparameters of dopamine's labs/atari_100k DrQ_eps.gin.
 
     python agents/drq.py --env-id Breakout
-    python agents/drq.py --env-id Pong Boxing --seed 1 2 3 --env-workers 4   # 6 runs in one process (train)
+    python agents/drq.py drq-eps --env-id Qbert          # with the 2021 runner's noop starts (frames)
+    python agents/drq.py hare-tortoise --env-id Pong     # Lee et al. 2024, section 5: RR2, EMA 0.995, HT resets
+    python agents/drq.py --env-id Pong Boxing --seed 1 2 3   # 6 runs in one process: agents/drq_batched.py
 
 The network is dopamine's: Nature CNN with 'SAME' padding, ONE shared Dense(512)+ReLU, then a
-dueling output Dense(A) + Dense(1) (4,045,989 parameters with 4 actions). The environment protocol
-(rlplastic.envs.atari) is dopamine's Atari-100k runner's: noop starts outside the episode's
-counters, a frame skip that stops at a life loss.
-
-The Hare & Tortoise RL setting (Lee et al. 2024, section 5 and Table 1: replay ratio 2, EMA target
-with momentum 0.995, hare <- tortoise every 4,000 gradient steps; the online network acts, as in
-dopamine's DrQ):
-
-    python agents/drq.py hare-tortoise --env-id Pong     # = --updates-per-step 2 --ema 0.995 --reset hare-tortoise
-    python agents/drq.py hare-tortoise --env-id Pong --reset hare-tortoise head --head-every 40000
+dueling output Dense(A) + Dense(1). The environment protocol (rlplastic.envs.atari) is dopamine's
+Atari-100k runner's: noop starts outside the episode's counters, a frame skip that stops at a life
+loss, a 27k-step episode cap.
 
 Differences from the reference, on purpose:
 - without --ema the target comes from the online network itself (the reference copies the online
   network into the target every step, which is the same function), computed under no_grad;
-- with --ema the momentum target is updated by rlplastic's HareTortoise (the tortoise), which
-  copies itself into the online network only when --reset hare-tortoise is on;
 - the update is queued before the environment steps (dopamine trains just before choosing the
   action): the action comes from parameters one update older, so a GPU overlaps the two;
 - without a preset the noop starts are 0..29 agent steps, as in dopamine's Atari-100k runner since
   2023 (BBF's); its 2021 runner, the one DrQ_eps.gin configured when it was added (2021-09-08) and
-  so presumably the one behind Agarwal et al. 2021's released DrQ(epsilon) runs, played 0..29 single
-  frames instead: the `drq-eps` preset sets --noop-unit frames to compare with those runs;
+  so presumably the one behind Agarwal et al. 2021's released runs, played 0..29 single frames: the
+  `drq-eps` preset sets --noop-unit frames to compare with those runs;
 - the 27k-step episode cap is in agent steps as the papers give it; dopamine's newer gymnasium
-  path also asks ALE for at most 100,000 frames (25k steps, noop frames included), which would end
-  a few very long evaluation episodes earlier.
+  path also asks ALE for at most 100,000 frames (25k steps, noop frames included).
 
-Interventions (rlplastic.interventions.InterventionOptions): --reset hare-tortoise (with --ema), head, shrink-perturb,
-redo; --continual cbp, noise, lifecycle. Run folder, logs, checkpoints, evaluation: rlplastic.runs.Run (RunOptions).
+Interventions (--reset hare-tortoise, head, shrink-perturb, redo; --continual cbp, noise, lifecycle;
+rlplastic.interventions) are built from the flags and stepped after each optimizer step; the run
+folder, logs, checkpoints and evaluation are rlplastic.runs.Run's.
 """
 
 from __future__ import annotations
@@ -43,7 +36,6 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Annotated, Literal
 
 import numpy as np
@@ -51,19 +43,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from rlplastic.envs.atari import canonical_game
-from torch.func import vmap
+from rlplastic.envs.atari import clip_reward
 
-from rlplastic import batched
-from rlplastic.augment import drq_augment, drq_augment_runs
+from rlplastic.augment import drq_augment
 from rlplastic.cli import cli_with_presets, expand_runs
-from rlplastic.cuda_graphs import CapturedStep, ConcurrentSteps, graph_capture_available
+from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
 from rlplastic.diagnostics import PlasticityProbe
-from rlplastic.env_workers import EnvWorkers
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import InterventionOptions, build_interventions, ema_target, swap_in_chosen_lifecycle
-from rlplastic.replay import FrameReplay, StackedFrameReplays
-from rlplastic.runs import Run, RunOptions, exit_on_problems, final_evaluations, interruptible, run_problems
+from rlplastic.replay import FrameReplay
+from rlplastic.runs import Run, RunOptions, interruptible, run_problems
 from rlplastic.schedules import LinearEpsilon
 
 FLAT = tyro.conf.arg(name="")  # a nested dataclass whose flags stay flat: --reset, not --interventions.reset
@@ -78,9 +67,8 @@ class Args:
     total_steps: int = 100_000
     """agent steps of interaction (100k = 400k frames, the Atari-100k budget)"""
     cuda_graph: bool = True
-    """on CUDA, capture the whole update (sampling, augmentation, loss, backward, Adam, the
-    interventions' per-step work; all runs' batched update with several runs) once in a CUDA graph
-    and replay it; ignored on the CPU"""
+    """on CUDA, capture the whole update (sampling, augmentation, loss, backward, Adam, the interventions'
+    per-step work) once in a CUDA graph and replay it; ignored on the CPU"""
     batched_update: Literal["auto", "vmap", "concurrent"] = "auto"
     """several runs: one vmapped update per stack, or each run's own (on CUDA captured and replayed
     side by side on streams; on a CPU one after another, as alone); auto: concurrent on a CPU, vmap on CUDA"""
@@ -109,7 +97,6 @@ class Args:
     augment: bool = True
     """random shift (pad 4) and intensity augmentation of states and next states"""
 
-    # Without --ema the target is the online network itself (the reference copies it every step).
     interventions: Annotated[InterventionOptions, FLAT] = field(default_factory=InterventionOptions)
     run: Annotated[RunOptions, FLAT] = field(default_factory=RunOptions)
 
@@ -201,16 +188,6 @@ class QNetwork(nn.Module):
 HEAD_MODULES = ("head", "advantage", "value")  # what --reset head re-initializes
 
 
-def action_mask(stack: batched.StackedModules) -> torch.Tensor:
-    """(N, most actions): True where run i of the stack has that action."""
-    actions = torch.tensor([q.advantage.out_features for q in stack.modules], device=stack.params["value.bias"].device)
-    return torch.arange(int(actions.max()), device=actions.device) < actions[:, None]
-
-
-def sample_states(replay: FrameReplay) -> Callable[[int], torch.Tensor]:
-    return lambda n: replay.sample(n).states
-
-
 def greedy(q_network: QNetwork) -> Callable[[np.ndarray], np.ndarray]:
     """The greedy policy of `q_network`: a batch of observations -> their greedy actions."""
     device = next(q_network.parameters()).device
@@ -229,6 +206,19 @@ def double_dqn_target(
     """R^(n) + gamma^n * Q_target(s', argmax_a Q_online(s', a)); discounts is 0 past a terminal."""
     best = next_q_online.argmax(1, keepdim=True)
     return returns + discounts * next_q_target.gather(1, best).squeeze(1)
+
+
+def td_loss(online: Callable, target: Callable, states: torch.Tensor, next_states: torch.Tensor, actions: torch.Tensor,
+            returns: torch.Tensor, discounts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """DrQ(epsilon)'s loss: Huber (delta 1) between Q(s, a) and the n-step double-DQN target, whose
+    bootstrap comes from `target` (no gradient). `online` and `target` map states to Q-values; the
+    same function without --ema. Returns the loss and the mean Q(s, a) (detached)."""
+    with torch.no_grad():
+        next_q_online = online(next_states)
+        next_q_target = next_q_online if target is online else target(next_states)
+        targets = double_dqn_target(returns, discounts, next_q_online, next_q_target)
+    q = online(states).gather(1, actions[:, None]).squeeze(1)
+    return F.smooth_l1_loss(q, targets), q.detach().mean()
 
 
 def build_learner(args: Args, num_actions: int, device: torch.device, q_network: QNetwork | None = None):
@@ -253,189 +243,89 @@ def update(
     replay: FrameReplay,
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
-    """One gradient step; returns the TD loss and mean Q as device tensors (no host sync)."""
+    """One gradient step on a replay batch; returns the TD loss and mean Q as device tensors (no host sync)."""
     batch = replay.sample(args.batch_size)
     states, next_states = batch.states, batch.next_states
     if args.augment:  # each independently, as in the reference
         states = drq_augment(states, generator)
         next_states = drq_augment(next_states, generator)
-    with torch.no_grad():
-        next_q_online = q_network(next_states)
-        next_q_target = next_q_online if target_network is q_network else target_network(next_states)
-        targets = double_dqn_target(batch.returns, batch.discounts, next_q_online, next_q_target)
-    q = q_network(states).gather(1, batch.actions[:, None]).squeeze(1)
-    loss = F.smooth_l1_loss(q, targets)  # Huber, delta 1
+    loss, q_mean = td_loss(q_network, target_network, states, next_states, batch.actions, batch.returns,
+                           batch.discounts)  # fmt: skip
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return {"td_loss": loss.detach(), "q_values": q.detach().mean()}
-
-
-def batched_update(
-    args: Args,
-    online: batched.StackedModules,
-    target: batched.StackedModules | None,
-    optimizers: list[torch.optim.Optimizer],
-    replays: StackedFrameReplays,
-    generators: list[torch.Generator],
-    valid: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """update() for the runs of one stack at once: each run's sampling and augmentation draws are its
-    own, as alone, their gathers one call for all; one vmapped forward and backward; each run's
-    optimizer steps its own parameters (valid: action_mask(online)). Returns TD losses and mean Q of
-    the runs, (N,) on the device."""
-    batch = replays.sample(args.batch_size)  # (N, B, ...)
-    states, next_states = batch.states, batch.next_states
-    if args.augment:
-        states, next_states = drq_augment_runs(states, generators), drq_augment_runs(next_states, generators)
-    stacked_batch = [valid, states, next_states, batch.actions, batch.returns, batch.discounts]
-    target = target or online
-
-    def run_loss(params, buffers, target_params, target_buffers, valid, states, next_states, actions, returns,
-                 discounts):  # fmt: skip
-        with torch.no_grad():
-            next_q_online = online.forward_each(params, buffers, next_states, valid)
-            next_q_target = target.forward_each(target_params, target_buffers, next_states, valid)
-            targets = double_dqn_target(returns, discounts, next_q_online, next_q_target)
-        q = online.forward_each(params, buffers, states, valid).gather(1, actions[:, None]).squeeze(1)
-        return F.smooth_l1_loss(q, targets), q.detach().mean()
-
-    loss, q_mean = vmap(run_loss)(online.params, online.buffers, target.params, target.buffers, *stacked_batch)
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    loss.sum().backward()  # each run's gradient is its own loss's
-    online.scatter_grads()
-    for optimizer in optimizers:
-        optimizer.step()
     return {"td_loss": loss.detach(), "q_values": q_mean}
 
 
 def main(args: Args) -> dict:
-    """One run: its results (also written to its run folder)."""
-    return train([args])[0]
-
-
-def train(all_args: list[Args]) -> list[dict]:
-    """One run, or several (game, seed) runs of one configuration in one process, in lockstep: each
-    with its own network, optimizer, replay, interventions, environment, random streams and run
-    folder; runs with one number of actions share batched forwards (rlplastic.batched)."""
-    many, args = len(all_args) > 1, all_args[0]
-    problems = [f"{a.env_id} seed {a.seed}: {p}" if many else p for a in all_args for p in validate(a)]
-    problems += batched.batch_problems(all_args) if many else []
-    exit_on_problems("drq", problems)
-    runs, nets = [], []
-    games = [(canonical_game(a.env_id), a.seed) for a in all_args]
-    protocol = (args.run.max_episode_steps, args.run.noop_unit)  # the same for all runs (batch_problems)
-    workers = EnvWorkers(games, args.run.env_workers, *protocol) if many and args.run.env_workers else None
-    for i, run_args in enumerate(all_args):  # each run seeds, then draws its network, as alone
-        runs.append(Run("drq", run_args, [], method_label(run_args), __file__))  # folder, logs, checkpoints
-        env = runs[-1].use_env(workers.env(i)) if workers else runs[-1].make_env()
-        nets.append(QNetwork(int(env.action_space.n)).to(runs[-1].device))
-        if many:
-            runs[-1].own_global_rng()  # its later fresh draws come from its own copy of torch's generators
-    batched.check_lockstep(runs)
-    vmapped = many and batched.update_mode_of(args) == "vmap"  # else each run's own update, no target stacks
-    # vmapped: one stack of all runs, heads padded to the most actions; else a stack per number of
-    # actions, for acting only (unmasked: each run's numbers exactly as alone)
-    groups = batched.group_by(keys := [0 if vmapped else q.advantage.out_features for q in nets])
-    stacks = {n: batched.StackedModules([nets[i] for i in members]) for n, members in groups.items()} if many else {}
-    masks = {n: action_mask(stack) for n, stack in stacks.items()} if vmapped else {}
-    learners = [build_learner(a, 0, run.device, q) for a, run, q in zip(all_args, runs, nets, strict=True)]
-    target_stacks = {n: batched.StackedModules([learners[i][1] for i in members]) if args.interventions.ema > 0
-                     else None for n, members in groups.items()} if vmapped else {}  # fmt: skip
-    # each stack's replays in stacked tensors, sampled in one call by the batched update; run i's: views
-    stacked_replays = {n: StackedFrameReplays(len(members), args.buffer_size, args.n_step, args.gamma,
-                                              device=runs[0].device, generators=[runs[i].generator for i in members])
-                       for n, members in groups.items()}  # fmt: skip
-    replays = [stacked_replays[n][groups[n].index(i)] for i, n in enumerate(keys)]
-    interventions, probes, obs = [], [], []
-    for run, replay, (q, target, optimizer) in zip(runs, replays, learners, strict=True):
-        target = None if target is q else target  # the EMA target, when there is one
-        with run.global_rng():
-            items = build_interventions(args.interventions, q, target, optimizer, sample_states(replay),
+    """One run, from its start (or its checkpoint) to its results.json; returns the results."""
+    run = Run("drq", args, validate(args), method_label(args), __file__)  # exits on bad arguments, before any work
+    env = run.make_env()  # the Atari-100k protocol, seeded; kept in checkpoints
+    num_actions = int(env.action_space.n)
+    q_network, target_network, optimizer = build_learner(args, num_actions, run.device)
+    replay = FrameReplay(args.buffer_size, args.n_step, args.gamma, device=run.device, generator=run.generator)
+    sample_states = lambda n: replay.sample(n).states  # noqa: E731
+    ema = None if target_network is q_network else target_network  # the EMA target, with --ema
+    interventions = build_interventions(args.interventions, q_network, ema, optimizer, sample_states,
                                         xavier_uniform_zero_bias, HEAD_MODULES)  # fmt: skip
-        interventions.append(items)
-        probes.append(PlasticityProbe(q, probe_batch=None))  # the initial weights; its batch comes from replay
-        run.keep(q_network=q, optimizer=optimizer, interventions=items, replay=replay, probe=probes[-1],
-                 target_network=target)  # fmt: skip
-        saved = run.resume()
-        obs.append(saved["obs"] if saved else run.env.reset()[0])
+    probe = PlasticityProbe(q_network, probe_batch=None)  # the initial weights; its batch comes from replay
+    run.keep(q_network=q_network, optimizer=optimizer, interventions=interventions, replay=replay, probe=probe,
+             target_network=ema)  # fmt: skip
+    saved = run.resume()
+    obs = saved["obs"] if saved else env.reset()[0]
+    act = greedy(q_network)
 
-    def train_step(i: int = 0) -> None:  # run i's update, its interventions' device work: what a graph captures
-        runs[i].losses.add(update(args, *learners[i], replays[i], runs[i].generator))
-        interventions[i].device_step()
+    def train_step() -> None:  # the update and the interventions' device work: what a CUDA graph captures
+        run.losses.add(update(args, q_network, target_network, optimizer, replay, run.generator))
+        interventions.device_step()
 
-    def batched_step() -> None:
-        for n, members in groups.items():
-            losses = batched_update(args, stacks[n], target_stacks[n], [learners[i][2] for i in members],
-                                    stacked_replays[n], [runs[i].generator for i in members], masks[n])  # fmt: skip
-            for j, i in enumerate(members):
-                interventions[i].device_step()
-                runs[i].losses.add({key: value[j] for key, value in losses.items()})
-
-    use_graph = args.cuda_graph and graph_capture_available(runs[0].device) and all(i.graph_safe for i in interventions)
-    concurrent = many and not vmapped
-    step_all = batched_step if many else train_step
-    if concurrent:  # each run's own update; on CUDA one graph each, replayed side by side
-        step_all = ConcurrentSteps([partial(train_step, i) for i in range(len(runs))], [r.generator for r in runs],
-                                   use_graph)  # fmt: skip
-    elif use_graph:  # every run's sampling and augmentation stream is registered with the one graph
-        step_all = CapturedStep(step_all, generators=[run.generator for run in runs])
-    update_mode = "-".join(["batched"] * many + ["concurrent"] * concurrent + ["cuda-graph"] * use_graph) or "eager"
-    print(f"drq: update {update_mode}, {len(runs)} run(s)", flush=True)
-
-    acts, samplers = [greedy(q) for q in nets], [sample_states(replay) for replay in replays]
+    use_graph = args.cuda_graph and graph_capture_available(run.device) and interventions.graph_safe
+    if use_graph:  # sampling and augmentation draw from run.generator inside the graph
+        train_step = CapturedStep(train_step, generators=[run.generator])
+    update_mode = "cuda-graph" if use_graph else "eager"
+    explore = LinearEpsilon(args.learning_starts, args.epsilon_decay_steps, args.epsilon_final)  # dopamine's
 
     # TRAINING LOOP
-    explore = LinearEpsilon(args.learning_starts, args.epsilon_decay_steps, args.epsilon_final)  # dopamine's
-    for step in [run.steps() for run in runs][0]:  # every run's clock starts; they step together
+    for step in run.steps():
+        # ALGO LOGIC: epsilon-greedy, from the run's acting stream
         epsilon = explore(step - 1)  # step - 1 agent steps taken so far
-        if many:  # one batched forward per stack for the greedy actions; a diverged run's env stays still
-            actions = batched.epsilon_greedy_runs(runs, stacks, groups, obs, epsilon, masks)
-            actions = [None if run.diverged else action for run, action in zip(runs, actions, strict=True)]
+        if run.rng.random() < epsilon:
+            action = int(run.rng.integers(num_actions))
         else:
-            actions = [runs[0].epsilon_greedy(epsilon, obs[0], acts[0])]
+            action = int(act(obs[None])[0])  # the loop's one host sync
 
         # Queued before the env steps, so a GPU runs it while the CPU steps the emulator (dopamine
         # trains just before acting: acting on parameters one update older is the only difference).
-        if step >= args.learning_starts and all(replay.num_sampleable > 0 for replay in replays):
+        if step >= args.learning_starts and replay.num_sampleable > 0:
             for _ in range(args.updates_per_step):
-                step_all()  # the update(s) and the interventions' device work: one graph replay on CUDA
-                for run, run_interventions in zip(runs, interventions, strict=True):
-                    if not run.diverged:  # a diverged run's updates go on in the batch, unread
-                        with run.global_rng():
-                            run_interventions.host_step()  # schedules and rare events (resets, recycling)
-                    run.losses.tick()
+                train_step()
+                interventions.host_step()  # schedules and rare events (resets, recycling) after optimizer.step
+                run.losses.tick()
 
-        stepped = workers.step_all(actions) if workers else [None] * len(runs)  # all at once, in the workers
-        for i, run in enumerate(runs):  # a life loss is a terminal in replay, as in dopamine
-            if run.diverged:  # set aside (Run.finite): the other runs go on
-                continue
-            obs[i] = run.env_step(replays[i], obs[i], actions[i], step, stepped[i])
-            if run.report_due(step):
-                run.report(step, {"epsilon": epsilon}, interventions[i].metrics())
-            run.diagnose(step, probes[i], samplers[i], replays[i].num_sampleable > 0)
-            run.evaluate_if_due(step, acts[i], [nets[i]])
-            run.checkpoint(step, obs=obs[i])
-    done = [i for i, run in enumerate(runs) if not run.diverged]  # a diverged run is set aside (Run.finite)
-    # several runs: their final evaluations on all cores at once
-    evaluations = final_evaluations([runs[i] for i in done], [acts[i] for i in done], [nets[i] for i in done],
-                                    args.run.env_workers) if done else []  # fmt: skip
-    results = [runs[i].finish(acts[i], [nets[i]], {"update_mode": update_mode}, models={"q_network": nets[i]},
-                              evaluation=evaluation)
-               for i, evaluation in zip(done, evaluations, strict=True)]  # fmt: skip
-    diverged = [run for run in runs if run.diverged]
-    for run in diverged:
-        run.set_aside()
-    if diverged:
-        names = "; ".join(f"{run.game} seed {run.seed} diverged ({run.folder / 'diverged.json'})" for run in diverged)
-        sys.exit(f"drq: {names}; {len(results)} other run(s) finished")
-    return results
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        # a life loss is a terminal for learning, yet the game goes on (dopamine's terminal_on_life_loss)
+        replay.add(obs[-1], action, clip_reward(reward), terminated or info["life_loss"], truncated)
+        if terminated or truncated:
+            run.episode(step, info)  # tensorboard charts/episodic_return, results.json train_episodes
+            next_obs, _ = env.reset()
+        obs = next_obs
+
+        if run.report_due(step):
+            run.report(step, {"epsilon": epsilon}, interventions.metrics())  # progress line, losses, activity
+        run.diagnose(step, probe, sample_states, replay.num_sampleable > 0)  # dormant units, ranks, ...
+        run.evaluate_if_due(step, act, [q_network])
+        run.checkpoint(step, obs=obs)
+
+    return run.finish(act, [q_network], {"update_mode": update_mode}, models={"q_network": q_network})
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    commands = expand_runs(sys.argv[1:])  # --env-id A B --seed 1 2 3: one process, several runs
-    all_args = [cli_with_presets(Args, PRESETS, __doc__, command) for command in commands]
+    commands = expand_runs(sys.argv[1:])  # --env-id A B --seed 1 2 3: several runs
     with interruptible("drq"):  # Ctrl-C / SIGTERM: one line per run, the checkpoint kept
-        train(all_args)
+        if len(commands) > 1:  # in one process, in lockstep: the batched machinery beside this file
+            from drq_batched import train_many
+
+            train_many(commands)
+        else:
+            main(cli_with_presets(Args, PRESETS, __doc__, commands[0]))

@@ -110,10 +110,13 @@ def drq_update_seconds(drq: ModuleType, args, device: torch.device, num_actions:
 
 def drq_batched_update_seconds(drq: ModuleType, args, device: torch.device, num_actions: int, runs: int,
                                updates: int, graph: bool = False) -> float:  # fmt: skip
-    """Seconds per batched DrQ update of `runs` runs in one stack (drq.batched_update: one vmapped
+    """Seconds per batched DrQ update of `runs` runs in one stack (agents/drq_batched.py: one vmapped
     forward and backward, each run's own optimizer step); graph=True: captured in one CUDA graph.
     Each run samples from its own small replay of random frames (rlplastic.replay.StackedFrameReplays,
     as in a batch): timing needs the shapes, not 100k-step replays."""
+    from rlplastic.sweep import load_agent
+
+    many = load_agent("drq_batched")
     nets = [drq.QNetwork(num_actions).to(device) for _ in range(runs)]
     stack = StackedModules(nets)
     learners = [drq.build_learner(replace(args, cuda_graph=graph), num_actions, device, q) for q in nets]
@@ -122,10 +125,10 @@ def drq_batched_update_seconds(drq: ModuleType, args, device: torch.device, num_
     replays = StackedFrameReplays(runs, 1_000, args.n_step, args.gamma, device=device, generators=generators)
     for replay in replays.replays:
         random_replay(replay, num_actions, steps=1_000)
-    optimizers, valid = [optimizer for _, _, optimizer in learners], drq.action_mask(stack)
+    optimizers, valid = [optimizer for _, _, optimizer in learners], many.action_mask(stack)
 
     def step() -> torch.Tensor:
-        losses = drq.batched_update(args, stack, targets, optimizers, replays, generators, valid)
+        losses = many.batched_update(args, stack, targets, optimizers, replays, generators, valid)
         return losses["td_loss"].sum()
 
     if graph:

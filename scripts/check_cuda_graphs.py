@@ -31,7 +31,7 @@ from rlplastic.interventions import build_interventions
 from rlplastic.replay import FrameReplay, PrioritizedFrameReplay, StackedFrameReplays
 from rlplastic.sweep import load_agent
 
-drq, bbf = load_agent("drq"), load_agent("bbf")
+drq, drq_batched, bbf = load_agent("drq"), load_agent("drq_batched"), load_agent("bbf")
 DEVICE = torch.device("cuda")  # --device cpu: a dry run of this script, both learners eager
 
 
@@ -81,13 +81,13 @@ def drq_case(overrides: dict, runs: int = 1, deterministic: bool = True, actions
                                              lambda n, r=replay: r.sample(n).states, xavier_uniform_zero_bias,
                                              drq.HEAD_MODULES))  # fmt: skip
         targets = StackedModules([t for _, t, _ in learners]) if runs > 1 and args.interventions.ema > 0 else None
-        valid = drq.action_mask(stack) if runs > 1 else None
+        valid = drq_batched.action_mask(stack) if runs > 1 else None
 
         def device_work() -> torch.Tensor:
             if runs == 1:
                 loss = drq.update(args, *learners[0], replays[0], generator)["td_loss"]
             else:
-                loss = drq.batched_update(args, stack, targets, [o for _, _, o in learners], replays,
+                loss = drq_batched.batched_update(args, stack, targets, [o for _, _, o in learners], replays,
                                           [generator] * runs, valid)["td_loss"].sum()  # fmt: skip
             for run_items in items:
                 run_items.device_step()

@@ -45,5 +45,10 @@ def drq():
 
 
 @pytest.fixture(scope="session")
+def drq_batched():
+    return load_agent("drq_batched")
+
+
+@pytest.fixture(scope="session")
 def bbf_agent():
     return load_agent("bbf")

@@ -1,4 +1,4 @@
-"""Many runs in one process (rlplastic.batched, drq.train with several games and seeds)."""
+"""Many runs in one process (rlplastic.batched, agents/drq_batched.py with several games and seeds)."""
 
 import copy
 import json
@@ -40,7 +40,7 @@ def test_stacked_modules_compute_each_runs_forward_and_gradient(drq):
         StackedModules([drq.QNetwork(6), drq.QNetwork(6, hidden=256)])
 
 
-def test_runs_of_games_with_different_action_counts_share_one_stack(drq):
+def test_runs_of_games_with_different_action_counts_share_one_stack(drq_batched, drq):
     """Heads of 3, 6 and 18 actions stacked zero-padded to 18: each run's module keeps its own
     shapes (views of its rows); with the action mask the batched forward gives each run its own
     Q-values (padded actions -inf, never chosen), gradients and Adam steps touch only real rows."""
@@ -50,7 +50,7 @@ def test_runs_of_games_with_different_action_counts_share_one_stack(drq):
     stack = StackedModules(nets)
     assert stack.params["advantage.weight"].shape == (3, 18, 512)
     assert [tuple(net.advantage.weight.shape) for net in nets] == [(3, 512), (6, 512), (18, 512)]
-    valid = drq.action_mask(stack)
+    valid = drq_batched.action_mask(stack)
     assert valid.sum(1).tolist() == [3, 6, 18]
     x = torch.randint(0, 255, (3, 5, 4, 84, 84), dtype=torch.uint8)
     out = stack(x, valid)
@@ -72,7 +72,7 @@ def test_runs_of_games_with_different_action_counts_share_one_stack(drq):
     assert (stack.params["advantage.weight"][0, :3] != 0).all()
 
 
-def test_a_batched_update_is_n_separate_updates_and_interventions_stay_in_their_run(drq):
+def test_a_batched_update_is_n_separate_updates_and_interventions_stay_in_their_run(drq_batched, drq):
     args = with_flags(drq.Args(), batch_size=4, ema=0.9, reset=("head",), head_every=1_000)
     learners, alone = [], []
     for seed in range(3):
@@ -90,8 +90,8 @@ def test_a_batched_update_is_n_separate_updates_and_interventions_stay_in_their_
     alone_generators = [torch.Generator().manual_seed(i) for i in range(3)]
     alone_replays = [filled_replay(replay=FrameReplay(1_000, 10, 0.99, generator=g)) for g in alone_generators]
     for _ in range(4):
-        losses = drq.batched_update(args, stack, targets, [opt for _, _, opt in learners], replays, generators,
-                                    drq.action_mask(stack))  # fmt: skip
+        losses = drq_batched.batched_update(args, stack, targets, [opt for _, _, opt in learners], replays, generators,
+                                    drq_batched.action_mask(stack))  # fmt: skip
         separate = [drq.update(args, *alone[i], alone_replays[i], alone_generators[i]) for i in range(3)]
         torch.testing.assert_close(losses["td_loss"], torch.stack([s["td_loss"] for s in separate]))
     for (q, _, _), (q_alone, _, _) in zip(learners, alone, strict=True):
@@ -218,7 +218,9 @@ class Killed(Exception):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("env_workers, mode", [(0, "vmap"), (2, "auto")])
-def test_a_killed_batch_resumes_every_run_to_the_straight_numbers(drq, tmp_path, monkeypatch, env_workers, mode):
+def test_a_killed_batch_resumes_every_run_to_the_straight_numbers(
+    drq_batched, drq, tmp_path, monkeypatch, env_workers, mode
+):
     """Also with the environments in worker processes: their states travel through the checkpoint."""
     from rlplastic import runs
 
@@ -230,7 +232,7 @@ def test_a_killed_batch_resumes_every_run_to_the_straight_numbers(drq, tmp_path,
         return [with_flags(base, env_id="Pong", seed=seed, output_dir=str(tmp_path / folder / str(seed)))
                 for seed in (1, 2)]  # fmt: skip
 
-    straight = drq.train(batch("straight"))
+    straight = drq_batched.train(batch("straight"))
     real_save, saves = runs.save_checkpoint, []
 
     def save_then_die(*a):
@@ -241,16 +243,16 @@ def test_a_killed_batch_resumes_every_run_to_the_straight_numbers(drq, tmp_path,
 
     monkeypatch.setattr(runs, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        drq.train(batch("resumed"))
+        drq_batched.train(batch("resumed"))
     monkeypatch.setattr(runs, "save_checkpoint", real_save)
-    resumed = drq.train(batch("resumed"))
+    resumed = drq_batched.train(batch("resumed"))
     for a, b in zip(straight, resumed, strict=True):
         for key in ("train_log", "train_episodes", "eval_returns"):
             assert a[key] == b[key]
 
 
 @pytest.mark.slow
-def test_environments_in_worker_processes_give_the_same_runs(drq, tmp_path):
+def test_environments_in_worker_processes_give_the_same_runs(drq_batched, drq, tmp_path):
     """--env-workers moves the runs' environments into processes stepped in parallel, and their
     final evaluations too: the same episodes, losses and evaluations as in the training process."""
 
@@ -262,8 +264,8 @@ def test_environments_in_worker_processes_give_the_same_runs(drq, tmp_path):
         return [with_flags(base, env_id=game, seed=seed, output_dir=str(tmp_path / folder / f"{game}{seed}"))
                 for game, seed in (("Pong", 1), ("Boxing", 1), ("Pong", 2))]  # fmt: skip
 
-    here = drq.train(batch("here", 0))
-    workers = drq.train(batch("workers", 2))
+    here = drq_batched.train(batch("here", 0))
+    workers = drq_batched.train(batch("workers", 2))
     for a, b in zip(here, workers, strict=True):
         for key in ("train_log", "train_episodes", "eval_returns"):
             assert a[key] == b[key]
@@ -271,7 +273,7 @@ def test_environments_in_worker_processes_give_the_same_runs(drq, tmp_path):
 
 
 @pytest.mark.slow
-def test_concurrent_updates_give_each_run_exactly_its_single_run(drq, tmp_path):
+def test_concurrent_updates_give_each_run_exactly_its_single_run(drq_batched, drq, tmp_path):
     """--batched-update concurrent steps each run's own update (on CUDA: its own captured graph,
     replayed side by side on streams; on a CPU one after another): every number equals the run
     alone, continual backprop (which hooks the run's forward) and head resets included."""
@@ -284,9 +286,9 @@ def test_concurrent_updates_give_each_run_exactly_its_single_run(drq, tmp_path):
                           reset=("head",), head_every=50,
                           output_dir=str(tmp_path / folder / f"{game}{seed}"))  # fmt: skip
 
-    together = drq.train([args("together", "Pong", 1), args("together", "Boxing", 2)])
+    together = drq_batched.train([args("together", "Pong", 1), args("together", "Boxing", 2)])
     for (game, seed), result in zip((("Pong", 1), ("Boxing", 2)), together, strict=True):
-        alone = drq.train([args("alone", game, seed)])[0]
+        alone = drq_batched.train([args("alone", game, seed)])[0]
         assert result["update_mode"] == "batched-concurrent"
         for key in ("train_log", "train_episodes", "eval_returns"):
             assert result[key] == alone[key], (game, key)
@@ -328,7 +330,7 @@ def test_final_evaluations_of_several_runs_together_are_each_runs_own(noop_unit)
 
 
 @pytest.mark.parametrize("mode", ["concurrent", "vmap"])
-def test_a_diverged_run_is_set_aside_and_the_others_of_its_batch_finish(drq, tmp_path, monkeypatch, mode):
+def test_a_diverged_run_is_set_aside_and_the_others_of_its_batch_finish(drq_batched, drq, tmp_path, monkeypatch, mode):
     """One run of a batch whose loss turns NaN (from its 61st update, step 100; found at the report
     of step 120) writes diverged.json, keeps its last good checkpoint (step 80) and no results; the
     other run goes on to its results (concurrent: exactly its numbers alone) and the process exits
@@ -340,7 +342,7 @@ def test_a_diverged_run_is_set_aside_and_the_others_of_its_batch_finish(drq, tmp
                           device="cpu", track_tensorboard=False, batched_update=mode,
                           output_dir=str(tmp_path / folder / str(seed)))  # fmt: skip
 
-    real_update, real_batched, calls = drq.update, drq.batched_update, []
+    real_update, real_batched, calls = drq.update, drq_batched.batched_update, []
 
     def diverging_update(args_, q_network, *rest, **kw):  # concurrent: each run's own update
         losses = real_update(args_, q_network, *rest, **kw)
@@ -357,9 +359,9 @@ def test_a_diverged_run_is_set_aside_and_the_others_of_its_batch_finish(drq, tmp
         return losses
 
     monkeypatch.setattr(drq, "update", diverging_update)
-    monkeypatch.setattr(drq, "batched_update", diverging_batched)
+    monkeypatch.setattr(drq_batched, "batched_update", diverging_batched)
     with pytest.raises(SystemExit, match=r"drq: Pong seed 2 diverged \(.*diverged.json\); 1 other run\(s\) finished"):
-        drq.train([args(1, "batch"), args(2, "batch")])
+        drq_batched.train([args(1, "batch"), args(2, "batch")])
     survivor, diverged = tmp_path / "batch" / "1", tmp_path / "batch" / "2"
     assert not (diverged / "results.json").exists() and (survivor / "results.json").exists()
     record = json.loads((diverged / "diverged.json").read_text())

@@ -59,14 +59,14 @@ def cpu_has_avx2() -> bool:
         return False
 
 
-def run_pinned(agent: str, argv: list[str], folder: Path) -> dict:
+def run_pinned(agent: str, argv: list[str], folder: Path, results_in: Path | None = None) -> dict:
     """Run an agent from the command line on one thread with the pinned kernels; the numbers the
-    pins compare."""
+    pins compare (from `results_in`, default `folder`)."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0", **PINNED_KERNELS}
     proc = subprocess.run([sys.executable, str(ROOT / "agents" / f"{agent}.py"), *argv, "--output-dir", str(folder),
                            "--no-track-tensorboard"], capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((folder / "results.json").read_text())
+    results = json.loads(((results_in or folder) / "results.json").read_text())
     return {
         "eval_returns": results["eval_returns"],
         "train_episodes": [[e["step"], e["return"]] for e in results["train_episodes"]],
@@ -81,7 +81,10 @@ def run_pinned(agent: str, argv: list[str], folder: Path) -> dict:
 def test_fixed_seed_runs_give_the_pinned_numbers(name, tmp_path):
     pinned = json.loads(PINS.read_text())[name]
     agent, argv = CONFIGS[name]
-    numbers = run_pinned(agent, argv, tmp_path / name)
+    assert_pinned(run_pinned(agent, argv, tmp_path / name), pinned, name)
+
+
+def assert_pinned(numbers: dict, pinned: dict, name: str) -> None:
     assert numbers["eval_returns"] == pinned["eval_returns"]
     assert numbers["train_episodes"] == pinned["train_episodes"]
     assert numbers["resets"] == pinned["resets"]
@@ -90,6 +93,20 @@ def test_fixed_seed_runs_give_the_pinned_numbers(name, tmp_path):
         assert set(row) == set(pinned_row)
         for key, value in pinned_row.items():
             assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, row["step"], key)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_has_avx2(), reason="the pins were recorded with AVX2 kernels, which this CPU lacks")
+@pytest.mark.parametrize("name", ["drq", "drq_resets"])
+def test_a_run_among_several_in_one_process_gives_its_pinned_numbers(name, tmp_path):
+    """The many-runs path (agents/drq_batched.py: --seed 3 4 in one process, each run's own update
+    on a CPU) gives the pinned run its numbers alone."""
+    pinned = json.loads(PINS.read_text())[name]
+    agent, argv = CONFIGS[name]
+    at = argv.index("--seed")
+    argv = [*argv[: at + 2], "4", *argv[at + 2 :]]  # seed 3, then seed 4 beside it
+    folder = tmp_path / name / "{seed}"
+    assert_pinned(run_pinned(agent, argv, folder, results_in=tmp_path / name / "3"), pinned, name)
 
 
 if __name__ == "__main__":  # python tests/test_pinned_numbers.py --write [name ...]
