@@ -32,7 +32,7 @@ Differences from the reference, on purpose:
   precision is float16 with loss scaling); losses are computed in float32.
 
 Resets are one rlplastic.interventions.ShrinkPerturb over both networks; the EMA target (--ema 0.995,
-the reference's tau 0.005) is rlplastic.interventions.HareTortoise. The interventions' and the run's
+the reference's tau 0.005) is updated in `update`, after the optimizer step. The interventions' and the run's
 flags are DrQ's; --bbf-reset-every counts agent steps as the reference does. On CUDA the gradient
 step is replayed from CUDA graphs (--cuda-graph).
 """
@@ -463,6 +463,8 @@ def update(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    with torch.no_grad():  # the EMA target (tau = 1 - ema = 0.005): backups, SPR targets and acting
+        torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - args.interventions.ema)
     replay.update_priorities(batch.indices, torch.sqrt(c51_loss.detach() + 1e-10))
     out = {"loss": loss.detach(), "c51_loss": c51_loss.detach().mean()}
     if use_spr:
@@ -482,7 +484,7 @@ def main(args: Args) -> dict:
     reset_schedule = ResetSchedule(reset_interval(args), args.no_resets_after)
     sample_states = lambda n: replay.sample(n).states  # noqa: E731
     interventions = build_interventions(args.interventions, online, target, optimizer, sample_states,
-                                        xavier_uniform_zero_bias)  # fmt: skip
+                                        xavier_uniform_zero_bias, agent_keeps_ema=True)  # fmt: skip
     probe = PlasticityProbe(online, probe_batch=None)
     run.keep(online=online, target=target, optimizer=optimizer, resets=resets, reset_schedule=reset_schedule,
              interventions=interventions, replay=replay, probe=probe)  # fmt: skip

@@ -39,13 +39,16 @@ class HareTortoise(Intervention):
         reset_every: int = 4_000,
         optimizer: torch.optim.Optimizer | None = None,
         reset_optimizer: bool = False,
+        average: bool = True,
     ):
+        """average=False: the caller keeps the tortoise's EMA itself (BBF's target update, part of
+        the agent); this only resets the hare to it."""
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum {momentum}: must lie in [0, 1)")
         if hare is tortoise:
             raise ValueError("hare and tortoise must be two networks (the tortoise is a separate EMA copy)")
         self.hare, self.tortoise, self.momentum = hare, tortoise, momentum
-        self.optimizer, self.reset_optimizer = optimizer, reset_optimizer
+        self.optimizer, self.reset_optimizer, self.average = optimizer, reset_optimizer, average
         self.due = Every(reset_every)
         self.hare_params = list(hare.parameters())
         self.tortoise_params = list(tortoise.parameters())
@@ -60,6 +63,8 @@ class HareTortoise(Intervention):
     @torch.no_grad()
     def device_step(self) -> None:
         """tortoise <- momentum * tortoise + (1 - momentum) * hare (graph-capturable)."""
+        if not self.average:
+            return
         # One fused kernel per dtype/device group for all parameters: cheap enough to run every step.
         torch._foreach_lerp_(self.tortoise_params, self.hare_params, 1.0 - self.momentum)
         if self.float_buffers:

@@ -201,6 +201,7 @@ def build_interventions(
     sample_states: Callable[[int], torch.Tensor],
     init_fn: InitFn = torch_default_init,
     head: Sequence[str] = (),
+    agent_keeps_ema: bool = False,
 ) -> Interventions:
     """The chosen interventions, stepped in this order after every optimizer step: the EMA target
     first (Hare & Tortoise's tortoise, which resets the hare only with --reset hare-tortoise), then
@@ -210,12 +211,13 @@ def build_interventions(
     on the online network and the target alike, each with its own fresh draw (as BBF's resets do);
     unit recycling acts on the online network. `sample_states(n)` gives n states from replay (ReDo
     scores units on them); `init_fn` is the network's own initialization (by default each
-    layer's reset_parameters); `head` names the submodules a head reset re-initializes."""
+    layer's reset_parameters); `head` names the submodules a head reset re-initializes.
+    `agent_keeps_ema`: the agent updates `target` itself (BBF); Hare & Tortoise then only resets."""
     networks = [online] + ([target] if target is not None else [])
     items: list[Intervention] = []
-    if target is not None:
+    if target is not None and not (agent_keeps_ema and "hare-tortoise" not in options.reset):
         every = options.every("hare-tortoise") if "hare-tortoise" in options.reset else 0
-        items.append(HareTortoise(online, target, momentum=options.ema, reset_every=every))
+        items.append(HareTortoise(online, target, momentum=options.ema, reset_every=every, average=not agent_keeps_ema))
     if "head" in options.reset:
         items.append(HeadReset(networks, list(head), options.every("head"), optimizer, init_fn))
     if "shrink-perturb" in options.reset:
