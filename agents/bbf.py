@@ -5,8 +5,9 @@ agents/spr_agent.py, spr_networks.py): Impala-CNN width 4, C51 with a dueling he
 prioritized replay, n-step 10 -> 3 and gamma 0.97 -> 0.997 annealed after every reset, EMA target
 (tau 0.005) for backups, SPR targets and acting, AdamW with weight decay, and resets: encoder and
 transition model shrunk halfway toward a fresh init, projection, predictor and head re-initialized,
-for the online and the target network alike, three times in a 100k run (after 20,001, 40,002 and
-60,003 agent steps, the reference's schedule; see ResetSchedule).
+for the online and the target network alike: three times in a 100k run by the 2024 reference code
+(after 20,001, 40,002 and 60,003 agent steps), four by its 2023 code (20k ... 80k), whose rule the
+bbf-rr2 / bbf-rr8 presets take to compare with the published score files (ResetSchedule).
 
     python agents/bbf.py --env-id Breakout                  # BBF.gin: replay ratio 2, resets every 20k steps
     python agents/bbf.py bbf-rr8 --env-id Pong              # RR8: resets every 5k steps (40k gradient steps)
@@ -128,7 +129,10 @@ class Args:
     """agent steps between BBF's own resets; default 40,000 gradient steps' worth: 20,000 at replay
     ratio 2 (BBF.gin), 5,000 at 8; 0 = no resets"""
     no_resets_after: int = 100_000
-    """a reset is skipped when the next one would come after this agent step (3 resets in 100k at RR2)"""
+    """a reset is skipped when the next one would come after this agent step"""
+    reset_rule: Literal["2024", "2023"] = "2024"
+    """which reference code decides a reset is due: 2024, t > next_reset (3 resets in 100k at RR2, 18 at
+    RR8); 2023, t >= next_reset, the code of the published score files (4 at RR2, 19 at RR8)"""
     encoder_shrink: float = 0.5
     """BBF reset: encoder and transition model <- shrink * theta + (1 - shrink) * fresh init"""
 
@@ -142,9 +146,11 @@ def _hare_tortoise() -> InterventionOptions:
 
 
 PRESETS = {
-    "bbf-rr2": ("BBF as BBF.gin: replay ratio 2, resets every 20k steps (the defaults; scores/RR2_BBF.csv)", Args()),
-    "bbf-rr8": ("the paper's headline BBF: replay ratio 8, resets every 5k steps (scores/RR8_BBF.csv)",
-                Args(replay_ratio=8)),
+    # the published per-run score files came from the 2023 code, whose reset rule the presets follow
+    "bbf-rr2": ("BBF as BBF.gin: replay ratio 2, resets every 20k steps, the 2023 reset rule (scores/RR2_BBF.csv)",
+                Args(reset_rule="2023")),
+    "bbf-rr8": ("the paper's headline BBF: replay ratio 8, resets every 5k steps, the 2023 reset rule "
+                "(scores/RR8_BBF.csv)", Args(replay_ratio=8, reset_rule="2023")),
     "hare-tortoise": ("Hare & Tortoise's BBF (Lee et al. 2024, section 5): BBF's resets, hare <- tortoise every "
                       "4,000 gradient steps, no SPR", Args(no_spr=True, interventions=_hare_tortoise())),
     "cpu-smoke": ("minutes on a CPU: width 1, hidden 256, 3,000 steps, a 10-episode evaluation",
@@ -373,16 +379,19 @@ class ResetSchedule:
     and reset_weights): with t the agent steps taken so far, a reset is considered when
     t > next_reset (first next_reset = interval); it sets next_reset = t + interval and is skipped
     when that lies beyond no_resets_after. In a 100k run at 20k steps: t = 20,001, 40,002, 60,003
-    (three resets); at t = 80,004 the next one would fall after 100k, so none."""
+    (three resets); at t = 80,004 the next one would fall after 100k, so none. The 2023 code
+    (rule "2023") compared t >= next_reset: t = 20,000, 40,000, 60,000 and 80,000 (next 100,000,
+    not beyond): four resets, the last 20k steps before the end."""
 
     state_keys = ("next_reset", "resets_done")
 
-    def __init__(self, interval: int, no_resets_after: int):
-        self.interval, self.no_resets_after = interval, no_resets_after
+    def __init__(self, interval: int, no_resets_after: int, rule: str = "2024"):
+        self.interval, self.no_resets_after, self.rule = interval, no_resets_after, rule
         self.next_reset, self.resets_done = interval, 0
 
     def due(self, steps_taken: int) -> bool:
-        if self.interval <= 0 or steps_taken <= self.next_reset:
+        not_yet = steps_taken < self.next_reset if self.rule == "2023" else steps_taken <= self.next_reset
+        if self.interval <= 0 or not_yet:
             return False
         self.next_reset = steps_taken + self.interval
         if self.next_reset > self.no_resets_after:
@@ -481,7 +490,7 @@ def main(args: Args) -> dict:
     replay = PrioritizedFrameReplay(args.buffer_size, args.n_step_start, args.gamma_end, future_steps=args.spr_steps,
                                     device=device, generator=generator)  # fmt: skip
     resets = bbf_reset(args, online, target, optimizer)
-    reset_schedule = ResetSchedule(reset_interval(args), args.no_resets_after)
+    reset_schedule = ResetSchedule(reset_interval(args), args.no_resets_after, args.reset_rule)
     sample_states = lambda n: replay.sample(n).states  # noqa: E731
     interventions = build_interventions(args.interventions, online, target, optimizer, sample_states,
                                         xavier_uniform_zero_bias, agent_keeps_ema=True)  # fmt: skip
@@ -543,7 +552,8 @@ def main(args: Args) -> dict:
         run.evaluate_if_due(step, greedy_actions, [online, target])
         run.checkpoint(step, obs=obs, counters=(grad_steps, cycle_step))
 
-    results = {"grad_steps": grad_steps, "resets": resets.resets, "update_mode": update_mode}
+    results = {"grad_steps": grad_steps, "resets": resets.resets, "reset_rule": args.reset_rule,
+               "update_mode": update_mode}  # fmt: skip
     return run.finish(greedy_actions, [online, target], results, models={"target": target})
 
 

@@ -28,7 +28,7 @@ RESUMABLE_CHANGES = frozenset({"output_dir", "device", "threads", "log_every", "
                                "track", "wandb_project_name", "wandb_entity", "save_model", "env_workers"})  # fmt: skip
 # Arguments added after runs were already being checkpointed, each with the value that does what those
 # runs did: a checkpoint written before an argument existed resumes under that value, and only that one.
-ADDED_ARGUMENTS = {"noop_unit": "agent-steps"}
+ADDED_ARGUMENTS = {"noop_unit": "agent-steps", "reset_rule": "2024"}
 
 
 def output_dir_problems(output_dir: str | None) -> list[str]:

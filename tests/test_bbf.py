@@ -61,7 +61,7 @@ def test_annealing_schedules_at_chosen_steps(bbf):
 
 def resets_in_a_run(bbf, args) -> list[int]:
     """The agent steps taken before each reset, as the loop asks the schedule (t = step - 1)."""
-    schedule = bbf.ResetSchedule(bbf.reset_interval(args), args.no_resets_after)
+    schedule = bbf.ResetSchedule(bbf.reset_interval(args), args.no_resets_after, args.reset_rule)
     return [t for t in range(0, args.total_steps) if schedule.due(t)]
 
 
@@ -71,6 +71,18 @@ def test_reset_schedule_is_the_references_three_resets(bbf):
     args = bbf.Args()
     assert resets_in_a_run(bbf, args) == [20_001, 40_002, 60_003]
     assert resets_in_a_run(bbf, with_flags(args, bbf_reset_every=0)) == []
+
+
+def test_the_2023_reset_rule_resets_four_times_at_rr2_and_19_at_rr8_as_the_presets_do(bbf):
+    """The 2023 reference compared t >= next_reset: one reset more, the last 20k steps before the end."""
+    args = with_flags(bbf.Args(), reset_rule="2023")
+    assert resets_in_a_run(bbf, args) == [20_000, 40_000, 60_000, 80_000]
+    rr8 = resets_in_a_run(bbf, with_flags(args, replay_ratio=8))
+    assert len(rr8) == 19 and rr8[:2] == [5_000, 10_000] and rr8[-1] == 95_000
+    presets = {name: preset for name, (_, preset) in bbf.PRESETS.items()}
+    assert presets["bbf-rr2"].reset_rule == presets["bbf-rr8"].reset_rule == "2023"
+    assert resets_in_a_run(bbf, presets["bbf-rr8"]) == rr8
+    assert bbf.Args().reset_rule == "2024"
 
 
 def test_replay_ratio_8_resets_every_40k_gradient_steps(bbf):
