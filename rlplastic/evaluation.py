@@ -64,18 +64,20 @@ def evaluate_episodes(
     num_envs: int,
     epsilon: float,
     seed: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Play `num_episodes` whole episodes and return them in a fixed order (env, then episode).
 
     Each environment gets its share of episodes up front. Stopping when the first N episodes
     finish would over-represent short episodes, a bias of parallel evaluation loops.
-    greedy_actions maps a (n, *obs_shape) batch of observations to n greedy actions.
+    greedy_actions maps a (n, *obs_shape) batch of observations to n greedy actions; progress, if
+    given, is called with (episodes done, num_episodes) as episodes end.
     """
     if num_episodes <= 0:
         return EvalResult()
     envs = LocalEnvs([make_env(seed + i) for i in range(len(episode_quotas(num_episodes, num_envs)))])
     try:
-        return evaluate_runs(envs, [greedy_actions], num_episodes, num_envs, epsilon, [seed])[0]
+        return evaluate_runs(envs, [greedy_actions], num_episodes, num_envs, epsilon, [seed], progress)[0]
     finally:
         envs.close()
 
@@ -87,6 +89,7 @@ def evaluate_runs(
     num_envs: int,
     epsilon: float,
     seeds: Sequence[int],
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[EvalResult]:
     """evaluate_episodes for several runs at once: run r plays on environments r * E .. r * E + E - 1
     of `envs` (E = len(episode_quotas(num_episodes, num_envs)); built with seeds seeds[r] + i, as
@@ -115,6 +118,8 @@ def evaluate_runs(
             obs[k], _, terminated, truncated, info = result
             if terminated or truncated:
                 episodes[k].append(info["episode"])
+                if progress is not None:  # all runs' episodes together
+                    progress(sum(map(len, episodes)), num_episodes * len(acts))
         running = [[k for k in live if len(episodes[k]) < quota[k % per_run]] for live in running]
     results = []
     for r in range(len(acts)):

@@ -175,33 +175,83 @@ def hparams_markdown(config: dict[str, Any]) -> str:
 
 
 class Progress:
-    """One line every `every` steps: step, share done, steps/s, ETA and whatever the caller adds."""
+    """Training progress every `every` steps: a tqdm bar on a terminal, one line each time in a log
+    file. The ETA knows the phases: random play (before `learning_starts`) runs far faster than
+    learning, so each phase's rate is measured on report windows wholly inside it, and the time
+    left for learning is unknown (shown as '?') until learning has been timed; the final
+    evaluation comes on top (it has its own bar)."""
 
-    def __init__(self, total: int, every: int, start: int = 0, stream=sys.stdout):
-        self.total, self.every, self.stream = total, max(1, every), stream
+    def __init__(self, total: int, every: int, start: int = 0, learning_starts: int = 0, stream=None):
+        self.total, self.every, self.learning_starts = total, max(1, every), learning_starts
+        self.stream = stream or sys.stdout
         self.start_time = self.last_time = time.perf_counter()
         self.last_step = start
+        self.rates: dict[str, float] = {}  # phase -> steps/s of its latest whole window
+        self.bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", file=self.stream, dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]{postfix}")  # fmt: skip
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total
 
+    def phase(self, step: int) -> str:
+        return "random play" if step < self.learning_starts else "learning"
+
     def steps_per_second(self, step: int) -> float:
-        """Rate since the previous report."""
+        """Rate since the previous report, kept as its phase's rate when the window lies in one phase."""
         now = time.perf_counter()
         rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        if self.phase(self.last_step + 1) == self.phase(step):
+            self.rates[self.phase(step)] = rate
         self.last_time, self.last_step = now, step
         return rate
 
+    def eta_seconds(self, step: int) -> float | None:
+        """Seconds of training left; None while the learning phase's rate is unknown."""
+        random_left = max(0, min(self.learning_starts, self.total) - step)
+        learning_left = self.total - max(step, min(self.learning_starts, self.total))
+        if learning_left and "learning" not in self.rates:
+            return None
+        random_time = random_left / self.rates["random play"] if random_left else 0.0
+        return random_time + (learning_left / self.rates["learning"] if learning_left else 0.0)
+
     def report(self, step: int, rate: float, **fields: Any) -> None:
-        elapsed = time.perf_counter() - self.start_time
-        eta = (self.total - step) / max(rate, 1e-9)  # recent rate: warm-up steps without updates are fast
+        eta = self.eta_seconds(step)
+        eta_text = f"eta {eta / 60:.1f}m" if eta is not None else "eta ? (learning not timed yet)"
         extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        print(
-            f"step {step}/{self.total} ({100 * step / self.total:.0f}%) {rate:.0f} steps/s "
-            f"elapsed {elapsed / 60:.1f}m eta {eta / 60:.1f}m {extra}",
-            file=self.stream,
-            flush=True,
-        )
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"{self.phase(step)}, {rate:.0f} steps/s, {eta_text} {extra}")
+            if step >= self.total:
+                self.bar.close()
+            return
+        elapsed = time.perf_counter() - self.start_time
+        print(f"step {step}/{self.total} ({100 * step / self.total:.0f}%) {self.phase(step)} {rate:.0f} steps/s "
+              f"elapsed {elapsed / 60:.1f}m {eta_text} {extra}", file=self.stream, flush=True)  # fmt: skip
+
+
+class EpisodeProgress:
+    """Progress of an evaluation, episode by episode: a tqdm bar on a terminal, a line every tenth
+    of the episodes in a log file. Call it with (episodes done, episodes in all)."""
+
+    def __init__(self, what: str, stream=None):
+        self.what, self.stream, self.bar, self.shown = what, stream or sys.stdout, None, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.stream.isatty():
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=self.what, unit="episode", file=self.stream, dynamic_ncols=True)
+            self.bar.update(done - self.bar.n)
+            if done >= total:
+                self.bar.close()
+        elif done * 10 // total > self.shown * 10 // total or done == total:
+            self.shown = done
+            print(f"{self.what}: {done}/{total} episodes", file=self.stream, flush=True)
 
 
 @dataclass
@@ -442,6 +492,9 @@ class Run:
         threads = set_cpu_threads(options.threads)
         print(f"{agent}: {game} seed {self.seed} on {self.device} ({threads} CPU thread(s)), {self.total_steps} steps "
               f"-> {self.folder}", flush=True)  # fmt: skip
+        if self.writer is not None:
+            print(f"{agent}: watch it with `tensorboard --logdir {self.folder}`; results.json lands there at the end",
+                  flush=True)  # fmt: skip
         seed_everything(self.seed, options.deterministic)
         self.generator = device_generator(self.device, self.seed)  # replay sampling and augmentation
         self.rng = np.random.default_rng(self.seed)  # acting
@@ -449,7 +502,8 @@ class Run:
         self.records: dict[str, list] = {"train_episodes": [], "train_log": [], "diagnostics": [], "eval_curve": []}
         self.random = RandomStates(self.rng, self.generator)
         self.objects: dict[str, Any] = {"random": self.random, "losses": self.losses}
-        self.progress = Progress(self.total_steps, options.log_every, start=self.start_step - 1)
+        self.progress = Progress(self.total_steps, options.log_every, start=self.start_step - 1,
+                                 learning_starts=getattr(args, "learning_starts", 0))  # fmt: skip
         self.env: Any = None  # make_env()
         self.time_before = 0.0  # train time of earlier, interrupted sessions of this run
         self.start_time = time.time()
@@ -666,11 +720,13 @@ class Run:
         self.log({f"plasticity/{key}": value for key, value in metrics.items()}, step)
 
     # Evaluation and results
-    def evaluate(self, act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int) -> EvalResult:
+    def evaluate(self, act: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int,
+                 progress: Callable[[int, int], None] | None = None) -> EvalResult:  # fmt: skip
         """Epsilon-greedy episodes of the current policy on fresh environments seeded apart from
         training (the training environment and random streams are untouched)."""
         options = self.options
-        return evaluate_episodes(self.protocol_env, act, episodes, options.eval_envs, options.eval_epsilon, seed)
+        return evaluate_episodes(self.protocol_env, act, episodes, options.eval_envs, options.eval_epsilon, seed,
+                                 progress)  # fmt: skip
 
     @property
     def final_eval_seed(self) -> int:
@@ -712,7 +768,8 @@ class Run:
         for module in modules:
             module.eval()
         if evaluation is None:
-            evaluation = self.evaluate(act, self.options.eval_episodes, self.final_eval_seed)
+            progress = EpisodeProgress(f"{self.agent}: final evaluation")
+            evaluation = self.evaluate(act, self.options.eval_episodes, self.final_eval_seed, progress)
         if evaluation.returns:
             self.records["eval_curve"].append(
                 {"step": self.total_steps, "mean": evaluation.mean, "returns": evaluation.returns}
@@ -789,6 +846,7 @@ def final_evaluations(
     workers = EnvWorkers([(run.game, seed + i) for run, seed in zip(runs, seeds, strict=True) for i in range(per_run)],
                          processes, options.max_episode_steps, options.noop_unit)  # fmt: skip
     try:
-        return evaluate_runs(workers, acts, options.eval_episodes, options.eval_envs, options.eval_epsilon, seeds)
+        return evaluate_runs(workers, acts, options.eval_episodes, options.eval_envs, options.eval_epsilon, seeds,
+                             EpisodeProgress(f"{runs[0].agent}: final evaluations of {len(runs)} runs"))  # fmt: skip
     finally:
         workers.close()

@@ -209,3 +209,49 @@ def test_git_commit_is_the_checkouts_or_the_one_a_copied_tree_was_given(monkeypa
     assert here is None or len(here.removesuffix("-dirty")) == 40  # None outside a git checkout
     monkeypatch.setenv("RLPLASTIC_GIT_COMMIT", "0123abc")  # a lent machine's copy: stale history
     assert git_commit(__file__) == "0123abc"
+
+
+def test_the_eta_knows_random_play_from_learning(monkeypatch):
+    """Random play runs 100x faster than learning here: its rate must not predict learning's (the
+    recent-rate ETA was wrong by 10x and more around learning_starts); the ETA is unknown until a
+    whole report window of learning has been timed."""
+    import io
+
+    from rlplastic import runs
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(runs.time, "perf_counter", lambda: now["t"])
+    out = io.StringIO()
+    progress = runs.Progress(total=1000, every=100, learning_starts=300, stream=out)
+    etas = {}
+    for step, t in ((100, 0.1), (200, 0.2), (400, 10.2), (500, 20.2)):  # random 1000/s, learning 10/s
+        now["t"] = t
+        progress.report(step, progress.steps_per_second(step))
+        etas[step] = progress.eta_seconds(step)
+    assert etas[100] is etas[200] is etas[400] is None  # learning not timed yet
+    assert etas[500] == pytest.approx(500 / 10.0)  # 10 steps/s while learning
+    lines = out.getvalue().splitlines()
+    assert "random play" in lines[0] and "eta ? (learning not timed yet)" in lines[0]
+    assert "learning" in lines[3] and "eta 0.8m" in lines[3]
+
+
+def test_an_evaluation_shows_its_progress_episode_by_episode():
+    import io
+
+    from rlplastic.envs.atari import make_atari100k_env
+
+    from rlplastic.evaluation import evaluate_episodes
+    from rlplastic.runs import EpisodeProgress
+
+    out, calls = io.StringIO(), []
+    progress = EpisodeProgress("drq: final evaluation", stream=out)
+
+    def record(done: int, total: int) -> None:
+        calls.append((done, total))
+        progress(done, total)
+
+    result = evaluate_episodes(lambda seed: make_atari100k_env("Pong", seed, max_episode_steps=10),
+                               lambda obs: torch.zeros(len(obs), dtype=torch.long).numpy(), 20, 4, 0.0, seed=5,
+                               progress=record)  # fmt: skip
+    assert len(result.returns) == 20 and calls == [(k, 20) for k in range(1, 21)]
+    assert out.getvalue().splitlines() == [f"drq: final evaluation: {k}/20 episodes" for k in range(2, 21, 2)]
