@@ -21,6 +21,7 @@ def test_unknown_game_error_names_value_and_choices():
         canonical_game("Tetris")
 
 
+@pytest.mark.slow
 def test_every_game_builds_with_the_minimal_action_set():
     for game in ATARI100K_GAMES:
         env = make_atari100k_env(game, seed=0)

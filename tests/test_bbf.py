@@ -362,6 +362,7 @@ def test_hare_tortoise_variant_runs_from_the_shell(tmp_path):
     assert all("spr_loss" not in row for row in results["train_log"])
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_and_writes_no_results(bbf, tmp_path, monkeypatch):
     real_update = bbf.update
 

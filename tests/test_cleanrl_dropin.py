@@ -1,5 +1,5 @@
 """The drop-in promise: a DQN written in CleanRL's shape (its dqn.py, shortened) gets Hare & Tortoise,
-ReDo and lifecycle layers from the lines README's diff adds, and each of them acts."""
+ReDo and lifecycle layers from the lines the diff in docs/interventions.md adds, and each of them acts."""
 
 import copy
 import random
@@ -46,7 +46,7 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int):
 
 
 def cleanrl_dqn(total_timesteps=600, learning_starts=100, seed=1):
-    """CleanRL's dqn.py loop (its replay buffer replaced by a list): with the README's added lines."""
+    """CleanRL's dqn.py loop (its replay buffer replaced by a list): with the docs' added lines."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -104,8 +104,8 @@ def test_the_readme_diff_adds_three_interventions_to_cleanrl_dqn_and_each_acts()
     assert torch.isfinite(loss)
     last = writer.logged[-1][1]  # the activity users look at first
     assert last["hare_tortoise/resets"] == 4 and "re_do/recycled" in last and "lifecycle/dead" in last
-    # README's diff adds exactly these lines
-    section = (ROOT / "README.md").read_text().split("### The diff for a CleanRL DQN", 1)[1]
+    # the docs' diff adds exactly these lines
+    section = (ROOT / "docs" / "interventions.md").read_text().split("### The diff for a CleanRL DQN", 1)[1]
     diff = re.search(r"```diff\n(.*?)```", section, re.S).group(1)
     added = [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and line[1:].strip()]
     source = (ROOT / "tests" / "test_cleanrl_dropin.py").read_text()

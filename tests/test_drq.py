@@ -333,6 +333,7 @@ def test_a_run_with_the_2021_runners_frame_noops(drq, tmp_path, monkeypatch):
     assert len(units) >= 2 and set(units) == {"frames"}  # the training environment and the evaluation's
 
 
+@pytest.mark.slow
 def test_a_saved_network_is_evaluated_again_at_another_epsilon(drq, tmp_path):
     from rlplastic.files import atomic_torch_save
 

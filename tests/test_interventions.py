@@ -584,14 +584,16 @@ def test_the_interventions_container_steps_saves_and_reports_each_ones_activity(
     model, target = MLP(), MLP()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batch = torch.randn(64, 3)
+    redo = ReDo(model, optimizer, batch_fn=lambda: batch, tau=0.0, every=3)
     interventions = Interventions([
         HareTortoise(model, target, momentum=0.9, reset_every=2),
-        ReDo(model, optimizer, batch_fn=lambda: batch, tau=0.0, every=3),
+        redo,
         GradientNoise(optimizer, sigma0=0.01, decay=0.5),
     ])  # fmt: skip
     train_steps(model, optimizer, 6, interventions=interventions)
     metrics = interventions.metrics()
-    assert metrics["hare_tortoise/resets"] == 3 and metrics["re_do/recycled"] >= 0
+    assert metrics["hare_tortoise/resets"] == 3 and len(redo.recycled) == 2  # ReDo passes at steps 3 and 6
+    assert metrics["re_do/recycled"] == sum(redo.recycled) and metrics["re_do/recycled_last"] == redo.recycled[-1]
     assert metrics["gradient_noise/sigma"] == pytest.approx(0.01 * 0.5**6)
     assert interventions.graph_safe  # every per-step part is device work
     saved = interventions.state_dict()

@@ -53,6 +53,7 @@ def test_baseline_and_neuronal_decay_run_on_digits_and_on_mnist_idx_files(tmp_pa
         run_stability_gap(StabilityGapConfig(method="magic"))
 
 
+@pytest.mark.slow
 def test_script_writes_its_table_and_figure(tmp_path):
     out = tmp_path / "sg"
     command = [sys.executable, str(ROOT / "scripts" / "stability_gap.py"), "--out", str(out), "--seeds", "1"]

@@ -251,6 +251,7 @@ def test_local_workers_take_gpus_in_turn_and_share_the_cores(tmp_path, monkeypat
     assert set(lines) == {f"gpu 3 threads {threads}", f"gpu 5 threads {threads}"}
 
 
+@pytest.mark.slow
 def test_a_slurm_sweep_run_again_never_resubmits_queued_or_running_jobs(tmp_path, monkeypatch):
     """Job ids go to <sweep>/jobs.json; the next run of the sweep asks slurm (sacct, through
     submitit) and submits again only the runs whose job ended without results, naming their logs."""

@@ -139,6 +139,7 @@ def test_a_full_disk_is_a_write_failure_for_every_writer(small_disk):
     assert read_jsonl(path) == [{"kept": True}]  # a partial line is taken back
 
 
+@pytest.mark.slow
 def test_an_agent_run_on_a_full_disk_ends_with_one_line(small_disk):
     proc = agent(*DRQ_SMALL, "--total-steps", "300", "--checkpoint-every", "100", "--output-dir",
                  str(small_disk / "run"))  # fmt: skip
