@@ -14,8 +14,8 @@ bbf-rr2 / bbf-rr8 presets take to compare with the published score files (ResetS
     python agents/bbf.py hare-tortoise --env-id Pong        # Hare & Tortoise's BBF: --reset hare-tortoise --no-spr
     python agents/bbf.py cpu-smoke                          # width 1, 3,000 steps: minutes on a CPU
 
-Published numbers to compare with: the default (RR2, BBF.gin) with the authors' RR2 per-run scores
-(scores/RR2_BBF.csv, IQM about 0.89); --replay-ratio 8 with the paper's BBF (IQM 1.045, RR8_BBF.csv).
+Published numbers: bbf-rr2 with the authors' RR2 per-run scores (scores/RR2_BBF.csv, IQM about 0.89),
+bbf-rr8 with the paper's BBF (IQM 1.045, RR8_BBF.csv).
 
 Differences from the reference, on purpose:
 - replay priorities are sampled from all slots at once on the device instead of a sum tree;
@@ -33,9 +33,8 @@ Differences from the reference, on purpose:
   precision is float16 with loss scaling); losses are computed in float32.
 
 Resets are one rlplastic.interventions.ShrinkPerturb over both networks; the EMA target (--ema 0.995,
-the reference's tau 0.005) is updated in `update`, after the optimizer step. The interventions' and the run's
-flags are DrQ's; --bbf-reset-every counts agent steps as the reference does. On CUDA the gradient
-step is replayed from CUDA graphs (--cuda-graph).
+tau 0.005) is updated in `update` after the optimizer step. The interventions' and the run's flags are
+DrQ's. On CUDA the gradient step is replayed from CUDA graphs (--cuda-graph).
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from rlplastic.envs.atari import clip_reward
 
 from rlplastic.augment import drq_augment
 from rlplastic.cli import cli_with_presets
@@ -59,7 +59,7 @@ from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import InterventionOptions, ShrinkPerturb, build_interventions, ema_target
 from rlplastic.replay import PrioritizedFrameReplay
 from rlplastic.runs import Run, RunOptions, interruptible, run_problems
-from rlplastic.schedules import LinearEpsilon
+from rlplastic.schedules import LinearEpsilon, ResetSchedule, annealed
 
 FLAT = tyro.conf.arg(name="")  # a nested dataclass whose flags stay flat: --reset, not --interventions.reset
 SUPPORTED = ("hare-tortoise", "shrink-perturb", "redo", "cbp", "noise")  # BBF's resets already renew its head
@@ -343,17 +343,10 @@ def spr_loss(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     return (distance * mask).mean(1)
 
 
-def annealed(step: int, period: int, start: float, end: float) -> float:
-    """BBF's exponential_decay_scheduler: geometric interpolation from start to end over period."""
-    frac = min(max(1.0 - step / period, 0.0), 1.0)
-    return math.exp(frac * (math.log(start) - math.log(end)) + math.log(end))
-
-
 def n_step_at(args: Args, cycle_step: int) -> int:
     """n anneals n_step_start -> n_step_end geometrically, rounded (BBF: round(10 * 0.3^frac))."""
-    return int(
-        round(annealed(cycle_step, args.anneal_steps, 1.0, args.n_step_end / args.n_step_start) * args.n_step_start)
-    )
+    fraction = annealed(cycle_step, args.anneal_steps, 1.0, args.n_step_end / args.n_step_start)
+    return int(round(fraction * args.n_step_start))
 
 
 def gamma_at(args: Args, cycle_step: int) -> float:
@@ -372,39 +365,6 @@ def bbf_reset(args: Args, online: BBFNetwork, target: BBFNetwork, optimizer: tor
     groups = {"encoder": (keep, fresh), "transition": (keep, fresh), "projection": (0.0, 1.0),
               "predictor": (0.0, 1.0), "head": (0.0, 1.0)}  # fmt: skip
     return ShrinkPerturb([online, target], groups, every=0, optimizer=optimizer, init_fn=xavier_uniform_zero_bias)
-
-
-class ResetSchedule:
-    """When BBF resets, exactly as the reference's agent decides it (spr_agent.BBFAgent._train_step
-    and reset_weights): with t the agent steps taken so far, a reset is considered when
-    t > next_reset (first next_reset = interval); it sets next_reset = t + interval and is skipped
-    when that lies beyond no_resets_after. In a 100k run at 20k steps: t = 20,001, 40,002, 60,003
-    (three resets); at t = 80,004 the next one would fall after 100k, so none. The 2023 code
-    (rule "2023") compared t >= next_reset: t = 20,000, 40,000, 60,000 and 80,000 (next 100,000,
-    not beyond): four resets, the last 20k steps before the end."""
-
-    state_keys = ("next_reset", "resets_done")
-
-    def __init__(self, interval: int, no_resets_after: int, rule: str = "2024"):
-        self.interval, self.no_resets_after, self.rule = interval, no_resets_after, rule
-        self.next_reset, self.resets_done = interval, 0
-
-    def due(self, steps_taken: int) -> bool:
-        not_yet = steps_taken < self.next_reset if self.rule == "2023" else steps_taken <= self.next_reset
-        if self.interval <= 0 or not_yet:
-            return False
-        self.next_reset = steps_taken + self.interval
-        if self.next_reset > self.no_resets_after:
-            return False
-        self.resets_done += 1
-        return True
-
-    def state_dict(self) -> dict:
-        return {key: getattr(self, key) for key in self.state_keys}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in self.state_keys:
-            setattr(self, key, int(state[key]))
 
 
 RESET_GRADIENT_STEPS = 40_000  # BBF.gin: 20k env steps at RR2; SR_SPR.gin: 5k env steps at RR8
@@ -430,17 +390,9 @@ def build_learner(args: Args, num_actions: int, device: torch.device):
     return online, target, optimizer
 
 
-def update(
-    args: Args,
-    online: BBFNetwork,
-    target: BBFNetwork,
-    optimizer: torch.optim.Optimizer,
-    replay: PrioritizedFrameReplay,
-    generator: torch.Generator,
-    support: torch.Tensor,
-    n_step: int,
-    gamma: float | torch.Tensor,
-) -> dict[str, torch.Tensor]:
+def update(args: Args, online: BBFNetwork, target: BBFNetwork, optimizer: torch.optim.Optimizer,
+           replay: PrioritizedFrameReplay, generator: torch.Generator, support: torch.Tensor, n_step: int,
+           gamma: float | torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
     """One gradient step with the annealed n and gamma (a float, or a device scalar that a
     captured step reads); returns device tensors (no host sync)."""
     batch = replay.sample(args.batch_size, n_step=n_step, gamma=gamma)
@@ -486,7 +438,8 @@ def main(args: Args) -> dict:
     run = Run("bbf", args, validate(args), method_label(args), __file__)
     device, generator, env = run.device, run.generator, run.make_env()
     support = torch.linspace(-args.v_max, args.v_max, args.num_atoms, device=device)
-    online, target, optimizer = build_learner(args, int(env.action_space.n), device)
+    num_actions = int(env.action_space.n)
+    online, target, optimizer = build_learner(args, num_actions, device)
     replay = PrioritizedFrameReplay(args.buffer_size, args.n_step_start, args.gamma_end, future_steps=args.spr_steps,
                                     device=device, generator=generator)  # fmt: skip
     resets = bbf_reset(args, online, target, optimizer)
@@ -529,7 +482,10 @@ def main(args: Args) -> dict:
     obs, (grad_steps, cycle_step) = (saved["obs"], saved["counters"]) if saved else (env.reset()[0], (0, 0))
     for step in run.steps():
         epsilon = explore(step - 1)  # step - 1 agent steps taken so far
-        action = run.epsilon_greedy(epsilon, obs, greedy_actions)
+        if run.rng.random() < epsilon:  # epsilon-greedy, from the run's acting stream
+            action = int(run.rng.integers(num_actions))
+        else:
+            action = int(greedy_actions(obs[None])[0])  # the loop's one host sync
 
         if step >= args.learning_starts and replay.num_sampleable > 0:
             for _ in range(args.replay_ratio):
@@ -543,7 +499,13 @@ def main(args: Args) -> dict:
             cycle_step = 0  # n-step and gamma anneal again
             run.log({"charts/resets": resets.resets}, step)
 
-        obs = run.env_step(replay, obs, action, step)
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        # a life loss is a terminal for learning, yet the game goes on (dopamine's terminal_on_life_loss)
+        replay.add(obs[-1], action, clip_reward(reward), terminated or info["life_loss"], truncated)
+        if terminated or truncated:
+            run.episode(step, info)
+            next_obs, _ = env.reset()
+        obs = next_obs
         if run.report_due(step):
             charts = {"epsilon": epsilon, "n_step": n_step_at(args, cycle_step), "gamma": gamma_at(args, cycle_step)}
             activity = interventions.metrics() | {"bbf_resets/resets": resets.resets}

@@ -18,10 +18,11 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from rlplastic.envs.atari import canonical_game
+from rlplastic.envs.atari import canonical_game, clip_reward, step_env
 from torch.func import vmap
 
 from rlplastic import batched
+from rlplastic.agent_files import load_agent
 from rlplastic.augment import drq_augment_runs
 from rlplastic.cli import cli_with_presets
 from rlplastic.cuda_graphs import CapturedStep, ConcurrentSteps, graph_capture_available
@@ -32,7 +33,6 @@ from rlplastic.interventions import build_interventions
 from rlplastic.replay import FrameReplay, StackedFrameReplays
 from rlplastic.runs import Run, exit_on_problems, final_evaluations
 from rlplastic.schedules import LinearEpsilon
-from rlplastic.sweep import load_agent
 
 drq = load_agent("drq")  # the single-run agent: Args, network, loss, update
 
@@ -79,6 +79,18 @@ def batched_update(
     for optimizer in optimizers:
         optimizer.step()
     return {"td_loss": loss.detach(), "q_values": q_mean}
+
+
+def store_step(run: Run, replay: FrameReplay, obs, action: int, step: int, result: tuple | None):
+    """agents/drq.py's env step and replay add for one run of the batch: `result` is the step its
+    worker made (the next episode's first observation already in it when one ended), or None to
+    step the run's own environment here. Returns the observation to act on."""
+    next_obs, reward, terminated, truncated, info = result if result is not None else step_env(run.env, action)
+    # a life loss is a terminal for learning, yet the game goes on (dopamine's terminal_on_life_loss)
+    replay.add(obs[-1], action, clip_reward(reward), terminated or info["life_loss"], truncated)
+    if terminated or truncated:
+        run.episode(step, info)
+    return next_obs
 
 
 def train(all_args: list) -> list[dict]:
@@ -160,7 +172,8 @@ def train(all_args: list) -> list[dict]:
             actions = batched.epsilon_greedy_runs(runs, stacks, groups, obs, epsilon, masks)
             actions = [None if run.diverged else action for run, action in zip(runs, actions, strict=True)]
         else:
-            actions = [runs[0].epsilon_greedy(epsilon, obs[0], acts[0])]
+            explored = batched.explore(runs[0].rng, epsilon, runs[0].env.action_space.n)
+            actions = [explored if explored is not None else int(acts[0](obs[0][None])[0])]
 
         # Queued before the env steps, so a GPU runs it while the CPU steps the emulator (dopamine
         # trains just before acting: acting on parameters one update older is the only difference).
@@ -177,7 +190,7 @@ def train(all_args: list) -> list[dict]:
         for i, run in enumerate(runs):  # a life loss is a terminal in replay, as in dopamine
             if run.diverged:  # set aside (Run.finite): the other runs go on
                 continue
-            obs[i] = run.env_step(replays[i], obs[i], actions[i], step, stepped[i])
+            obs[i] = store_step(run, replays[i], obs[i], actions[i], step, stepped[i])
             if run.report_due(step):
                 run.report(step, {"epsilon": epsilon}, interventions[i].metrics())
             run.diagnose(step, probes[i], samplers[i], replays[i].num_sampleable > 0)

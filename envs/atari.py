@@ -245,3 +245,17 @@ def make_atari100k_env(
 def clip_reward(reward: float) -> float:
     """The learning reward: the raw reward clipped to [-1, 1]."""
     return max(-1.0, min(1.0, reward))
+
+
+SAMPLE = -1  # an action that tells the environment to draw from its own action space (exploration)
+
+
+def step_env(env: gym.Env, action: int | None) -> tuple | None:
+    """One step (None: none; SAMPLE: a draw from the env's own action space); an ended episode is
+    followed by the next one's first observation, its info kept."""
+    if action is None:
+        return None
+    obs, reward, terminated, truncated, info = env.step(int(env.action_space.sample()) if action == SAMPLE else action)
+    if terminated or truncated:
+        obs, _ = env.reset()
+    return obs, reward, terminated, truncated, info

@@ -93,6 +93,12 @@ class StackedModules:
             stacked.grad = None
 
 
+def explore(rng: np.random.Generator, epsilon: float, num_actions: int) -> int | None:
+    """With probability epsilon a random action, else None (the greedy one is wanted): the draws a
+    single run's loop makes from its acting stream, in the same order."""
+    return int(rng.integers(num_actions)) if rng.random() < epsilon else None
+
+
 def epsilon_greedy_runs(
     runs: Sequence[Any],
     stacks: dict[Any, StackedModules],
@@ -101,11 +107,11 @@ def epsilon_greedy_runs(
     epsilon: float,
     inputs: dict[Any, torch.Tensor] | None = None,
 ) -> list[int]:
-    """Each run's epsilon-greedy action, drawn from its own acting stream (Run.explore) as it is
+    """Each run's epsilon-greedy action, drawn from its own acting stream (run.rng) as it is
     alone; the greedy actions of all runs that need one come from one batched forward per stack
     (`groups` maps a stack's key to the indices of its runs; `inputs` to a per-run second input of
     its forward, e.g. DrQ's action masks), and from one host sync for all."""
-    actions = [run.explore(epsilon) for run in runs]
+    actions = [explore(run.rng, epsilon, run.env.action_space.n) for run in runs]
     asking = {key: members for key, members in groups.items() if any(actions[i] is None for i in members)}
     if not asking:
         return actions  # type: ignore[return-value]

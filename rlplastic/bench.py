@@ -17,8 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from rlplastic.batched import StackedModules
 from rlplastic.cuda_graphs import CapturedStep, ConcurrentSteps
 from rlplastic.envs.atari import make_atari100k_env
+from rlplastic.machine import device_generator
 from rlplastic.replay import FrameReplay, StackedFrameReplays
-from rlplastic.runs import device_generator
 
 # Operators that allocate or re-label memory, or mark a profiler range, without launching a kernel.
 _FREE_OPS = {"empty", "empty_strided", "detach", "lift_fresh", "alias", "set_",

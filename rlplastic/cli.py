@@ -72,9 +72,9 @@ RUN_FLAGS = ("--env-id", "--seed")  # the flags that may take several values: on
 
 def expand_runs(argv: Sequence[str]) -> list[list[str]]:
     """Split a command line that gives several values to RUN_FLAGS (--env-id Pong Boxing --seed 1 2 3)
-    into one command line per combination, games first, in the order given. An --output-dir with
-    {game} and {seed} in it is filled in for each run; otherwise, with more than one run, DIR
-    becomes DIR/{game}__seed{seed}."""
+    into one command line per combination, games first, in the order given. With more than one run,
+    an --output-dir DIR without {method}, {game} or {seed} in it becomes DIR/{method}/{game}/seed{seed},
+    the one layout of run folders (rlplastic.runs.run_folder); each run fills it in."""
     base: list[str] = []
     values: dict[str, list[str]] = {}
     tokens = list(argv)
@@ -100,10 +100,8 @@ def expand_runs(argv: Sequence[str]) -> list[list[str]]:
     runs = []
     for combo in combos:
         command = list(base)
-        game, seed = dict(combo).get("--env-id", ""), dict(combo).get("--seed", "")
-        if where is not None and ("{game}" in base[where] or "{seed}" in base[where]):
-            command[where] = base[where].replace("{game}", game).replace("{seed}", seed)
-        elif where is not None and len(combos) > 1:
-            command[where] = str(Path(base[where]) / f"{game}__seed{seed}")
+        templated = where is not None and any(key in base[where] for key in ("{method}", "{game}", "{seed}"))
+        if where is not None and len(combos) > 1 and not templated:
+            command[where] = str(Path(base[where]) / "{method}" / "{game}" / "seed{seed}")
         runs.append(command + [token for pair in combo for token in pair])
     return runs

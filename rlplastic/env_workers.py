@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from rlplastic.evaluation import step_env
+from rlplastic.envs.atari import step_env
 
 StepResult = tuple[np.ndarray, float, bool, bool, dict]
 
@@ -133,7 +133,7 @@ class EnvWorkers:
     def step_all(self, actions: Sequence[int | None]) -> list[StepResult | None]:
         """Step every environment with its action, all workers at once; an ended episode is
         followed by the next one's first observation. An action None leaves its environment alone
-        (None comes back); rlplastic.evaluation.SAMPLE draws from the environment's action space."""
+        (None comes back); rlplastic.envs.atari.SAMPLE draws from the environment's action space."""
         for worker, connection in enumerate(self._connections):
             connection.send(("step", [a for i, a in enumerate(actions) if self._owner[i] == worker]))
         answers = [self._receive(worker) for worker in range(len(self._connections))]

@@ -10,7 +10,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-SAMPLE = -1  # an action that tells the environment to draw from its own action space (exploration)
+from rlplastic.envs.atari import SAMPLE, step_env
 
 
 @dataclass
@@ -21,17 +21,6 @@ class EvalResult:
     @property
     def mean(self) -> float | None:
         return float(np.mean(self.returns)) if self.returns else None
-
-
-def step_env(env: gym.Env, action: int | None) -> tuple | None:
-    """One step (None: none; SAMPLE: a draw from the env's own action space); an ended episode is
-    followed by the next one's first observation, its info kept."""
-    if action is None:
-        return None
-    obs, reward, terminated, truncated, info = env.step(int(env.action_space.sample()) if action == SAMPLE else action)
-    if terminated or truncated:
-        obs, _ = env.reset()
-    return obs, reward, terminated, truncated, info
 
 
 class LocalEnvs:

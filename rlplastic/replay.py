@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rlplastic.runs import memory_problem, resolve_device
+from rlplastic.machine import memory_problem, resolve_device
 
 STAGING_SLOTS = 64
 DEVICE_FIELDS = ("frames", "actions", "rewards", "terminals", "segment_pos", "sampleable")

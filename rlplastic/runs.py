@@ -12,10 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
-import os
-import random
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,104 +32,16 @@ from rlplastic.checkpoints import (
     save_checkpoint,
 )
 from rlplastic.cli import seed_problems
-from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, clip_reward, make_atari100k_env
-from rlplastic.evaluation import EvalResult, episode_quotas, evaluate_episodes, evaluate_runs, step_env
+from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, make_atari100k_env
+from rlplastic.evaluation import EvalResult, episode_quotas, evaluate_episodes, evaluate_runs
 from rlplastic.files import atomic_torch_save, atomic_write_json
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when present, else cpu. Asking for cuda without one is an error."""
-    if name not in DEVICE_CHOICES:
-        raise ValueError(f"unknown device {name!r}; allowed: {', '.join(DEVICE_CHOICES)}")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(name)
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask: a Slurm task's share, a taskset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
-def cpu_threads(requested: int) -> int:
-    """Torch's CPU threads for a process: `requested` when > 0; else OMP_NUM_THREADS when set (a
-    launcher sharing the cores out among processes, as the sweep's local launcher does); else the
-    cores this process may use (the runs of one process update one after another, never at once).
-    Torch's own default, a thread per core in every process, oversubscribes the cores as soon as two
-    processes share them: scripts/bench_threads.py measures both."""
-    if requested > 0:
-        return requested
-    from_env = os.environ.get("OMP_NUM_THREADS", "")
-    if from_env.isdigit() and int(from_env) > 0:
-        return int(from_env)
-    return available_cores()
-
-
-def set_cpu_threads(requested: int) -> int:
-    """torch.set_num_threads(cpu_threads(requested)); the number set."""
-    threads = cpu_threads(requested)
-    torch.set_num_threads(threads)
-    return threads
-
-
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
-def device_generator(device: torch.device, seed: int) -> torch.Generator:
-    """A generator for sampling and augmentation on the device, independent of the global one."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
-
-
-def memory_problem(needed_bytes: int, device: torch.device, what: str) -> str | None:
-    """A refusal when `needed_bytes` will not fit in the free memory of `device` (the host's
-    available RAM for the CPU, torch.cuda.mem_get_info for a GPU), else None."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            meminfo = Path("/proc/meminfo").read_text()
-            free = int(next(line for line in meminfo.splitlines() if line.startswith("MemAvailable")).split()[1]) * 1024
-        except (OSError, StopIteration, ValueError):
-            return None  # no way to tell on this system: do not refuse
-    if needed_bytes > free:
-        return (f"{what} needs {needed_bytes / 2**30:.2f} GiB but {device} has {free / 2**30:.2f} GiB free; "
-                "make it smaller")  # fmt: skip
-    return None
-
-
-def git_commit(path: str | os.PathLike | None = None) -> str | None:
-    """The commit of the checkout holding `path` (+ '-dirty' with local changes), or None.
-    RLPLASTIC_GIT_COMMIT, when set, is taken instead: the commit a copied tree came from, on a
-    machine whose copy carries no or stale git history (a lent GPU machine: scripts/gpu_check.sh)."""
-    if os.environ.get("RLPLASTIC_GIT_COMMIT"):
-        return os.environ["RLPLASTIC_GIT_COMMIT"]
-    cwd = Path(path or __file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd, capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
+from rlplastic.machine import (
+    device_generator,
+    git_commit,
+    resolve_device,
+    seed_everything,
+    set_cpu_threads,
+)
 
 
 def tracking_problems(track: bool, track_tensorboard: bool) -> list[str]:
@@ -259,8 +168,8 @@ class RunOptions:
     """How an agent run is kept, logged and evaluated (the Atari-100k evaluation protocol)."""
 
     output_dir: str | None = None
-    """run folder for results.json, tensorboard files and checkpoints; default
-    runs/{game}__{method}__{seed}__{time}"""
+    """run folder for results.json, tensorboard files and checkpoints; {method}, {game} and {seed} in
+    it are filled in; default runs/{method}/{game}/seed{seed}__{time}"""
     exp_name: str | None = None
     """method label: names the run folder and groups runs in reports; default the agent plus its
     chosen interventions, e.g. drq+hare-tortoise+head"""
@@ -329,6 +238,20 @@ class RunOptions:
         except ValueError as e:
             problems.append(str(e))
         return problems + output_dir_problems(self.output_dir) + tracking_problems(self.track, self.track_tensorboard)
+
+
+def run_folder(out: str | Path, method: str, game: str, seed: int) -> Path:
+    """The one layout of run folders, for every entry point: OUT/{method}/{game}/seed{seed}."""
+    return Path(out) / method / game / f"seed{seed}"
+
+
+def fill_output_dir(output_dir: str | None, method: str, game: str, seed: int) -> Path:
+    """A run's folder: --output-dir with any {method}, {game} and {seed} in it filled in; without
+    one, runs/{method}/{game}/seed{seed}__{time} (the time keeps repeated runs apart)."""
+    if output_dir is None:
+        folder = run_folder("runs", method, game, seed)
+        return folder.with_name(f"{folder.name}__{int(time.time())}")
+    return Path(output_dir.replace("{method}", method).replace("{game}", game).replace("{seed}", str(seed)))
 
 
 def exit_on_problems(agent: str, problems: list[str]) -> None:
@@ -439,16 +362,18 @@ class DeviceMeans:
 
 
 class Run:
-    """One agent run, from its start (or resumption) to its results.json.
+    """The recorder of one agent run, from its start (or resumption) to its results.json: its folder
+    (one writer), its random streams, logs (tensorboard, wandb, progress), records, checkpoints and
+    evaluations. The agent's loop acts, steps and learns; it tells the run what happened.
 
         run = Run("drq", args, validate(args), method_label(args), __file__)  # exits on problems
         env = run.make_env()                                # ... networks, optimizer, replay
         run.keep(q_network=q, optimizer=optimizer, replay=replay, interventions=interventions)
         saved = run.resume()                                # None, or the extras of the last checkpoint
         for step in run.steps():
-            action = run.epsilon_greedy(epsilon, obs, greedy_actions)
-            ...; run.losses.add({"td_loss": loss}); run.losses.tick()
-            obs = run.env_step(replay, obs, action, step)   # the Atari-100k protocol into replay
+            ...                                             # act (run.rng), update, env.step, replay.add
+            run.losses.add({"td_loss": loss}); run.losses.tick()
+            if episode_ended: run.episode(step, info)
             if run.report_due(step): run.report(step, {"epsilon": epsilon}, interventions.metrics())
             run.checkpoint(step, obs=obs)                   # when due
         results = run.finish(greedy_actions, [q], {"update_mode": "eager"})
@@ -471,7 +396,9 @@ class Run:
         self.seed, self.total_steps = args.seed, args.total_steps
         self.device = resolve_device(options.device)
         self.config = flat_config(args) | {"env_id": game, "device": str(self.device)}
-        self.folder = Path(options.output_dir or Path("runs") / f"{game}__{method}__{self.seed}__{int(time.time())}")
+        self.folder = fill_output_dir(options.output_dir, method, game, self.seed)
+        if options.output_dir is not None and str(self.folder) != options.output_dir:  # a template, filled
+            exit_on_problems(agent, output_dir_problems(str(self.folder)))
         hold_run_folder(self.folder, agent)  # one writer per folder, released by the OS if this process dies
         self.commit = git_commit(code)  # the code that runs, read now: HEAD may move while it runs
         self.checkpoint_path = self.folder / "checkpoint.pt"
@@ -646,32 +573,6 @@ class Run:
         self.keep(env=env)
         return env
 
-    def explore(self, epsilon: float) -> int | None:
-        """With probability epsilon a random action, else None (the greedy one is wanted); both
-        drawn from the run's acting stream."""
-        if self.rng.random() < epsilon:
-            return int(self.rng.integers(self.env.action_space.n))
-        return None
-
-    def epsilon_greedy(self, epsilon: float, obs: np.ndarray, greedy: Callable[[np.ndarray], np.ndarray]) -> int:
-        """A random action with probability epsilon (explore), else the greedy one."""
-        action = self.explore(epsilon)
-        return action if action is not None else int(greedy(obs[None])[0])  # the loop's one host sync
-
-    def env_step(self, replay: Any, obs: np.ndarray, action: int, step: int, result: tuple | None = None) -> np.ndarray:
-        """Step the environment (or take `result`, the (obs, reward, terminated, truncated, info) of
-        a step made elsewhere, obs already the next episode's first when one ended), store the
-        transition (clipped reward; a life loss is a terminal for learning, yet the game goes on:
-        dopamine's terminal_on_life_loss), record a finished episode and start the next. Returns the
-        observation to act on."""
-        if result is None:
-            result = step_env(self.env, action)  # as a worker steps it: the next episode starts at once
-        next_obs, reward, terminated, truncated, info = result
-        replay.add(obs[-1], action, clip_reward(reward), terminated or info["life_loss"], truncated)
-        if terminated or truncated:
-            self.episode(step, info)
-        return next_obs
-
     def log(self, scalars: dict[str, float], step: int) -> None:
         if self.writer:
             for key, value in scalars.items():
@@ -689,7 +590,8 @@ class Run:
     def report(self, step: int, charts: dict[str, float], activity: dict[str, float], **train_fields: Any) -> None:
         """The progress line and tensorboard scalars: the loss means since the last report
         (losses/..., stopping a diverged run), `charts` (charts/...) and the interventions'
-        `activity` (interventions/...); the losses go into the train log with `train_fields`."""
+        `activity` (interventions/..., and results.json's activity); the losses go into the train
+        log with `train_fields`."""
         if self.diverged:
             return
         rate = self.progress.steps_per_second(step)
@@ -705,6 +607,8 @@ class Run:
             self.log({f"losses/{key}": value for key, value in losses.items()}, step)
         self.log({"charts/SPS": rate} | {f"charts/{key}": value for key, value in charts.items()}
                  | {f"interventions/{key}": value for key, value in activity.items()}, step)  # fmt: skip
+        if activity:  # results.json "activity": the report draws it beside the diagnostics
+            self.records.setdefault("activity", []).append({"step": step, **activity})
         self.progress.report(step, rate, **charts, **fields, **losses)
 
     def diagnose(self, step: int, probe: Any, sample_states: Callable[[int], torch.Tensor], ready: bool) -> None:

@@ -8,7 +8,6 @@ grid point is parsed and validated by the agent itself before anything is launch
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -22,39 +21,19 @@ from pathlib import Path
 from queue import Queue
 from typing import TextIO
 
+from rlplastic.agent_files import agent_path, load_agent
 from rlplastic.checkpoints import ADDED_ARGUMENTS, RESUMABLE_CHANGES
 from rlplastic.cli import seed_problems
 from rlplastic.envs.atari import ATARI100K_GAMES, canonical_game
 from rlplastic.files import atomic_write
-from rlplastic.runs import flat_config
+from rlplastic.runs import flat_config, run_folder
 
-AGENTS_DIR = Path(__file__).resolve().parents[1] / "agents"
 # Flags a sweep sets itself for every run: the grid may not touch them.
 SWEEP_OWNED = {"env_id", "seed", "output_dir"}
 
 
 class SweepError(ValueError):
     """A bad sweep definition, found before any run starts."""
-
-
-def agent_path(agent: str) -> Path:
-    path = AGENTS_DIR / f"{agent}.py"
-    if not path.is_file():
-        known = sorted(p.stem for p in AGENTS_DIR.glob("*.py"))
-        raise SweepError(f"unknown agent {agent!r}; allowed: {', '.join(known)} (files in {AGENTS_DIR})")
-    return path
-
-
-def load_agent(agent: str):
-    """Import agents/<agent>.py as a module (agents are scripts, not a package)."""
-    name = f"rlplastic_agent_{agent}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, agent_path(agent))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -210,7 +189,7 @@ def expand_grid(
 
     out = Path(out)
     return [
-        RunSpec(agent, method, game, seed, args, out / method / game / f"seed{seed}", settings)
+        RunSpec(agent, method, game, seed, args, run_folder(out, method, game, seed), settings)
         for method, args, settings in points
         for game in games
         for seed in seeds

@@ -23,6 +23,7 @@ import tyro
 from rlplastic import report as reporting
 from rlplastic import scores as scoring
 from rlplastic import sweep
+from rlplastic.agent_files import AgentError
 from rlplastic.files import FolderError, atomic_write_json, make_folder
 
 
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "report" if isinstance(args, Report) else "sweep"
     try:
         return report(args) if command == "report" else run_sweep(args)
-    except (scoring.ScoreError, sweep.SweepError, FolderError) as e:
+    except (scoring.ScoreError, sweep.SweepError, AgentError, FolderError) as e:
         print(f"atari100k {command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -19,13 +19,13 @@ import torch
 import tyro
 from rlplastic.envs.atari import canonical_game, make_atari100k_env
 
+from rlplastic.agent_files import load_agent
 from rlplastic.bench import device_name, random_replay, time_env_steps, time_steps
 from rlplastic.cli import replace_flags
 from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
 from rlplastic.interventions import build_interventions
+from rlplastic.machine import device_generator, resolve_device
 from rlplastic.replay import PrioritizedFrameReplay
-from rlplastic.runs import device_generator, resolve_device
-from rlplastic.sweep import load_agent
 
 bbf = load_agent("bbf")
 

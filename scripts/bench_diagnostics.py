@@ -14,11 +14,11 @@ from typing import Literal
 import torch
 import tyro
 
+from rlplastic.agent_files import load_agent
 from rlplastic.bench import drq_update_seconds, synchronize, time_env_steps
 from rlplastic.cli import replace_flags
 from rlplastic.diagnostics import PlasticityProbe
-from rlplastic.runs import resolve_device
-from rlplastic.sweep import load_agent
+from rlplastic.machine import resolve_device
 
 drq = load_agent("drq")
 

@@ -27,6 +27,7 @@ import torch
 import tyro
 from rlplastic.envs.atari import canonical_game, make_atari100k_env
 
+from rlplastic.agent_files import load_agent
 from rlplastic.bench import (
     device_name,
     drq_batched_update_seconds,
@@ -37,8 +38,7 @@ from rlplastic.bench import (
 )
 from rlplastic.cli import replace_flags
 from rlplastic.cuda_graphs import graph_capture_available
-from rlplastic.runs import resolve_device
-from rlplastic.sweep import load_agent
+from rlplastic.machine import resolve_device
 
 drq = load_agent("drq")
 

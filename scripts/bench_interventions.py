@@ -23,14 +23,14 @@ from typing import Literal
 import torch
 import tyro
 
+from rlplastic.agent_files import load_agent
 from rlplastic.bench import DeviceOpCounter, device_name, random_replay, synchronize, time_steps
 from rlplastic.cli import replace_flags
 from rlplastic.cuda_graphs import CapturedStep, graph_capture_available
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import build_interventions
+from rlplastic.machine import device_generator, resolve_device
 from rlplastic.replay import FrameReplay
-from rlplastic.runs import device_generator, resolve_device
-from rlplastic.sweep import load_agent
 
 drq = load_agent("drq")
 

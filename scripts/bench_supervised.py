@@ -23,7 +23,7 @@ import tyro
 
 from rlplastic.bench import device_name
 from rlplastic.cuda_graphs import graph_capture_available
-from rlplastic.runs import resolve_device
+from rlplastic.machine import resolve_device
 from rlplastic.supervised.data import Dataset
 from rlplastic.supervised.train import RunConfig, Trainer
 

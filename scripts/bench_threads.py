@@ -1,7 +1,7 @@
 """CPU threads and DrQ updates: updates/s of one run alone and of two runs side by side (two
 processes on the same cores, as two evidence runs or a run beside the tests), each with one thread,
 with torch's own default (a thread per core in every process) and with the agents' default
-(--threads 0: rlplastic.runs.cpu_threads).
+(--threads 0: rlplastic.machine.cpu_threads).
 
     python scripts/bench_threads.py                 # about 2 minutes on 2 cores
     python scripts/bench_threads.py --updates 100
@@ -35,10 +35,10 @@ def measure(setting: str, updates: int) -> float:
     """Updates/s of one DrQ update (batch 32, the agent's network) on the CPU, with `setting` threads."""
     import torch
 
+    from rlplastic.agent_files import load_agent
     from rlplastic.bench import drq_update_seconds
     from rlplastic.cli import replace_flags
-    from rlplastic.runs import set_cpu_threads
-    from rlplastic.sweep import load_agent
+    from rlplastic.machine import set_cpu_threads
 
     if setting != "torch":
         set_cpu_threads(int(setting))
@@ -61,7 +61,7 @@ def main(args: BenchArgs) -> None:
         return
     import torch
 
-    from rlplastic.runs import available_cores, cpu_threads
+    from rlplastic.machine import available_cores, cpu_threads
 
     print(f"{available_cores()} cores available; torch's default: {torch.get_num_threads()} thread(s) per process; "
           f"agents' default: {cpu_threads(0)} (OMP_NUM_THREADS unset)")  # fmt: skip

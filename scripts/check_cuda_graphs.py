@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import tyro
 
+from rlplastic.agent_files import load_agent, load_script
 from rlplastic.batched import StackedModules
 from rlplastic.bench import random_replay
 from rlplastic.cli import replace_flags
@@ -29,9 +30,8 @@ from rlplastic.cuda_graphs import CapturedStep, ConcurrentSteps, graph_capture_a
 from rlplastic.init import xavier_uniform_zero_bias
 from rlplastic.interventions import build_interventions
 from rlplastic.replay import FrameReplay, PrioritizedFrameReplay, StackedFrameReplays
-from rlplastic.sweep import load_agent
 
-drq, drq_batched, bbf = load_agent("drq"), load_agent("drq_batched"), load_agent("bbf")
+drq, drq_batched, bbf = load_agent("drq"), load_script("drq_batched"), load_agent("bbf")
 DEVICE = torch.device("cuda")  # --device cpu: a dry run of this script, both learners eager
 
 

@@ -17,10 +17,10 @@ import torch
 import tyro
 from rlplastic.envs.atari import MAX_EPISODE_STEPS, canonical_game, make_atari100k_env
 
+from rlplastic.agent_files import load_agent
 from rlplastic.evaluation import evaluate_episodes
 from rlplastic.files import read_failure, safe_torch_load
-from rlplastic.runs import resolve_device
-from rlplastic.sweep import load_agent
+from rlplastic.machine import resolve_device
 
 
 @dataclass

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from rlplastic import sweep
+from rlplastic import agent_files
 from rlplastic.cli import replace_flags as with_flags  # noqa: F401 (for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def killed_on_call(n: int, function):
 
 def load_agent(name: str):
     """Import agents/<name>.py as a module (agents are scripts, not a package), as sweeps do."""
-    return sweep.load_agent(name)
+    return agent_files.load_agent(name)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def drq():
 
 @pytest.fixture(scope="session")
 def drq_batched():
-    return load_agent("drq_batched")
+    return agent_files.load_script("drq_batched")  # the machinery beside an agent, not an agent
 
 
 @pytest.fixture(scope="session")

@@ -110,7 +110,7 @@ def test_a_batched_update_is_n_separate_updates_and_interventions_stay_in_their_
 def test_several_games_and_seeds_on_the_command_line_become_one_run_each():
     runs = expand_runs(["hare-tortoise", "--env-id", "Pong", "Boxing", "--seed", "1", "2", "--output-dir", "out"])
     assert len(runs) == 4 and runs[0][0] == "hare-tortoise"
-    assert runs[1][-4:] == ["--env-id", "Pong", "--seed", "2"] and "out/Pong__seed2" in runs[1]
+    assert runs[1][-4:] == ["--env-id", "Pong", "--seed", "2"] and "out/{method}/{game}/seed{seed}" in runs[1]
     assert expand_runs(["--env-id", "Pong", "--seed", "3", "--output-dir", "o"]) == [
         ["--output-dir", "o", "--env-id", "Pong", "--seed", "3"]
     ]  # one run: its folder as given
@@ -142,8 +142,8 @@ def test_runs_that_cannot_share_a_process_are_refused(drq):
 def test_a_batch_whose_replays_do_not_fit_together_is_refused_before_any_work(drq):
     """Each run's replay fits alone (the per-run check passes), but the process holds one per run:
     the batch is refused with the total it needs and the number of runs, before anything is built."""
+    from rlplastic.machine import memory_problem
     from rlplastic.replay import FrameReplay
-    from rlplastic.runs import memory_problem
 
     free = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
                     if line.startswith("MemAvailable")).split()[1]) * 1024  # fmt: skip
@@ -197,18 +197,18 @@ def test_games_and_seeds_run_together_with_each_runs_files_and_numbers(drq, tmp_
     single = json.loads((tmp_path / "alone" / "results.json").read_text())
     for game in ("Pong", "Boxing"):
         for seed in (1, 2):
-            folder = tmp_path / "b" / f"Pong__seed{seed}".replace("Pong", game)
+            folder = tmp_path / "b" / "drq" / game / f"seed{seed}"  # OUT/{method}/{game}/seed{seed}
             results = json.loads((folder / "results.json").read_text())
             assert results["game"] == game and results["seed"] == seed and results["update_mode"] == "batched"
             assert len(results["eval_returns"]) == 2 and [d["step"] for d in results["diagnostics"]] == [120, 240]
             assert any(name.startswith("events.out.tfevents") for name in os.listdir(folder))
-    together = json.loads((tmp_path / "b" / "Boxing__seed2" / "results.json").read_text())
+    together = json.loads((tmp_path / "b" / "drq" / "Boxing" / "seed2" / "results.json").read_text())
     assert together["config"] | {"output_dir": None} == single["config"] | {"output_dir": None}
     assert together["train_episodes"] == single["train_episodes"]  # the same run, up to float sums
     for row, single_row in zip(together["train_log"], single["train_log"], strict=True):
         assert row["td_loss"] == pytest.approx(single_row["td_loss"], rel=1e-2)
     # each run's saved network holds its own weights only, not its stack's (its parameters are views)
-    size = (tmp_path / "b" / "Boxing__seed2" / "q_network.pt").stat().st_size
+    size = (tmp_path / "b" / "drq" / "Boxing" / "seed2" / "q_network.pt").stat().st_size
     assert size == pytest.approx((tmp_path / "alone" / "q_network.pt").stat().st_size, rel=0.01)
 
 

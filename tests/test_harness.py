@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,7 +154,7 @@ def tiny_agent(args: TinyArgs) -> dict:
             return net(torch.as_tensor(observations).float() / 255).argmax(1).numpy()
 
     for step in run.steps():
-        action = run.epsilon_greedy(0.5, obs, greedy)
+        action = int(run.rng.integers(env.action_space.n)) if run.rng.random() < 0.5 else int(greedy(obs[None])[0])
         if replay.num_sampleable > 0:
             batch = replay.sample(8)
             q = net(batch.states.float() / 255).gather(1, batch.actions[:, None]).squeeze(1)
@@ -163,7 +164,12 @@ def tiny_agent(args: TinyArgs) -> dict:
             optimizer.step()
             run.losses.add({"loss": loss.detach()})
             run.losses.tick()
-        obs = run.env_step(replay, obs, action, step)
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        replay.add(obs[-1], action, reward, terminated or info["life_loss"], truncated)
+        if terminated or truncated:
+            run.episode(step, info)
+            next_obs, _ = env.reset()
+        obs = next_obs
         if run.report_due(step):
             run.report(step, {"epsilon": 0.5}, {})
         run.checkpoint(step, obs=obs)
@@ -202,7 +208,7 @@ def test_a_third_agent_needs_none_of_the_plumbing_rewritten(tmp_path, monkeypatc
 
 
 def test_git_commit_is_the_checkouts_or_the_one_a_copied_tree_was_given(monkeypatch):
-    from rlplastic.runs import git_commit
+    from rlplastic.machine import git_commit
 
     monkeypatch.delenv("RLPLASTIC_GIT_COMMIT", raising=False)
     here = git_commit(__file__)
@@ -255,3 +261,19 @@ def test_an_evaluation_shows_its_progress_episode_by_episode():
                                progress=record)  # fmt: skip
     assert len(result.returns) == 20 and calls == [(k, 20) for k in range(1, 21)]
     assert out.getvalue().splitlines() == [f"drq: final evaluation: {k}/20 episodes" for k in range(2, 21, 2)]
+
+
+def test_one_layout_of_run_folders_for_every_entry_point():
+    from rlplastic import sweep
+    from rlplastic.cli import expand_runs
+    from rlplastic.runs import fill_output_dir, run_folder
+
+    assert run_folder("out", "drq+head", "Pong", 3) == Path("out/drq+head/Pong/seed3")
+    default = fill_output_dir(None, "drq", "Pong", 3)
+    assert default.parent == Path("runs/drq/Pong") and default.name.startswith("seed3__")
+    assert fill_output_dir("x/{method}/{game}/seed{seed}", "bbf", "Qbert", 4) == Path("x/bbf/Qbert/seed4")
+    assert fill_output_dir("plain", "bbf", "Qbert", 4) == Path("plain")
+    several = expand_runs(["--env-id", "Pong", "ALE/Boxing-v5", "--seed", "1", "--output-dir", "out"])
+    assert {tuple(command[:2]) for command in several} == {("--output-dir", "out/{method}/{game}/seed{seed}")}
+    spec = sweep.expand_grid("drq", ["Boxing"], [2], "sw")[0]
+    assert spec.run_dir == run_folder("sw", "drq", "Boxing", 2)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from rlplastic import checkpoints, files, runs
+from rlplastic import checkpoints, files, machine, runs
 
 
 def test_a_second_process_is_refused_with_the_holders_pid_and_a_killed_holder_frees_the_folder(tmp_path):
@@ -76,9 +76,9 @@ def test_output_dir_problems_and_memory_refusals(tmp_path):
     (tmp_path / "done" / "results.json").write_text("{}")
     assert "already holds a finished run" in checkpoints.output_dir_problems(str(tmp_path / "done"))[0]
     assert checkpoints.output_dir_problems(str(tmp_path / "new")) == [] and checkpoints.output_dir_problems(None) == []
-    message = runs.memory_problem(1 << 60, torch.device("cpu"), "--buffer-size 10**14 (the replay)")
+    message = machine.memory_problem(1 << 60, torch.device("cpu"), "--buffer-size 10**14 (the replay)")
     assert message.startswith("--buffer-size 10**14 (the replay) needs 1073741824.00 GiB but cpu has")
-    assert runs.memory_problem(1024, torch.device("cpu"), "tiny") is None
+    assert machine.memory_problem(1024, torch.device("cpu"), "tiny") is None
 
 
 def test_to_plain_turns_string_subclasses_into_plain_strings(tmp_path):

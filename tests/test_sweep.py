@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -118,9 +119,22 @@ def test_bad_sweeps_fail_before_any_run(tmp_path, settings, grid, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_agent():
-    with pytest.raises(SweepError, match="unknown agent 'dqn'; allowed: .*drq"):
+def test_unknown_agent_and_a_file_that_breaks_the_agent_contract(tmp_path, monkeypatch):
+    from rlplastic import agent_files
+
+    with pytest.raises(agent_files.AgentError, match="unknown agent 'dqn'; allowed: .*drq"):
         sweep.agent_path("dqn")
+    assert agent_files.contract_problems(sweep.load_agent("drq")) == []
+    assert agent_files.contract_problems(sweep.load_agent("bbf")) == []
+    (tmp_path / "half.py").write_text("from dataclasses import dataclass\n@dataclass\nclass Args:\n    seed: int = 1\n"
+                                      "def main(args):\n    return {}\n")  # fmt: skip
+    monkeypatch.setattr(agent_files, "AGENTS_DIR", tmp_path)
+    with pytest.raises(agent_files.AgentError, match=r"agents/half.py is not an agent sweeps can run: it lacks "
+                       r"PRESETS \(named settings.*validate.*method_label.*Args.env_id, Args.run$"):  # fmt: skip
+        agent_files.load_agent("half")
+    proc = sweep_cli("sweep", "--agent", "drq_batched", "--games", "Pong", "--seeds", "1", "--out",
+                     str(tmp_path / "s"), "--dry-run")  # fmt: skip
+    assert proc.returncode != 0 and "agents/drq_batched.py is not an agent sweeps can run" in proc.stderr
 
 
 def fake_slurm(tmp_path):
@@ -292,9 +306,13 @@ def test_runs_pack_into_processes_as_products_of_games_and_seeds(tmp_path):
     assert command[command.index("--seed") + 1 : command.index("--output-dir")] == ["1", "2"]
     # the agent's command line turns the pack back into the runs, each in its own sweep folder
     from rlplastic.cli import expand_runs
+    from rlplastic.runs import fill_output_dir
 
-    folders = [argv[argv.index("--output-dir") + 1] for argv in expand_runs(command[2:])]
-    assert folders == [str(s.run_dir) for s in first]
+    def folder(argv: list[str]) -> Path:  # as each run fills its --output-dir in
+        value = lambda flag: argv[argv.index(flag) + 1]  # noqa: E731
+        return fill_output_dir(value("--output-dir"), "drq", value("--env-id"), int(value("--seed")))
+
+    assert [folder(argv) for argv in expand_runs(command[2:])] == [s.run_dir for s in first]
     (first[0].run_dir).mkdir(parents=True)  # an interrupted run packs apart from the new ones
     assert sorted(len(p) for p in sweep.pack_specs(specs, 4)) == [1, 1, 2, 4, 4]
     with pytest.raises(sweep.SweepError, match="only drq runs several"):

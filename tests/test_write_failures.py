@@ -248,7 +248,7 @@ def test_two_spellings_of_one_game_in_one_command_are_refused(tmp_path):
 
 
 def test_cpu_threads_follow_the_flag_then_omp_num_threads_then_the_cores(monkeypatch):
-    from rlplastic.runs import available_cores, cpu_threads
+    from rlplastic.machine import available_cores, cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert cpu_threads(3) == 3 and cpu_threads(0) == available_cores() == len(os.sched_getaffinity(0))

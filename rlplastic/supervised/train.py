@@ -50,7 +50,7 @@ from rlplastic.interventions import (
 from rlplastic.interventions.base import Every
 from rlplastic.interventions.lifecycle import REVIVALS
 from rlplastic.introspection import hidden_layers
-from rlplastic.runs import git_commit, resolve_device, seed_everything, set_cpu_threads
+from rlplastic.machine import git_commit, resolve_device, seed_everything, set_cpu_threads
 from rlplastic.supervised.data import DATASETS, Dataset, load_dataset, subset_with_noise
 from rlplastic.supervised.models import MODELS, MODELS_WITH_HIDDEN_FC, Classifier, CReLU, build_model
 

@@ -1,3 +1,6 @@
+"""Atari-100k scoring and the report: human-normalized scores, aggregates and their bootstrap CIs,
+the reproduction check, curves and the report command (rlplastic.scores, aggregates, report)."""
+
 import csv
 import json
 import subprocess
@@ -426,3 +429,30 @@ def test_per_game_means_count_the_runs_the_aggregates_leave_out(tmp_path):
     assert float(per_game["Breakout"]["drq"]) == 10.0 and float(per_game["Pong"]["drq"]) == -19.0
     assert "2 run(s) left out of the aggregates to keep 1 run(s) per game" in report.markdown
     assert "| Breakout | 1.7 | 30.5 | 10.0 |" in report.markdown
+
+
+def test_the_report_draws_diagnostics_and_intervention_activity_over_training(tmp_path):
+    """Per method, each measure's mean and range over its runs (all games) against agent steps:
+    the diagnostics results.json records, and the interventions' cumulative activity."""
+    runs = tmp_path / "runs"
+    for seed, dormant in ((1, (0.1, 0.3)), (2, (0.2, 0.5))):
+        write_results(runs / f"pong{seed}", "drq+redo", "Pong", seed, -10.0)
+        path = runs / f"pong{seed}" / "results.json"
+        payload = json.loads(path.read_text()) | {
+            "diagnostics": [{"step": 5_000, "dormant_0.1/all": dormant[0], "effective_rank/all": 50.0, "other": 1.0},
+                            {"step": 10_000, "dormant_0.1/all": dormant[1], "effective_rank/all": float("nan")}],
+            "activity": [{"step": 5_000, "re_do/recycled": 3 * seed}, {"step": 10_000, "re_do/recycled": 7 * seed}],
+        }  # fmt: skip
+        path.write_text(json.dumps(payload))
+    write_results(runs / "boxing", "drq", "Boxing", 1, 5.0)  # nothing recorded during training
+    scores = scoring.collect_run_scores([runs])
+    report = reporting.build_report(scores, tmp_path / "out", reps=100, profile_reps=10)
+    rows = [(r["method"], r["measure"], int(r["step"]), float(r["mean"]), float(r["min"]), float(r["max"]),
+             int(r["runs"])) for r in csv.DictReader(open(tmp_path / "out" / "dynamics.csv"))]  # fmt: skip
+    assert rows == [
+        ("drq+redo", "dormant_0.1/all", 5_000, pytest.approx(0.15), 0.1, 0.2, 2),
+        ("drq+redo", "dormant_0.1/all", 10_000, pytest.approx(0.4), 0.3, 0.5, 2),
+        ("drq+redo", "interventions/re_do/recycled", 5_000, 4.5, 3.0, 6.0, 2),
+        ("drq+redo", "interventions/re_do/recycled", 10_000, 10.5, 7.0, 14.0, 2),
+    ]  # the rank at one step only (the other not finite): no line; unlisted measures left out
+    assert (tmp_path / "out" / "dynamics.png").stat().st_size > 0 and "dynamics.png" in report.markdown
