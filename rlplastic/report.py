@@ -20,11 +20,13 @@ from rlplastic.aggregates import (
     reproduction_check,
 )
 from rlplastic.scores import (
+    DYNAMICS,
     MIN_RUNS_PER_GAME,
     SMOKE_MARK,
     MethodScores,
     Score,
     ScoreError,
+    dynamics_bands,
     human_normalized,
     mean_curves,
     per_game_means,
@@ -56,6 +58,37 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[int, float, int]]]], path
         ax.set_xlabel("agent steps (k)")
         ax.set_ylabel("eval return")
     for ax in list(axes.flat)[len(games) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_dynamics(bands: dict[str, dict[str, list[tuple[int, float, float, float, int]]]], path: str | Path) -> None:
+    """One panel per measure (the diagnostics, then the interventions' activity): each method's mean
+    over its runs against agent steps, its range over the runs shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlplastic.files import atomic_write
+
+    measures = [name for name in DYNAMICS if any(name in per_measure for per_measure in bands.values())]
+    cols = min(3, len(measures))
+    rows = -(-len(measures) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, measures, strict=False):
+        for method, per_measure in bands.items():
+            if name in per_measure:
+                steps, means, lows, highs, _ = zip(*per_measure[name], strict=True)
+                x = [step / 1000 for step in steps]
+                (line,) = ax.plot(x, means, label=method)
+                ax.fill_between(x, lows, highs, color=line.get_color(), alpha=0.2)
+        ax.set_title(DYNAMICS[name], fontsize=9)
+        ax.set_xlabel("agent steps (k)")
+    for ax in list(axes.flat)[len(measures) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
@@ -257,7 +290,8 @@ def build_report(
 ) -> Report:
     """Aggregates, per-game table, probability of improvement and plots, written into out_dir:
     report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, performance_profile.png, and
-    curves.png / curves.csv when runs evaluated during training (--eval-every); with `reproduce`
+    curves.png / curves.csv when runs evaluated during training (--eval-every); dynamics.png /
+    dynamics.csv when they recorded diagnostics or interventions' activity; with `reproduce`
     pairs (X, Y), whether X's runs look like Y's (reproduction_check), also in reproduction.json and
     reproduction.png (reproduction_2.png, ... for more pairs)."""
     from rlplastic.files import atomic_write, atomic_write_json, make_folder
@@ -325,6 +359,14 @@ def build_report(
             )
         )  # fmt: skip
         md.append("")
+    bands = dynamics_bands(scores)
+    if bands:  # runs that recorded diagnostics (or interventions' activity) during training
+        plot_dynamics(bands, out_dir / "dynamics.png")
+        _write_csv(
+            out_dir / "dynamics.csv", ["method", "measure", "step", "mean", "min", "max", "runs"],
+            [[m, name, *point] for m, per_measure in bands.items() for name, points in per_measure.items()
+             for point in points],
+        )  # fmt: skip
     curves = mean_curves(scores)
     if curves:  # runs evaluated during training (--eval-every): sample-efficiency curves
         plot_curves(curves, out_dir / "curves.png")
@@ -334,6 +376,11 @@ def build_report(
              for step, value, n in points],
         )  # fmt: skip
         md += ["## Evaluation during training", "", "![sample-efficiency curves](curves.png)", ""]
+    if bands:
+        md += ["## Plasticity and interventions during training", "",
+               "Each method's mean over its runs (all games), its range over them shaded: dormant units, "
+               "ranks, weight magnitude and distance from init (the runs' diagnostics), and what the "
+               "interventions did (cumulative counts).", "", "![training dynamics](dynamics.png)", ""]  # fmt: skip
     notes = []
     for m, games in thin_games(scores).items():
         notes.append(f"- {m}: fewer than {MIN_RUNS_PER_GAME} runs on {', '.join(games)}: wide, unreliable CIs")

@@ -35,6 +35,9 @@ class Score:
     source: str  # "path:line" for CSV rows, the results.json path for runs
     off_protocol: str | None = None  # why a run is not a full Atari-100k run (None: it is)
     curve: tuple[tuple[int, float], ...] = ()  # (agent step, eval mean) of every evaluation of the run
+    # (agent step, {measure: value}): the run's plasticity diagnostics and its interventions' activity
+    # (results.json "diagnostics" and "activity"), for the report's training-dynamics figure
+    dynamics: tuple[tuple[int, dict[str, float]], ...] = ()
 
 
 ATARI100K_STEPS = 100_000  # agent steps of training
@@ -158,6 +161,7 @@ def collect_run_scores(run_dirs: Iterable[str | Path]) -> list[Score]:
                 Score(
                     str(method), parse_game(game, where), seed, parse_score(str(score), where), where,
                     off_protocol=protocol_problem(results), curve=parse_curve(results.get("eval_curve"), where),
+                    dynamics=parse_dynamics(results.get("diagnostics"), results.get("activity")),
                 )
             )  # fmt: skip
     return scores
@@ -172,6 +176,53 @@ def parse_curve(points, where: str) -> tuple[tuple[int, float], ...]:
     except (KeyError, TypeError, ValueError) as e:
         raise ScoreError(f"{where}: eval_curve is not a list of {{step, mean}} points ({e})") from None
     return curve
+
+
+# What the report draws over training: the measures plasticity papers plot (whole network), then
+# what the interventions did (cumulative counts the agents record at each report).
+DYNAMICS = {
+    "dormant_0.1/all": "dormant units (tau 0.1)", "effective_rank/all": "effective rank",
+    "stable_rank/all": "stable rank", "weight_magnitude/all": "weight magnitude",
+    "distance_from_init/all": "distance from init",
+    "interventions/hare_tortoise/resets": "hare <- tortoise resets",
+    "interventions/head_reset/resets": "head resets",
+    "interventions/shrink_perturb/resets": "shrink & perturb resets",
+    "interventions/re_do/recycled": "units recycled (ReDo)",
+    "interventions/continual_backprop/replaced": "units replaced (CBP)",
+    "interventions/bbf_resets/resets": "BBF resets",
+}  # fmt: skip
+
+
+def parse_dynamics(diagnostics, activity) -> tuple[tuple[int, dict[str, float]], ...]:
+    """A results.json's diagnostics and activity rows ({"step", measure: value}) merged by step, the
+    DYNAMICS measures only; malformed rows are left out (the figure is descriptive)."""
+    by_step: dict[int, dict[str, float]] = defaultdict(dict)
+    for rows, prefix in ((diagnostics, ""), (activity, "interventions/")):
+        for row in rows if isinstance(rows, list) else []:
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                continue
+            for key, value in row.items():
+                name = prefix + key
+                if name in DYNAMICS and isinstance(value, int | float) and math.isfinite(value):
+                    by_step[row["step"]][name] = float(value)
+    return tuple((step, by_step[step]) for step in sorted(by_step) if by_step[step])
+
+
+def dynamics_bands(scores: Sequence[Score]) -> dict[str, dict[str, list[tuple[int, float, float, float, int]]]]:
+    """{method: {measure: [(step, mean, min, max, runs)]}} over every run of the method (all games),
+    for the measures some run recorded at two steps or more."""
+    values: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for s in scores:
+        for step, measures in s.dynamics:
+            for name, value in measures.items():
+                values[s.method][name][step].append(value)
+    bands = {
+        method: {name: [(step, float(np.mean(v)), float(min(v)), float(max(v)), len(v))
+                        for step, v in sorted(steps.items())]
+                 for name, steps in per_measure.items() if len(steps) > 1}
+        for method, per_measure in values.items()
+    }  # fmt: skip
+    return {method: per_measure for method, per_measure in bands.items() if per_measure}
 
 
 def mean_curves(scores: Sequence[Score]) -> dict[str, dict[str, list[tuple[int, float, int]]]]:
