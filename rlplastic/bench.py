@@ -114,9 +114,9 @@ def drq_batched_update_seconds(drq: ModuleType, args, device: torch.device, num_
     forward and backward, each run's own optimizer step); graph=True: captured in one CUDA graph.
     Each run samples from its own small replay of random frames (rlplastic.replay.StackedFrameReplays,
     as in a batch): timing needs the shapes, not 100k-step replays."""
-    from rlplastic.sweep import load_agent
+    from rlplastic.agent_files import load_script
 
-    many = load_agent("drq_batched")
+    many = load_script("drq_batched")  # the many-runs machinery beside agents/drq.py
     nets = [drq.QNetwork(num_actions).to(device) for _ in range(runs)]
     stack = StackedModules(nets)
     learners = [drq.build_learner(replace(args, cuda_graph=graph), num_actions, device, q) for q in nets]

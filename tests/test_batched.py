@@ -175,6 +175,7 @@ TINY = ["--total-steps", "240", "--learning-starts", "80", "--buffer-size", "100
         "--log-every", "80", "--eval-episodes", "2", "--eval-envs", "2", "--max-episode-steps", "150",
         "--diag-every", "120", "--device", "cpu", "--ema", "0.99", "--reset", "hare-tortoise", "head",
         "--ht-every", "40", "--head-every", "70"]  # fmt: skip
+METHOD = "drq+hare-tortoise+head"  # the method label of TINY's runs, which names their folders
 
 
 def run_drq(argv, timeout=900):
@@ -197,18 +198,18 @@ def test_games_and_seeds_run_together_with_each_runs_files_and_numbers(drq, tmp_
     single = json.loads((tmp_path / "alone" / "results.json").read_text())
     for game in ("Pong", "Boxing"):
         for seed in (1, 2):
-            folder = tmp_path / "b" / "drq" / game / f"seed{seed}"  # OUT/{method}/{game}/seed{seed}
+            folder = tmp_path / "b" / METHOD / game / f"seed{seed}"  # OUT/{method}/{game}/seed{seed}
             results = json.loads((folder / "results.json").read_text())
             assert results["game"] == game and results["seed"] == seed and results["update_mode"] == "batched"
             assert len(results["eval_returns"]) == 2 and [d["step"] for d in results["diagnostics"]] == [120, 240]
             assert any(name.startswith("events.out.tfevents") for name in os.listdir(folder))
-    together = json.loads((tmp_path / "b" / "drq" / "Boxing" / "seed2" / "results.json").read_text())
+    together = json.loads((tmp_path / "b" / METHOD / "Boxing" / "seed2" / "results.json").read_text())
     assert together["config"] | {"output_dir": None} == single["config"] | {"output_dir": None}
     assert together["train_episodes"] == single["train_episodes"]  # the same run, up to float sums
     for row, single_row in zip(together["train_log"], single["train_log"], strict=True):
         assert row["td_loss"] == pytest.approx(single_row["td_loss"], rel=1e-2)
     # each run's saved network holds its own weights only, not its stack's (its parameters are views)
-    size = (tmp_path / "b" / "drq" / "Boxing" / "seed2" / "q_network.pt").stat().st_size
+    size = (tmp_path / "b" / METHOD / "Boxing" / "seed2" / "q_network.pt").stat().st_size
     assert size == pytest.approx((tmp_path / "alone" / "q_network.pt").stat().st_size, rel=0.01)
 
 

@@ -181,6 +181,7 @@ def filled_replay(steps=40, capacity=64, terminal_at=()):
     return replay
 
 
+@pytest.mark.slow
 def test_per_sampling_frequencies_match_priorities():
     replay = filled_replay()
     sampleable = np.flatnonzero(replay._sampleable_host)

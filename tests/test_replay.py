@@ -79,6 +79,7 @@ def test_sampling_never_crosses_the_write_head():
             assert ((slots - head) % capacity >= stack - 1).all()
 
 
+@pytest.mark.slow
 def test_sampling_is_uniform_over_sampleable_slots():
     generator = torch.Generator().manual_seed(0)
     replay = FrameReplay(capacity=100, n_step=2, gamma=0.9, generator=generator)

@@ -159,6 +159,7 @@ def test_read_only_destinations_are_refused_before_any_work(read_only_disk):
     assert "Read-only file system" in err and "epoch 1/1" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_over_long_names_are_refused_with_one_line(tmp_path):
     long_name = "x" * 300
     err = one_clear_line(agent(*DRQ_SMALL, "--output-dir", str(tmp_path / long_name)))
