@@ -52,7 +52,8 @@ def report(args: Report) -> int:
     else:
         print(result.markdown)
         print(f"\nwritten: {args.out}/report.md, scores.csv, per_game.csv, aggregates.json, aggregates.png, "
-              "performance_profile.png (+ curves.png, curves.csv for runs with --eval-every"
+              "performance_profile.png (+ curves.png, curves.csv for runs with --eval-every; dynamics.png, "
+              "dynamics.csv for runs with diagnostics"
               + (", reproduction.json, reproduction.png" if args.reproduce else "") + ")",
               file=sys.stderr)  # fmt: skip
     for method, games in scoring.thin_games(scores).items():
