@@ -36,20 +36,38 @@ from rlplastic.scores import (
 )
 
 
-def plot_curves(curves: dict[str, dict[str, list[tuple[int, float, int]]]], path: str | Path) -> None:
-    """One panel per game: each method's mean evaluation return against agent steps."""
+def _panels(count: int, max_cols: int, width: float):
+    """A figure of `count` panels, at most `max_cols` a row: (figure, its axes in reading order)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cols = min(max_cols, count)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 2.8 * rows), squeeze=False)
+    return fig, list(axes.flat)
+
+
+def _save_panels(fig, axes: list, used: int, path: str | Path) -> None:
+    """Blank the panels past the first `used`, put the legend on the first, write the PNG atomically."""
+    import matplotlib.pyplot as plt
+
     from rlplastic.files import atomic_write
 
+    for ax in axes[used:]:
+        ax.axis("off")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_curves(curves: dict[str, dict[str, list[tuple[int, float, int]]]], path: str | Path) -> None:
+    """One panel per game: each method's mean evaluation return against agent steps."""
     games = sorted({game for per_game in curves.values() for game in per_game})
-    cols = min(4, len(games))
-    rows = -(-len(games) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
-    for ax, game in zip(axes.flat, games, strict=False):
+    fig, axes = _panels(len(games), 4, 3.6)
+    for ax, game in zip(axes, games, strict=False):
         for method, per_game in curves.items():
             if game in per_game:
                 steps, values, _ = zip(*per_game[game], strict=True)
@@ -57,29 +75,15 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[int, float, int]]]], path
         ax.set_title(game)
         ax.set_xlabel("agent steps (k)")
         ax.set_ylabel("eval return")
-    for ax in list(axes.flat)[len(games) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
+    _save_panels(fig, axes, len(games), path)
 
 
 def plot_dynamics(bands: dict[str, dict[str, list[tuple[int, float, float, float, int]]]], path: str | Path) -> None:
     """One panel per measure (the diagnostics, then the interventions' activity): each method's mean
     over its runs against agent steps, its range over the runs shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rlplastic.files import atomic_write
-
     measures = [name for name in DYNAMICS if any(name in per_measure for per_measure in bands.values())]
-    cols = min(3, len(measures))
-    rows = -(-len(measures) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.8 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, measures, strict=False):
+    fig, axes = _panels(len(measures), 3, 3.8)
+    for ax, name in zip(axes, measures, strict=False):
         for method, per_measure in bands.items():
             if name in per_measure:
                 steps, means, lows, highs, _ = zip(*per_measure[name], strict=True)
@@ -88,12 +92,7 @@ def plot_dynamics(bands: dict[str, dict[str, list[tuple[int, float, float, float
                 ax.fill_between(x, lows, highs, color=line.get_color(), alpha=0.2)
         ax.set_title(DYNAMICS[name], fontsize=9)
         ax.set_xlabel("agent steps (k)")
-    for ax in list(axes.flat)[len(measures) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
+    _save_panels(fig, axes, len(measures), path)
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
